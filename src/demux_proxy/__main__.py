@@ -1,0 +1,3 @@
+from demux_proxy.cli import main
+
+main()

@@ -1,0 +1,278 @@
+"""The proxy's certificate authority.
+
+Creates, loads and exports the CA that clients must trust, mints leaf certificates for the
+hosts being intercepted, and hands out ready server-side ``ssl.SSLContext`` objects, cached
+per host name.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import secrets
+import shutil
+import ssl
+import tempfile
+import weakref
+from collections import OrderedDict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from demux_proxy.errors import ConfigError
+
+CAKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_CACHE_SIZE = 4096  # contexts kept; each holds only a parsed cert, so this is a few MB at most
+_LEAF_LIFETIME = timedelta(days=397)  # browsers refuse leaf certificates valid over 398 days
+_CA_LIFETIME = timedelta(days=3650)
+_BACKDATE = timedelta(days=1)  # tolerate clients whose clocks run a little behind
+_HOST_RE = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")  # no wildcards: SNI never has them
+_PEM = serialization.Encoding.PEM
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _write_new(path: Path, data: bytes, mode: int, durable: bool = False) -> None:
+    """Write a file that must not exist yet; the mode is set at creation, never via umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        if durable:  # only the CA files must survive a crash; runtime files are throwaway
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _normalize(name: str) -> tuple[str, IPAddress | None]:
+    """Return (cache key, IP address or None) for a DNS name or IP literal."""
+    host = name.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return str(ip), ip  # canonical form, so "::1" and "0::1" share a cache entry
+    host = host.lower()
+    if not host.isascii():
+        try:  # certificates carry A-labels only
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"not a valid host name: {name!r}") from exc
+    if len(host) > 253 or not _HOST_RE.fullmatch(host):
+        raise ValueError(f"not a valid host name: {name!r}")
+    return host, None
+
+
+class CertificateAuthority:
+    """A CA key and certificate, plus a cache of per-host server TLS contexts."""
+
+    cert_path: Path
+    cert_pem: bytes
+
+    def __init__(self, cert: x509.Certificate, key: CAKey, cert_path: Path) -> None:
+        self.cert_path = cert_path
+        self.cert_pem = cert.public_bytes(_PEM)
+        self._cert = cert
+        self._key = key
+        try:
+            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        except x509.ExtensionNotFound:
+            self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+        # One leaf key for every host: generating a key per host would cost far more than
+        # signing, and the key never leaves this process (apart from the private file below).
+        self._leaf_key = ec.generate_private_key(ec.SECP256R1())
+        self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        self._file_counter = 0
+        # ssl can load certificates and keys only from files, hence a private directory.
+        self._runtime_dir = Path(tempfile.mkdtemp(prefix="demux-proxy-"))  # mode 0700
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._runtime_dir, True)
+        self._leaf_key_path = self._runtime_dir / "leaf-key.pem"
+        key_pem = self._leaf_key.private_bytes(
+            _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_new(self._leaf_key_path, key_pem, 0o600)
+
+    @classmethod
+    def load_or_create(cls, state_dir: Path) -> CertificateAuthority:
+        """Load the CA kept in ``state_dir``, creating it on first use."""
+        cert_path, key_path = state_dir / "ca.pem", state_dir / "ca-key.pem"
+        try:
+            has_cert, has_key = cert_path.exists(), key_path.exists()
+        except OSError as exc:
+            raise ConfigError(f"cannot access state dir {state_dir}: {exc.strerror}") from exc
+        if has_cert and has_key:
+            return cls.load(cert_path, key_path)
+        if has_cert or has_key:
+            present, missing = (cert_path, key_path) if has_cert else (key_path, cert_path)
+            raise ConfigError(
+                f"found {present} but not {missing}; restore it, or remove {present} "
+                "to create a new CA (clients must then trust the new one)"
+            )
+        try:
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create state dir {state_dir}: {exc.strerror}") from exc
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _make_ca_cert(key)
+        key_pem = key.private_bytes(
+            _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        try:
+            _write_new(key_path, key_pem, 0o600, durable=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot write CA key {key_path}: {exc.strerror}") from exc
+        # The cert goes in last and via rename, so a crash never leaves a half-written cert.
+        tmp = state_dir / f".ca.pem.{secrets.token_hex(4)}.tmp"
+        try:
+            _write_new(tmp, cert.public_bytes(_PEM), 0o644, durable=True)
+            os.chmod(tmp, 0o644)  # public by design, whatever the umask
+            os.replace(tmp, cert_path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            key_path.unlink(missing_ok=True)  # a lone key would block the next start
+            raise ConfigError(f"cannot write CA cert {cert_path}: {exc.strerror}") from exc
+        return cls(cert, key, cert_path)
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
+        """Load an existing CA (EC or RSA key) from PEM files, checking it is usable."""
+        cert_data, key_data = _read(cert_path, "CA cert"), _read(key_path, "CA key")
+        try:
+            cert = x509.load_pem_x509_certificate(cert_data)
+        except ValueError as exc:
+            raise ConfigError(f"cannot parse CA cert {cert_path}: {exc}") from exc
+        try:
+            key = serialization.load_pem_private_key(key_data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            # TypeError is what cryptography raises for a passphrase-protected key.
+            raise ConfigError(f"cannot parse CA key {key_path}: {exc}") from exc
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"CA key {key_path}: unsupported key type (use RSA or EC)")
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+            raise ConfigError(f"CA key {key_path} does not match CA cert {cert_path}")
+        try:
+            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+        except x509.ExtensionNotFound:
+            is_ca = False
+        if not is_ca:
+            raise ConfigError(f"CA cert {cert_path} is not a CA certificate (BasicConstraints)")
+        if cert.not_valid_after_utc <= datetime.now(UTC):
+            raise ConfigError(f"CA cert {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+        return cls(cert, key, cert_path)
+
+    def server_context(self, name: str) -> ssl.SSLContext:
+        """Return a server TLS context presenting a leaf certificate for ``name``.
+
+        ``name`` is a DNS name or an IP literal (brackets allowed); ValueError if it is neither.
+        """
+        if not self._cleanup.alive:
+            raise RuntimeError("CertificateAuthority is closed")
+        key, ip = _normalize(name)
+        # Minting below is synchronous: under asyncio nothing can run between this lookup and
+        # the insert, so concurrent connections to one host mint its certificate only once.
+        ctx = self._cache.get(key)
+        if ctx is not None:
+            self._cache.move_to_end(key)
+            return ctx
+        ctx = self._mint(key, ip)
+        self._cache[key] = ctx
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return ctx
+
+    def _mint(self, name: str, ip: IPAddress | None) -> ssl.SSLContext:
+        now = datetime.now(UTC)
+        san: x509.GeneralName = x509.IPAddress(ip) if ip is not None else x509.DNSName(name)
+        leaf_public = self._leaf_key.public_key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
+            .issuer_name(self._cert.subject)
+            .public_key(leaf_public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(min(now + _LEAF_LIFETIME, self._cert.not_valid_after_utc))
+            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_public), critical=False)
+            .add_extension(self._aki, critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_alpn_protocols(["http/1.1"])
+        self._file_counter += 1  # file names never derive from the (client-chosen) host name
+        cert_file = self._runtime_dir / f"leaf-{self._file_counter}.pem"
+        try:
+            _write_new(cert_file, cert.public_bytes(_PEM) + self.cert_pem, 0o600)
+            ctx.load_cert_chain(cert_file, self._leaf_key_path)
+        finally:
+            cert_file.unlink(missing_ok=True)
+        return ctx
+
+    def close(self) -> None:
+        """Remove the private runtime directory; contexts already handed out keep working."""
+        self._cleanup()
+        self._cache.clear()
+
+    def __repr__(self) -> str:
+        subject = self._cert.subject.rfc4514_string()
+        return f"<CertificateAuthority {subject!r} leaves={len(self._cache)}>"
+
+
+def _key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _make_ca_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    now = datetime.now(UTC)
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"demux-proxy CA {secrets.token_hex(4)}"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "demux-proxy"),
+        ]
+    )
+    ku = _key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + _CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(ku, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )

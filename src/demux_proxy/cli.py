@@ -1,0 +1,263 @@
+"""The command line: parse options into a Config and call in. No sockets here.
+
+Every option also reads `DEMUX_PROXY_<NAME>` (e.g. DEMUX_PROXY_LISTEN, DEMUX_PROXY_EGRESS);
+flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from demux_proxy import __version__
+from demux_proxy.config import DEFAULT_LISTEN, Config, default_state_dir, parse_listen
+from demux_proxy.egress import parse_addresses, resolve_egress
+from demux_proxy.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _env(name: str) -> str:
+    return "DEMUX_PROXY_" + name.upper().replace("-", "_")
+
+
+def _state_dir_option(f: F) -> F:
+    return click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=_env("state-dir"),
+        show_envvar=True,
+        help="Where the generated CA lives (created 0700; the key 0600). "
+        "Default: $XDG_DATA_HOME/demux-proxy, else ~/.local/share/demux-proxy.",
+    )(f)
+
+
+def _egress_options(f: F) -> F:
+    f = click.option(
+        "--egress-interface",
+        "egress_interfaces",
+        multiple=True,
+        envvar=_env("egress-interface"),
+        show_envvar=True,
+        help="Use every address of this interface (repeatable).",
+    )(f)
+    return click.option(
+        "--egress",
+        "egress",
+        multiple=True,
+        envvar=_env("egress"),
+        show_envvar=True,
+        metavar="ADDR[,ADDR...]",
+        help="Source addresses to rotate through (repeatable, comma-separated). Default: "
+        "every non-loopback IPv4 and global IPv6 address of every interface that is up.",
+    )(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="demux-proxy")
+def main() -> None:
+    """An HTTP/HTTPS forward proxy that sends each request from the next local address."""
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    envvar=_env("listen"),
+    show_envvar=True,
+    metavar="HOST:PORT",
+    help="Address to accept clients on. Loopback by default: the proxy is not for the world.",
+)
+@_egress_options
+@click.option(
+    "--allow-private",
+    is_flag=True,
+    envvar=_env("allow-private"),
+    show_envvar=True,
+    help="Let requests reach private, loopback and link-local destinations "
+    "(refused with 403 by default, cloud metadata included).",
+)
+@click.option(
+    "--upstream-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("upstream-ca"),
+    show_envvar=True,
+    metavar="PEM",
+    help="Also trust this CA for upstream servers (on top of the system store or certifi).",
+)
+@click.option(
+    "--insecure-upstream",
+    is_flag=True,
+    envvar=_env("insecure-upstream"),
+    show_envvar=True,
+    help="Do not verify upstream certificates. Dangerous: for testing only.",
+)
+@_state_dir_option
+@click.option(
+    "--ca-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("ca-cert"),
+    show_envvar=True,
+    metavar="PEM",
+    help="Sign intercepted sites with this CA certificate instead of the generated one.",
+)
+@click.option(
+    "--ca-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("ca-key"),
+    show_envvar=True,
+    metavar="PEM",
+    help="The private key of --ca-cert.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    envvar=_env("log-level"),
+    show_envvar=True,
+    help="Least severe level logged.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text"]),
+    default="json",
+    show_default=True,
+    envvar=_env("log-format"),
+    show_envvar=True,
+    help="json: one JSON object per line on stdout, as the original tool wrote; text: for people.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    envvar=_env("connect-timeout"),
+    show_envvar=True,
+    help="Seconds to connect (and TLS handshake) to an upstream; then 504.",
+)
+@click.option(
+    "--response-timeout",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    envvar=_env("response-timeout"),
+    show_envvar=True,
+    help="Seconds to wait for an upstream's response head; then 504.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0.1),
+    default=120.0,
+    show_default=True,
+    envvar=_env("idle-timeout"),
+    show_envvar=True,
+    help="Seconds without a byte mid-body before the transfer is declared dead.",
+)
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    envvar=_env("shutdown-grace"),
+    show_envvar=True,
+    help="On SIGTERM/SIGINT, seconds that requests in flight get to finish.",
+)
+def start(
+    listen: str,
+    egress: tuple[str, ...],
+    egress_interfaces: tuple[str, ...],
+    allow_private: bool,
+    upstream_ca: Path | None,
+    insecure_upstream: bool,
+    state_dir: Path | None,
+    ca_cert: Path | None,
+    ca_key: Path | None,
+    log_level: str,
+    log_format: str,
+    connect_timeout: float,
+    response_timeout: float,
+    idle_timeout: float,
+    shutdown_grace: float,
+) -> None:
+    """Start the proxy: each request leaves from the next egress address."""
+    from demux_proxy.app import run  # keeps `--help` and `ca` free of uvloop start-up
+
+    try:
+        host, port = parse_listen(listen)
+        config = Config(
+            listen_host=host,
+            listen_port=port,
+            egress=tuple(resolve_egress(parse_addresses(egress), _split(egress_interfaces))),
+            state_dir=state_dir or default_state_dir(),
+            allow_private=allow_private,
+            upstream_ca=upstream_ca,
+            insecure_upstream=insecure_upstream,
+            ca_cert=ca_cert,
+            ca_key=ca_key,
+            log_level=log_level.lower(),
+            log_format=log_format,
+            connect_timeout_s=connect_timeout,
+            response_timeout_s=response_timeout,
+            idle_timeout_s=idle_timeout,
+            shutdown_grace_s=shutdown_grace,
+        )
+        run(config)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+@main.command()
+@_egress_options
+def addresses(egress: tuple[str, ...], egress_interfaces: tuple[str, ...]) -> None:
+    """List the egress addresses `start` would use with the same options."""
+    try:
+        found = resolve_egress(parse_addresses(egress), _split(egress_interfaces))
+    except ConfigError as exc:
+        _fail(exc)
+    for e in found:
+        click.echo(f"{e.address}\t{e.interface or '-'}")
+
+
+@main.group()
+def ca() -> None:
+    """The CA that signs intercepted sites: clients must trust its certificate."""
+
+
+@ca.command("export")
+@_state_dir_option
+def ca_export(state_dir: Path | None) -> None:
+    """Print the CA certificate (PEM) to stdout; creates the CA if there is none yet."""
+    click.echo(_load_ca(state_dir).cert_pem.decode(), nl=False)
+
+
+@ca.command("path")
+@_state_dir_option
+def ca_path(state_dir: Path | None) -> None:
+    """Print the path of the CA certificate file; creates the CA if there is none yet."""
+    click.echo(str(_load_ca(state_dir).cert_path))
+
+
+def _load_ca(state_dir: Path | None) -> Any:
+    from demux_proxy.ca import CertificateAuthority
+
+    try:
+        authority = CertificateAuthority.load_or_create(state_dir or default_state_dir())
+    except ConfigError as exc:
+        _fail(exc)
+    authority.close()
+    return authority
+
+
+def _split(values: tuple[str, ...]) -> list[str]:
+    return [v for value in values for v in value.replace(",", " ").split()]
+
+
+def _fail(exc: ConfigError) -> Any:
+    click.echo(f"demux-proxy: error: {exc}", err=True)
+    sys.exit(2)

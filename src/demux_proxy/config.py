@@ -1,0 +1,73 @@
+"""One frozen, typed Config: every option of `demux-proxy start`, units in the names."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from demux_proxy.egress import Egress
+from demux_proxy.errors import ConfigError
+from demux_proxy.http1.parser import DEFAULT_MAX_HEAD_BYTES
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    egress: tuple[Egress, ...]
+    state_dir: Path
+    allow_private: bool = False
+    upstream_ca: Path | None = None
+    insecure_upstream: bool = False
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    log_level: str = "info"
+    log_format: str = "json"
+    # Waits, each bounded. Connect and handshake are short: a healthy server answers a SYN
+    # in milliseconds; 10 s covers a slow path without pinning a client for minutes.
+    connect_timeout_s: float = 10.0
+    # Time to the upstream's response head: generous, as slow APIs take tens of seconds.
+    response_timeout_s: float = 120.0
+    # No byte either way for this long mid-body: the transfer is declared dead.
+    idle_timeout_s: float = 120.0
+    # An idle client keep-alive connection is closed after this (nginx: 75 s).
+    client_idle_timeout_s: float = 75.0
+    handshake_timeout_s: float = 10.0
+    # SIGTERM: requests in flight get this long to finish before they are cut.
+    shutdown_grace_s: float = 30.0
+    # Idle upstream connections kept per (egress, scheme, host, port) and for how long;
+    # below common server keep-alive timeouts (nginx 75 s, Apache 5 s... so stale ones are
+    # detected by the EOF they send, and a request on one that died is retried once).
+    pool_max_idle_per_key: int = 16
+    pool_idle_s: float = 30.0
+    max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[V6]:PORT` or `:PORT` (every IPv4 address) into (host, port)."""
+    value = value.strip()
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"--listen wants HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "":
+        host = "0.0.0.0"
+    elif host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"--listen host must be an IP address, got {host!r}") from None
+    return host, int(port_text)
+
+
+def default_state_dir() -> Path:
+    """$XDG_DATA_HOME/demux-proxy, else ~/.local/share/demux-proxy (XDG base directory spec)."""
+    base = os.environ.get("XDG_DATA_HOME")
+    if base:
+        return Path(base) / "demux-proxy"
+    return Path.home() / ".local" / "share" / "demux-proxy"

@@ -1,0 +1,58 @@
+"""Our own exceptions: a small hierarchy, each error carrying the HTTP status it maps to.
+
+One error contract per boundary (as h11 and httpcore do): the HTTP/1 layer raises only
+`ProtocolError` (client side) or `UpstreamError` (server side), the upstream layer
+translates `OSError`/`ssl.SSLError` into `UpstreamError` at one place with
+`raise ... from exc`, and the server turns any `ProxyError` into a plain-text response
+carrying `status` and `reason`.
+"""
+
+from __future__ import annotations
+
+
+class DemuxError(Exception):
+    """Base class for every error demux-proxy raises on purpose."""
+
+
+class ConfigError(DemuxError):
+    """A bad option, file or environment at start: reported as one line, non-zero exit."""
+
+
+class ProxyError(DemuxError):
+    """An error answered to the client with `status` and a plain-text `reason`."""
+
+    status = 500
+
+    def __init__(self, reason: str, *, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if status is not None:
+            self.status = status
+
+
+class ProtocolError(ProxyError):
+    """The client sent something that is not HTTP/1.1 as RFC 9112 defines it.
+
+    The connection is closed after the answer: once framing is in doubt, nothing that
+    follows on that connection can be trusted (RFC 9112 section 11.2, request smuggling).
+    """
+
+    status = 400
+
+
+class Forbidden(ProxyError):
+    """The destination is refused by policy (private, loopback, link-local...)."""
+
+    status = 403
+
+
+class UpstreamError(ProxyError):
+    """The upstream refused, reset, failed TLS verification or answered malformed HTTP."""
+
+    status = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not connect or answer in time."""
+
+    status = 504

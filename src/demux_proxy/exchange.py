@@ -1,0 +1,410 @@
+"""Forward one request: pick the egress, get an upstream connection, relay both bodies.
+
+The per-request path. `Forwarder.forward` is called by the server for every request
+head it parsed, plain or inside an intercepted tunnel, and returns whether the client
+connection can carry another request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from itertools import count
+
+from demux_proxy import log
+from demux_proxy.config import Config
+from demux_proxy.egress import Egress
+from demux_proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from demux_proxy.http1 import writer
+from demux_proxy.http1.framing import (
+    BodyDecoder,
+    CloseDelimitedDecoder,
+    request_decoder,
+    response_decoder,
+)
+from demux_proxy.http1.headers import Headers, connection_tokens, end_to_end, get, replace
+from demux_proxy.http1.parser import (
+    RequestHead,
+    ResponseHead,
+    find_head_end,
+    parse_response_head,
+    response_has_body,
+)
+from demux_proxy.pool import Pool
+from demux_proxy.relay import relay
+from demux_proxy.route import Route
+from demux_proxy.scheduler import RoundRobin
+from demux_proxy.stream import Stream, StreamClosed
+from demux_proxy.upstream import Resolver, UpstreamConnection, connect
+
+_FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+
+
+class _StaleConnection(Exception):
+    """A pooled connection closed before answering: safe to retry on a fresh one."""
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    response_started: bool = False
+    request_done: bool = False
+
+
+class Forwarder:
+    def __init__(
+        self,
+        config: Config,
+        scheduler: RoundRobin,
+        pool: Pool[UpstreamConnection],
+        upstream_tls: ssl.SSLContext,
+        logger: logging.Logger,
+    ) -> None:
+        self._config = config
+        self._scheduler = scheduler
+        self._pool = pool
+        self._tls = upstream_tls
+        self._resolver = Resolver()
+        self._logger = logger
+        self._sessions = count(1)
+        self.closing = False  # set at shutdown: answers then carry Connection: close
+
+    async def forward(self, client: Stream, req: RequestHead, route: Route) -> bool:
+        """Relay `req` to `route`; True when the client connection may continue."""
+        sid = next(self._sessions)
+        started = time.perf_counter()
+        method = req.method.decode("latin-1")
+        body = request_decoder(req.content_length, req.chunked)
+        out = _Outcome(request_done=body.done)
+        egress: Egress | None = None
+        error: str | None = None
+        keep = False
+        try:
+            conn, egress = await self._attempt(client, req, route, body, out, sid, method)
+            keep = await self._respond(client, conn, req, route, body, out)
+        except ProxyError as exc:
+            error = exc.reason
+            out.status = exc.status
+            if out.response_started:
+                client.abort()  # a truncated body must not look complete
+            else:
+                keep = out.request_done and req.keep_alive and not self.closing
+                client.write(writer.plain_response(exc.status, exc.reason, close=not keep))
+        except (StreamClosed, TimeoutError) as exc:
+            error = f"client connection lost: {exc or 'timed out'}"
+            client.abort()
+        finally:
+            fields = {
+                "method": method,
+                "session_id": sid,
+                "status_code": out.status,
+                "type": "response",
+                "url": route.url,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "bytes": out.bytes_down,
+                "bytes_sent": out.bytes_up,
+                "client": client.peer[0],
+            }
+            if egress is not None:
+                fields["interface"] = egress.address
+            if error is not None:
+                fields["error"] = error
+            level = logging.INFO if error is None else logging.WARNING
+            log.event(self._logger, level, "inbound response", **fields)
+        return keep
+
+    # --- upstream side -------------------------------------------------------------
+
+    async def _attempt(
+        self,
+        client: Stream,
+        req: RequestHead,
+        route: Route,
+        body: BodyDecoder,
+        out: _Outcome,
+        sid: int,
+        method: str,
+    ) -> tuple[UpstreamConnection, Egress]:
+        """Pick the egress and a connection, send the head. One retry on a stale pooled one."""
+        egress = self._scheduler.pick()
+        assert egress is not None
+        key = (egress.address, route.scheme, route.host, route.port)
+        conn = self._pool.checkout(key)
+        if conn is None:
+            conn, egress = await self._dial(egress, route)
+        log.event(
+            self._logger,
+            logging.INFO,
+            "outbound request",
+            interface=egress.address,
+            method=method,
+            session_id=sid,
+            type="request",
+            url=route.url,
+            client=client.peer[0],
+            device=egress.interface,
+        )
+        head = self._request_head(req, route)
+        conn.stream.write(head)
+        if conn.requests and body.done and not req.upgrade:
+            # A reused connection the server closed just now fails before any byte of
+            # answer; a request without a body is safe to send again on a fresh one.
+            try:
+                await self._await_first_byte(conn)
+            except _StaleConnection:
+                conn.close()
+                conn, egress = await self._dial(egress, route)
+                conn.stream.write(head)
+        conn.requests += 1
+        return conn, egress
+
+    async def _dial(self, egress: Egress, route: Route) -> tuple[UpstreamConnection, Egress]:
+        """Connect from `egress`, or from the next address of a family the host has."""
+        addresses = await self._resolver.resolve(route.host, egress.family)
+        if not addresses:
+            for family in self._scheduler.families - {egress.family}:
+                addresses = await self._resolver.resolve(route.host, family)
+                other = self._scheduler.pick(family) if addresses else None
+                if other is not None:
+                    egress = other
+                    break
+            else:
+                families = "/".join(sorted(_FAMILY_NAME[f] for f in self._scheduler.families))
+                raise UpstreamError(
+                    f"{route.host} has no {families} address that an egress address can reach"
+                )
+        key = (egress.address, route.scheme, route.host, route.port)
+        conn = await connect(
+            egress=egress,
+            addresses=addresses,
+            key=key,
+            tls=self._tls if route.scheme == "https" else None,
+            server_hostname=route.tls_name,
+            allow_private=self._config.allow_private,
+            timeout_s=self._config.connect_timeout_s,
+        )
+        self._pool.created += 1
+        return conn, egress
+
+    async def _await_first_byte(self, conn: UpstreamConnection) -> None:
+        up = conn.stream
+        try:
+            if not up.buffer and not await up.fill(self._config.response_timeout_s):
+                raise _StaleConnection
+        except StreamClosed:
+            raise _StaleConnection from None
+        except TimeoutError as exc:
+            raise UpstreamTimeout("no response from upstream in time") from exc
+
+    def _request_head(self, req: RequestHead, route: Route) -> bytes:
+        tokens = connection_tokens(req.headers)
+        headers = end_to_end(req.headers, tokens, drop_length=False)
+        if route.host_header is not None:
+            # RFC 9112 3.2.2: a proxy replaces Host with the absolute-form's authority.
+            headers = replace(headers, b"host", b"Host", route.host_header)
+        if req.chunked:
+            headers.append((b"Transfer-Encoding", b"chunked"))
+        if req.upgrade:
+            headers.append((b"Connection", b"upgrade"))
+            headers.append((b"Upgrade", get(req.headers, b"upgrade") or b""))
+        return writer.request_head(req.method, route.target, headers)
+
+    # --- relaying --------------------------------------------------------------------
+
+    async def _respond(
+        self,
+        client: Stream,
+        conn: UpstreamConnection,
+        req: RequestHead,
+        route: Route,
+        body: BodyDecoder,
+        out: _Outcome,
+    ) -> bool:
+        up = conn.stream
+        upload = None
+        if not body.done:
+            upload = asyncio.create_task(self._upload(client, up, body, req.chunked, out))
+        try:
+            resp = await self._read_head(up, upload)
+            while 100 <= resp.status < 200 and resp.status != 101:
+                # Interim responses (100 Continue, 103) go to 1.1 clients (RFC 9110 15.2).
+                if req.version == b"1.1":
+                    headers = end_to_end(
+                        resp.headers, connection_tokens(resp.headers), drop_length=True
+                    )
+                    client.write(writer.response_head(resp.status, resp.reason, headers))
+                resp = await self._read_head(up, upload)
+            out.status = resp.status
+            if resp.status == 101:
+                return await self._switch(client, conn, req, resp, out)
+            keep = await self._relay_response(client, up, req, resp, out, upload)
+        except BaseException:
+            conn.close()
+            if upload is not None:
+                await _reap(upload)
+            raise
+        reusable = resp.keep_alive and out.request_done
+        if upload is not None and not upload.done():
+            # The server answered before reading the whole body (e.g. 413): neither
+            # connection is at a message boundary any more.
+            await _reap(upload)
+            keep = reusable = False
+        if reusable and conn.usable():
+            self._pool.checkin(conn)
+        else:
+            conn.close()
+        return keep and out.request_done
+
+    async def _upload(
+        self, client: Stream, up: Stream, body: BodyDecoder, chunked: bool, out: _Outcome
+    ) -> None:
+        """Stream the request body upstream; a slow upstream stops us reading the client."""
+        buf = client.buffer
+        idle = self._config.idle_timeout_s
+        try:
+            while True:
+                data = body.read(buf)
+                if data:
+                    out.bytes_up += len(data)
+                    if chunked:
+                        up.writelines(writer.chunk(data))
+                    else:
+                        up.write(data)
+                    await up.drain()
+                elif body.done:
+                    break
+                elif not await client.fill(idle):
+                    body.eof()
+            if chunked:
+                up.write(writer.last_chunk(body.trailers))
+            out.request_done = True
+        except BaseException:
+            up.abort()  # an incomplete request must never reach a server as complete
+            raise
+
+    async def _read_head(self, up: Stream, upload: asyncio.Task[None] | None) -> ResponseHead:
+        timeout = self._config.response_timeout_s
+        limit = self._config.max_head_bytes
+        while (end := find_head_end(up.buffer, limit, request=False)) < 0:
+            try:
+                more = await up.fill(timeout)
+            except StreamClosed as exc:
+                _raise_upload_error(upload)
+                raise UpstreamError(f"upstream reset the connection: {exc}") from exc
+            except TimeoutError as exc:
+                raise UpstreamTimeout(f"no response from upstream within {timeout:g} s") from exc
+            if not more:
+                _raise_upload_error(upload)
+                raise UpstreamError("upstream closed the connection without a response")
+        head = bytes(up.buffer[:end])
+        del up.buffer[:end]
+        return parse_response_head(head)
+
+    async def _relay_response(
+        self,
+        client: Stream,
+        up: Stream,
+        req: RequestHead,
+        resp: ResponseHead,
+        out: _Outcome,
+        upload: asyncio.Task[None] | None,
+    ) -> bool:
+        has_body = response_has_body(req.method, resp.status)
+        decoder = response_decoder(has_body, resp.content_length, resp.chunked)
+        headers = end_to_end(resp.headers, connection_tokens(resp.headers), drop_length=False)
+        keep = req.keep_alive and not self.closing
+        to_chunked = False
+        if has_body and resp.content_length is None:
+            if req.version == b"1.1":
+                headers.append((b"Transfer-Encoding", b"chunked"))
+                to_chunked = True
+            else:
+                keep = False  # an HTTP/1.0 client learns the end from the close
+        if upload is not None and not upload.done():
+            keep = False
+        if not keep:
+            headers.append((b"Connection", b"close"))
+        elif req.version == b"1.0":
+            headers.append((b"Connection", b"keep-alive"))
+        client.write(writer.response_head(resp.status, resp.reason, headers))
+        out.response_started = True
+        await self._pump_body(client, up, decoder, to_chunked, out)
+        if isinstance(decoder, CloseDelimitedDecoder):
+            up.close()
+        return keep
+
+    async def _pump_body(
+        self, client: Stream, up: Stream, decoder: BodyDecoder, to_chunked: bool, out: _Outcome
+    ) -> None:
+        buf = up.buffer
+        idle = self._config.idle_timeout_s
+        while True:
+            data = decoder.read(buf)
+            if data:
+                out.bytes_down += len(data)
+                if to_chunked:
+                    client.writelines(writer.chunk(data))
+                else:
+                    client.write(data)
+                await client.drain()
+                continue
+            if decoder.done:
+                break
+            try:
+                more = await up.fill(idle)
+            except StreamClosed as exc:
+                raise UpstreamError(f"upstream reset the connection mid-body: {exc}") from exc
+            except TimeoutError as exc:
+                raise UpstreamTimeout(f"upstream sent nothing for {idle:g} s mid-body") from exc
+            if not more:
+                decoder.eof()
+        if to_chunked:
+            client.write(writer.last_chunk(decoder.trailers))
+
+    async def _switch(
+        self,
+        client: Stream,
+        conn: UpstreamConnection,
+        req: RequestHead,
+        resp: ResponseHead,
+        out: _Outcome,
+    ) -> bool:
+        """101 Switching Protocols: from here on, bytes both ways until either side closes."""
+        if not req.upgrade:
+            raise UpstreamError("upstream switched protocols without being asked")
+        headers: Headers = end_to_end(
+            resp.headers, connection_tokens(resp.headers), drop_length=False
+        )
+        headers.append((b"Connection", b"upgrade"))
+        headers.append((b"Upgrade", get(resp.headers, b"upgrade") or b""))
+        client.write(writer.response_head(101, resp.reason, headers))
+        out.response_started = True
+        out.request_done = True
+        await relay(client, conn.stream)
+        return False
+
+
+async def _reap(task: asyncio.Task[None]) -> None:
+    """Cancel and wait: no task outlives the exchange, no exception goes unretrieved."""
+    if not task.done():
+        task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        pass  # already surfaced through the exchange's own error path
+
+
+def _raise_upload_error(upload: asyncio.Task[None] | None) -> None:
+    """If the upstream went away because our upload failed, report the upload's error."""
+    if upload is not None and upload.done() and not upload.cancelled():
+        exc = upload.exception()
+        if exc is not None:
+            raise exc

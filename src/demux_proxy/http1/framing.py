@@ -1,0 +1,182 @@
+"""Body decoders for the three framings of RFC 9112 section 6: length, chunked, until close.
+
+Each decoder consumes from a caller-owned `bytearray` (deleting from its front is O(1) in
+CPython) and returns body bytes as they become available, so a body of any size streams
+through a bounded buffer. `read` returns None when it needs more input or is done;
+`done` tells which. `eof()` is called when the peer closed: it finishes a close-delimited
+body and raises for a truncated one, so a short body never looks complete.
+"""
+
+from __future__ import annotations
+
+from demux_proxy.errors import ProtocolError, UpstreamError
+from demux_proxy.http1.headers import Headers
+
+# A chunk-size line is hex digits, optional extensions; 16 KiB bounds extensions like
+# h11 does, far above anything real (chunk extensions are essentially unused).
+MAX_CHUNK_LINE = 16 * 1024
+MAX_TRAILER_BYTES = 64 * 1024
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+class BodyDecoder:
+    done = False
+    trailers: Headers = []
+
+    def __init__(self, *, upstream: bool) -> None:
+        # Which side we read from decides who is at fault: 400 to a client, 502 for a server.
+        self._error: type[ProtocolError] | type[UpstreamError] = (
+            UpstreamError if upstream else ProtocolError
+        )
+
+    def read(self, buf: bytearray) -> bytes | None:
+        raise NotImplementedError
+
+    def eof(self) -> None:
+        if not self.done:
+            raise self._error("connection closed before the end of the body")
+
+
+class NoBody(BodyDecoder):
+    done = True
+
+    def read(self, buf: bytearray) -> bytes | None:
+        return None
+
+
+class LengthDecoder(BodyDecoder):
+    def __init__(self, length: int, *, upstream: bool) -> None:
+        super().__init__(upstream=upstream)
+        self.remaining = length
+        self.done = length == 0
+
+    def read(self, buf: bytearray) -> bytes | None:
+        if self.done or not buf:
+            return None
+        n = min(self.remaining, len(buf))
+        if n == len(buf):
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = bytes(buf[:n])
+            del buf[:n]
+        self.remaining -= n
+        self.done = self.remaining == 0
+        return data
+
+
+class CloseDelimitedDecoder(BodyDecoder):
+    """Everything until the peer closes (responses only, RFC 9112 6.3 rule 8)."""
+
+    def read(self, buf: bytearray) -> bytes | None:
+        if not buf:
+            return None
+        data = bytes(buf)
+        buf.clear()
+        return data
+
+    def eof(self) -> None:
+        self.done = True
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class ChunkedDecoder(BodyDecoder):
+    """Strict chunked decoding (RFC 9112 7.1): hex sizes, CRLF only, trailers kept.
+
+    A bare LF, a size that is not hex or a missing CRLF after chunk data is an error, not
+    something to guess at: lenient chunk parsing is how TE.TE smuggling works.
+    """
+
+    def __init__(self, *, upstream: bool) -> None:
+        super().__init__(upstream=upstream)
+        self._state = _SIZE
+        self._remaining = 0
+        self.trailers = []
+        self._trailer_bytes = 0
+
+    def read(self, buf: bytearray) -> bytes | None:
+        while True:
+            state = self._state
+            if state == _DATA:
+                if not buf:
+                    return None
+                n = min(self._remaining, len(buf))
+                if n == len(buf):
+                    data = bytes(buf)
+                    buf.clear()
+                else:
+                    data = bytes(buf[:n])
+                    del buf[:n]
+                self._remaining -= n
+                if self._remaining == 0:
+                    self._state = _DATA_END
+                return data
+            if state == _SIZE:
+                line = self._line(buf, MAX_CHUNK_LINE)
+                if line is None:
+                    return None
+                size = line.split(b";", 1)[0].rstrip(b" \t")
+                if not size or len(size) > 16 or not _HEX.issuperset(size):
+                    raise self._error("invalid chunk size")
+                self._remaining = int(size, 16)
+                self._state = _DATA if self._remaining else _TRAILER
+            elif state == _DATA_END:
+                if len(buf) < 2:
+                    return None
+                if buf[:2] != b"\r\n":
+                    raise self._error("missing CRLF after chunk data")
+                del buf[:2]
+                self._state = _SIZE
+            elif state == _TRAILER:
+                line = self._line(buf, MAX_TRAILER_BYTES)
+                if line is None:
+                    return None
+                if not line:
+                    self._state = _DONE
+                    self.done = True
+                    return None
+                self._trailer_bytes += len(line)
+                name, sep, value = line.partition(b":")
+                if (
+                    not sep
+                    or not name
+                    or name != name.strip()
+                    or self._trailer_bytes > (MAX_TRAILER_BYTES)
+                ):
+                    raise self._error("invalid trailer field")
+                self.trailers.append((name, value.strip(b" \t")))
+            else:
+                return None
+
+    def _line(self, buf: bytearray, limit: int) -> bytes | None:
+        end = buf.find(b"\r\n", 0, limit + 2)
+        if end < 0:
+            if len(buf) > limit:
+                raise self._error("chunk line too long")
+            return None
+        line = bytes(buf[:end])
+        del buf[: end + 2]
+        if b"\r" in line or b"\n" in line:
+            raise self._error("bare CR or LF in chunked framing")
+        return line
+
+
+def request_decoder(content_length: int | None, chunked: bool) -> BodyDecoder:
+    """RFC 9112 6.3: a request without Content-Length or chunked has no body."""
+    if chunked:
+        return ChunkedDecoder(upstream=False)
+    if content_length:
+        return LengthDecoder(content_length, upstream=False)
+    return NoBody(upstream=False)
+
+
+def response_decoder(has_body: bool, content_length: int | None, chunked: bool) -> BodyDecoder:
+    if not has_body:
+        return NoBody(upstream=True)
+    if chunked:
+        return ChunkedDecoder(upstream=True)
+    if content_length is not None:
+        return LengthDecoder(content_length, upstream=True)
+    return CloseDelimitedDecoder(upstream=True)

@@ -1,0 +1,79 @@
+"""Header lists and the hop-by-hop rules of RFC 9110 section 7.6.1.
+
+Headers stay a list of (name, value) byte pairs: order and case pass through unchanged,
+as the issue asks, and bytes avoid a decode/encode per field on the hot path.
+"""
+
+from __future__ import annotations
+
+Headers = list[tuple[bytes, bytes]]
+
+# Fields that describe one connection, never the message (RFC 9110 7.6.1), plus the
+# framing fields we always recompute (Transfer-Encoding, RFC 9112 6.1) and the proxy's
+# own credentials (Proxy-Authorization is consumed by the proxy it is addressed to).
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Lower-cased tokens of every Connection (and legacy Proxy-Connection) field."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"connection" or lname == b"proxy-connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return frozenset(tokens)
+
+
+def end_to_end(headers: Headers, tokens: frozenset[bytes], *, drop_length: bool) -> Headers:
+    """The fields a proxy forwards: everything but hop-by-hop ones and those Connection names.
+
+    `drop_length` removes Content-Length too, for messages the caller re-frames.
+    """
+    out: Headers = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in tokens:
+            continue
+        if drop_length and lname == b"content-length":
+            continue
+        out.append((name, value))
+    return out
+
+
+def get(headers: Headers, lname: bytes) -> bytes | None:
+    """The first value of the field named `lname` (lower case), or None."""
+    for name, value in headers:
+        if name.lower() == lname:
+            return value
+    return None
+
+
+def replace(headers: Headers, lname: bytes, name: bytes, value: bytes) -> Headers:
+    """Set `name: value` at the position of the first `lname` field, dropping later ones."""
+    out: Headers = []
+    done = False
+    for item in headers:
+        if item[0].lower() == lname:
+            if not done:
+                out.append((name, value))
+                done = True
+            continue
+        out.append(item)
+    if not done:
+        out.insert(0, (name, value))
+    return out

@@ -1,0 +1,99 @@
+"""Idle upstream connections, keyed by (egress address, scheme, host, port).
+
+Rotation would otherwise cost a TCP (and TLS) handshake per request: with one idle
+connection per key kept warm, request N+1 from address A reuses what request N from A
+left. Pure bookkeeping: the pool decides which connections to drop and the caller's
+`close()` does the I/O, as httpcore's pool does. The clock is injected for tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+PoolKey = tuple[str, str, str, int]  # (egress address, scheme, host, port)
+
+
+class Pooled(Protocol):
+    key: PoolKey
+    idle_since: float
+
+    def usable(self) -> bool: ...
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Pooled)
+
+
+class Pool(Generic[C]):
+    def __init__(
+        self,
+        *,
+        max_idle_per_key: int,
+        idle_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._idle: dict[PoolKey, deque[C]] = {}
+        self._max = max_idle_per_key
+        self._idle_s = idle_s
+        self._clock = clock
+        self.reused = 0
+        self.created = 0
+
+    def checkout(self, key: PoolKey) -> C | None:
+        """The most recently used live idle connection for `key` (LIFO keeps few warm)."""
+        conns = self._idle.get(key)
+        if not conns:
+            return None
+        deadline = self._clock() - self._idle_s
+        while conns:
+            conn = conns.pop()
+            if conn.idle_since >= deadline and conn.usable():
+                if not conns:
+                    del self._idle[key]
+                self.reused += 1
+                return conn
+            conn.close()
+        del self._idle[key]
+        return None
+
+    def checkin(self, conn: C) -> None:
+        conn.idle_since = self._clock()
+        conns = self._idle.setdefault(conn.key, deque())
+        conns.append(conn)
+        if len(conns) > self._max:
+            conns.popleft().close()
+
+    def prune(self) -> int:
+        """Close connections idle longer than `idle_s` or closed by their server."""
+        deadline = self._clock() - self._idle_s
+        closed = 0
+        for key in list(self._idle):
+            conns = self._idle[key]
+            keep = deque(c for c in conns if c.idle_since >= deadline and c.usable())
+            for c in conns:
+                if c not in keep:
+                    c.close()
+                    closed += 1
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+        return closed
+
+    def close_all(self) -> None:
+        for conns in self._idle.values():
+            for c in conns:
+                c.close()
+        self._idle.clear()
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._idle.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pool idle={len(self)} keys={len(self._idle)} "
+            f"created={self.created} reused={self.reused}>"
+        )

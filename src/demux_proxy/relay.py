@@ -1,0 +1,32 @@
+"""Byte relay between two streams, for upgraded connections (WebSocket and the like)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from demux_proxy.stream import Stream
+
+
+async def _pump(src: Stream, dst: Stream) -> None:
+    buf = src.buffer
+    while True:
+        if buf:
+            dst.write(bytes(buf))
+            buf.clear()
+            await dst.drain()
+        if not await src.fill():
+            return
+
+
+async def relay(a: Stream, b: Stream) -> None:
+    """Copy both ways with backpressure until either side closes or resets; close both."""
+    tasks = [asyncio.create_task(_pump(a, b)), asyncio.create_task(_pump(b, a))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        # A reset on one side ends the relay like a close does: nothing more to report.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        a.close()
+        b.close()

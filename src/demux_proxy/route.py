@@ -1,0 +1,108 @@
+"""Where a request goes: the request-target (RFC 9112 section 3.2) turned into a Route."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import httptools
+
+from demux_proxy.errors import ProtocolError
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """What a CONNECT established: every request inside goes to this host and port."""
+
+    scheme: str  # "https" when the client spoke TLS inside, else "http"
+    host: str
+    port: int
+    tls_name: str  # the name the client asked for in SNI, else the CONNECT host
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    scheme: str
+    host: str  # lower-case name or bare IP literal (no brackets)
+    port: int
+    target: bytes  # origin-form sent upstream
+    host_header: bytes | None  # replaces Host (absolute-form, RFC 9112 3.2.2), else None
+    tls_name: str  # server name to verify upstream
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{self.target.decode('latin-1')}"
+
+
+def _host(raw: bytes) -> str:
+    try:
+        host = raw.decode("ascii").lower()
+    except UnicodeDecodeError:
+        raise ProtocolError("non-ASCII host in request target") from None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c in host for c in " /\\@?#%\t"):
+        raise ProtocolError(f"invalid host in request target: {host[:64]!r}")
+    return host
+
+
+def parse_authority(target: bytes) -> tuple[str, int]:
+    """CONNECT's authority-form `host:port` (RFC 9112 3.2.3); the port is required."""
+    host, sep, port = target.rpartition(b":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProtocolError("CONNECT target must be host:port")
+    return _host(host), int(port)
+
+
+def _origin(path: bytes | None, query: bytes | None) -> bytes:
+    target = path or b"/"
+    if query is not None:
+        target += b"?" + query
+    return target
+
+
+def route_for(target: bytes, tunnel: Tunnel | None) -> Route:
+    """The Route of a request: absolute-form outside a tunnel, origin-form inside one."""
+    if tunnel is not None:
+        if target.startswith(b"/"):
+            origin = target
+        else:
+            origin = _origin(*_parsed(target)[3:5])  # absolute-form is allowed too
+        return Route(tunnel.scheme, tunnel.host, tunnel.port, origin, None, tunnel.tls_name)
+    if target.startswith(b"/") or target == b"*":
+        raise ProtocolError(
+            "this is a proxy: send requests in absolute form (GET http://host/path)"
+        )
+    scheme, host, port, path, query = _parsed(target)
+    default = DEFAULT_PORTS[scheme]
+    shown = f"[{host}]" if ":" in host else host
+    authority = shown if port == default else f"{shown}:{port}"
+    return Route(scheme, host, port, _origin(path, query), authority.encode(), host)
+
+
+def _parsed(target: bytes) -> tuple[str, str, int, bytes | None, bytes | None]:
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        raise ProtocolError("invalid request target") from None
+    scheme = (url.schema or b"").decode("ascii", "replace").lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ProtocolError(f"unsupported scheme {scheme!r}: only http and https are proxied")
+    if not url.host:
+        raise ProtocolError("request target has no host")
+    host = _host(url.host)
+    port = url.port or DEFAULT_PORTS[scheme]
+    return scheme, host, port, url.path, url.query
+
+
+def is_ip_literal(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except OSError:
+            pass
+    return False

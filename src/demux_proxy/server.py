@@ -1,0 +1,229 @@
+"""The asyncio shell: accept clients, read request heads, answer CONNECT, intercept TLS.
+
+Path of a connection: `_on_connect` starts one task per client, `_serve` reads heads in
+a loop (keep-alive, pipelining: the next head is read only after the previous answer),
+CONNECT switches to `_tunnel` (TLS with a leaf for the requested name, or plain HTTP in
+the tunnel), and each request goes to `Forwarder.forward`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+from demux_proxy import log
+from demux_proxy.ca import CertificateAuthority
+from demux_proxy.config import Config
+from demux_proxy.errors import Forbidden, ProtocolError, ProxyError
+from demux_proxy.exchange import Forwarder
+from demux_proxy.http1 import writer
+from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
+from demux_proxy.policy import refusal
+from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
+from demux_proxy.stream import Stream, StreamClosed
+
+_TLS_HANDSHAKE = 0x16  # first byte of a TLS record carrying a ClientHello
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        config: Config,
+        ca: CertificateAuthority,
+        forwarder: Forwarder,
+        logger: logging.Logger,
+    ) -> None:
+        self._config = config
+        self._ca = ca
+        self._forwarder = forwarder
+        self._logger = logger
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: set[Stream] = set()  # waiting for a next request: closed at shutdown
+        self._sni: dict[int, str] = {}  # id(SSLObject) -> server name, during handshakes
+        self._closing = False
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Stream(on_connect=self._on_connect),
+            self._config.listen_host,
+            self._config.listen_port,
+            reuse_address=True,
+            backlog=4096,
+        )
+        return self._server
+
+    def __repr__(self) -> str:
+        return f"<ProxyServer clients={len(self._tasks)} idle={len(self._idle)}>"
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close idle clients, let requests in flight finish (bounded)."""
+        self._closing = True
+        self._forwarder.closing = True
+        if self._server is not None:
+            self._server.close()
+        for stream in list(self._idle):
+            stream.close()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self._config.shutdown_grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.event(
+                    self._logger,
+                    logging.WARNING,
+                    "shutdown grace period over: cutting requests in flight",
+                    cut=len(pending),
+                )
+                await asyncio.wait(pending)
+
+    # --- per client ---------------------------------------------------------------
+
+    def _on_connect(self, stream: Stream) -> None:
+        if self._closing:
+            stream.abort()
+            return
+        task = asyncio.get_running_loop().create_task(self._client(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _client(self, stream: Stream) -> None:
+        try:
+            await self._serve(stream, None)
+        except (StreamClosed, TimeoutError, ssl.SSLError, ConnectionError) as exc:
+            log.event(
+                self._logger,
+                logging.DEBUG,
+                "client connection ended",
+                client=stream.peer[0],
+                reason=str(exc) or type(exc).__name__,
+            )
+        except Exception:
+            # A bug of ours: logged with its traceback, the client gets a reset, the proxy
+            # keeps serving everyone else.
+            self._logger.exception("internal error", extra={"fields": {"client": stream.peer[0]}})
+            stream.abort()
+        finally:
+            self._idle.discard(stream)
+            stream.close()
+
+    async def _serve(self, stream: Stream, tunnel: Tunnel | None) -> None:
+        while not self._closing:
+            req = await self._next_request(stream)
+            if req is None:
+                return
+            if req.method == b"CONNECT":
+                if tunnel is not None:
+                    self._refuse(stream, ProtocolError("CONNECT inside a tunnel"))
+                    return
+                await self._tunnel(stream, req)
+                return
+            try:
+                route = route_for(req.target, tunnel)
+            except ProtocolError as exc:
+                self._refuse(stream, exc)
+                return
+            if not await self._forwarder.forward(stream, req, route):
+                return
+
+    async def _next_request(self, stream: Stream) -> RequestHead | None:
+        """The next request head, or None when the client is done (or must be dropped)."""
+        cfg = self._config
+        buf = stream.buffer
+        try:
+            while (end := find_head_end(buf, cfg.max_head_bytes, request=True)) < 0:
+                idle = not buf
+                if idle:
+                    self._idle.add(stream)
+                try:
+                    more = await stream.fill(
+                        cfg.client_idle_timeout_s if idle else cfg.handshake_timeout_s
+                    )
+                finally:
+                    self._idle.discard(stream)
+                if not more:
+                    return None
+            head = bytes(buf[:end])
+            del buf[:end]
+            return parse_request_head(head)
+        except TimeoutError:
+            if buf:
+                self._refuse(stream, ProtocolError("request head not received in time", status=408))
+            return None
+        except ProtocolError as exc:
+            self._refuse(stream, exc)
+            return None
+
+    def _refuse(self, stream: Stream, exc: ProxyError) -> None:
+        """Answer a request we will not forward, then close: framing can't be trusted."""
+        log.event(
+            self._logger,
+            logging.WARNING,
+            "request refused",
+            client=stream.peer[0],
+            status_code=exc.status,
+            error=exc.reason,
+        )
+        stream.write(writer.plain_response(exc.status, exc.reason, close=True))
+        stream.close()
+
+    # --- CONNECT ------------------------------------------------------------------
+
+    async def _tunnel(self, stream: Stream, req: RequestHead) -> None:
+        """CONNECT host:port: say yes, then read what the client speaks in the tunnel."""
+        try:
+            host, port = parse_authority(req.target)
+            if not self._config.allow_private and is_ip_literal(host):
+                why = refusal(host)
+                if why is not None:
+                    raise Forbidden(
+                        f"destination {host} is {why}; "
+                        "start the proxy with --allow-private to allow it"
+                    )
+        except ProxyError as exc:
+            self._refuse(stream, exc)
+            return
+        stream.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        cfg = self._config
+        if not stream.buffer and not await stream.fill(cfg.client_idle_timeout_s):
+            return
+        if stream.buffer[0] != _TLS_HANDSHAKE:
+            # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
+            await self._serve(stream, Tunnel("http", host, port, host))
+            return
+        context = self._ca.server_context(host)
+        context.sni_callback = self._on_sni
+        try:
+            async with asyncio.timeout(cfg.handshake_timeout_s):
+                await stream.start_tls_server(context)
+        except ssl.SSLError as exc:
+            log.event(
+                self._logger,
+                logging.WARNING,
+                "TLS handshake with client failed",
+                client=stream.peer[0],
+                host=host,
+                error=exc.reason or str(exc),
+            )
+            return
+        finally:
+            sni = self._sni.pop(id(stream.ssl_object), None)
+        await self._serve(stream, Tunnel("https", host, port, sni or host))
+
+    def _on_sni(self, sslobj: Any, server_name: str | None, context: ssl.SSLContext) -> None:
+        """Serve a leaf for the name the client asked for (SNI), else the CONNECT host's.
+
+        The name is remembered for the upstream side too: it is what we verify there.
+        """
+        if not server_name:
+            return
+        try:
+            leaf = self._ca.server_context(server_name)
+        except ValueError:
+            return  # not a host name we can mint for: the CONNECT host's leaf stays
+        leaf.sni_callback = self._on_sni
+        sslobj.context = leaf
+        self._sni[id(sslobj)] = server_name

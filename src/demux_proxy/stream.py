@@ -1,0 +1,251 @@
+"""`Stream`: one asyncio Protocol per TCP connection, with explicit flow control both ways.
+
+Why our own and not asyncio streams: a Protocol with a caller-visible `bytearray` lets the
+HTTP framing decoders consume in place (no copy per read), and it can switch to TLS
+*after* bytes were already read. That matters after CONNECT: we look at the client's first
+byte to tell a TLS ClientHello (intercept) from plain HTTP in the tunnel (ws:// through
+CONNECT), which `loop.start_tls` cannot do since it ignores bytes already read. Towards
+clients, TLS is therefore done here with `ssl.SSLObject` over memory BIOs; towards
+upstreams, uvloop's native TLS transport is used (`native_tls=True`).
+
+Flow control (uvicorn's FlowControl, in both directions): reading pauses when `buffer`
+holds more than `READ_HIGH` bytes and resumes when the consumer asks for more with
+`fill()`; `drain()` waits while the transport's write buffer is above its high mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable, Iterable
+from typing import cast
+
+READ_HIGH = 256 * 1024
+WRITE_HIGH = 512 * 1024
+_TLS_READ = 256 * 1024
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class StreamClosed(ConnectionError):
+    """The peer went away (reset or closed) while we still needed it."""
+
+
+class Stream(asyncio.Protocol):
+    def __init__(
+        self,
+        *,
+        native_tls: bool = False,
+        on_connect: Callable[[Stream], None] | None = None,
+    ) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
+        self.eof = False
+        self.closed = False
+        self.peer: tuple[str, int] = ("", 0)
+        self._native_tls = native_tls
+        self._on_connect = on_connect
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._read_paused = False
+        self._write_paused = False
+        # Memory-BIO TLS (towards clients); `_tls_ready` False while the handshake runs.
+        self._sslobj: ssl.SSLObject | None = None  # also public as `ssl_object`
+        self._incoming: ssl.MemoryBIO | None = None
+        self._outgoing: ssl.MemoryBIO | None = None
+        self._tls_ready = False
+
+    # --- asyncio.Protocol callbacks -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = (peer[0], peer[1])
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._incoming is not None:
+            self._incoming.write(data)
+            if self._tls_ready:
+                self._decrypt()
+        else:
+            self.buffer += data
+        if len(self.buffer) > READ_HIGH and not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self._wake()
+        # Keep the transport open so a half-closed peer still gets its answer; uvloop's
+        # TLS transport ignores (and warns about) True, so say nothing there.
+        return None if self._native_tls else True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.eof = True
+        if exc is not None and self._exc is None:
+            self._exc = exc
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # --- reading --------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def fill(self, timeout: float | None = None) -> bool:
+        """Wait until `buffer` grows. False when the peer closed and nothing more will come.
+
+        Raises TimeoutError after `timeout` seconds without a byte, StreamClosed on a reset.
+        """
+        before = len(self.buffer)
+        while len(self.buffer) == before:
+            if self._exc is not None:
+                raise StreamClosed(str(self._exc) or type(self._exc).__name__) from self._exc
+            if self.eof:
+                return False
+            if self._read_paused:
+                self._read_paused = False
+                self.transport.resume_reading()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+        return True
+
+    # --- writing --------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._sslobj is not None:
+            self._sslobj.write(data)
+            self._flush_tls()
+        else:
+            self.transport.write(data)
+
+    def writelines(self, parts: Iterable[bytes]) -> None:
+        if self._sslobj is not None:
+            self._sslobj.write(b"".join(parts))
+            self._flush_tls()
+        else:
+            self.transport.writelines(parts)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise StreamClosed("connection closed by peer")
+        while self._write_paused:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+            if self.closed:
+                raise StreamClosed("connection closed by peer")
+
+    def close(self) -> None:
+        """Close cleanly: TLS close_notify where we run TLS, then FIN once writes drain."""
+        if self.closed:
+            return
+        if self._sslobj is not None and self._tls_ready:
+            try:
+                self._sslobj.unwrap()
+            except ssl.SSLError:
+                pass  # close_notify is queued in the BIO whether or not the peer answered
+            self._flush_tls()
+        self.transport.close()
+
+    def abort(self) -> None:
+        """Reset: the signal a client gets for a response we cannot finish."""
+        if not self.closed:
+            self.transport.abort()
+
+    # --- TLS towards the client (memory BIOs) ------------------------------------------
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        return self._sslobj
+
+    async def start_tls_server(self, context: ssl.SSLContext) -> ssl.SSLObject:
+        """Run the server side of a TLS handshake over this connection.
+
+        Bytes already in `buffer` (the ClientHello we peeked at) are handed to TLS first.
+        """
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._sslobj = sslobj
+        if self.buffer:
+            self._incoming.write(bytes(self.buffer))
+            self.buffer.clear()
+        while True:
+            try:
+                sslobj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush_tls()
+                if self._exc is not None:
+                    raise StreamClosed("connection lost during TLS handshake") from self._exc
+                if self.eof:
+                    raise StreamClosed("client closed during TLS handshake") from None
+                if self._read_paused:
+                    self._read_paused = False
+                    self.transport.resume_reading()
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            except ssl.SSLError:
+                self._flush_tls()  # the alert tells the client why
+                raise
+        self._flush_tls()
+        self._tls_ready = True
+        self._decrypt()  # application data that came in with the last handshake flight
+        return sslobj
+
+    def _flush_tls(self) -> None:
+        assert self._outgoing is not None
+        if self._outgoing.pending and not self.closed:
+            self.transport.write(self._outgoing.read())
+
+    def _decrypt(self) -> None:
+        assert self._sslobj is not None
+        try:
+            while True:
+                data = self._sslobj.read(_TLS_READ)
+                if not data:  # TLS closed (close_notify already seen)
+                    self.eof = True
+                    break
+                self.buffer += data
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        except ssl.SSLZeroReturnError:
+            self.eof = True  # close_notify: a clean end of the TLS stream
+        except ssl.SSLError as exc:
+            self._exc = exc
+            self.transport.abort()
+        self._flush_tls()

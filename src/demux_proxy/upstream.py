@@ -1,0 +1,188 @@
+"""Open upstream connections bound to an egress address; map socket errors to ours.
+
+The only place that dials out. Each connection's source address is the egress picked for
+the request (bind before connect), the destination is checked by `policy` on the exact
+address dialled, and every OSError/SSLError becomes an `UpstreamError` (502) or
+`UpstreamTimeout` (504) here, with a reason a person can read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+
+from demux_proxy.egress import Egress
+from demux_proxy.errors import Forbidden, UpstreamError, UpstreamTimeout
+from demux_proxy.policy import refusal
+from demux_proxy.pool import PoolKey
+from demux_proxy.stream import Stream
+
+# Linux: let connect() pick the source port, so that many connections from one egress
+# address to different destinations can share ports (IP_BIND_ADDRESS_NO_PORT, 4.2+).
+_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+_ids = count(1)
+
+
+@dataclass(eq=False)
+class UpstreamConnection:
+    stream: Stream
+    key: PoolKey
+    egress: Egress
+    remote: str  # the address actually dialled
+    idle_since: float = 0.0
+    requests: int = 0
+    id: int = field(default_factory=lambda: next(_ids))
+
+    def usable(self) -> bool:
+        """Idle and healthy: the server has not closed it nor sent anything unasked."""
+        s = self.stream
+        return not s.closed and not s.eof and not s.buffer
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+class Resolver:
+    """getaddrinfo per address family, with a short cache (DNS TTLs are not visible here).
+
+    Only names are cached, never the verdict: `policy` judges each address at connect.
+    """
+
+    def __init__(self, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._cache: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._ttl = ttl_s
+        self._clock = clock
+
+    async def resolve(self, host: str, family: int) -> list[str]:
+        """Addresses of `family` for `host`; [] when the name has none of that family."""
+        try:
+            literal = socket.inet_pton(family, host)
+        except OSError:
+            literal = None
+        if literal is not None:
+            return [host]
+        if _is_ip_literal(host):
+            return []  # an IP literal of the other family
+        now = self._clock()
+        cached = self._cache.get((host, family))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)):
+                addrs: list[str] = []
+            else:
+                raise UpstreamError(f"cannot resolve {host}: {exc.strerror}") from exc
+        else:
+            addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        self._cache[(host, family)] = (now + self._ttl, addrs)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        return addrs
+
+
+def _is_ip_literal(host: str) -> bool:
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(fam, host)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+async def connect(
+    *,
+    egress: Egress,
+    addresses: list[str],
+    key: PoolKey,
+    tls: ssl.SSLContext | None,
+    server_hostname: str,
+    allow_private: bool,
+    timeout_s: float,
+) -> UpstreamConnection:
+    """Dial the first address that policy allows and that answers, bound to `egress`."""
+    allowed = addresses if allow_private else [a for a in addresses if refusal(a) is None]
+    if not allowed:
+        why = refusal(addresses[0])
+        raise Forbidden(
+            f"destination {key[2]} ({addresses[0]}) is {why}; "
+            "start the proxy with --allow-private to allow it"
+        )
+    loop = asyncio.get_running_loop()
+    last: UpstreamError | None = None
+    port = key[3]
+    try:
+        async with asyncio.timeout(timeout_s):
+            for address in allowed:
+                try:
+                    sock = _bound_socket(egress)
+                except OSError as exc:
+                    raise UpstreamError(
+                        f"cannot bind egress address {egress.address}: {exc.strerror}"
+                    ) from exc
+                try:
+                    await loop.sock_connect(sock, (address, port))
+                    _, stream = await loop.create_connection(
+                        lambda: Stream(native_tls=tls is not None),
+                        sock=sock,
+                        ssl=tls,
+                        server_hostname=server_hostname if tls is not None else None,
+                        ssl_handshake_timeout=timeout_s if tls is not None else None,
+                    )
+                except ssl.SSLCertVerificationError as exc:
+                    sock.close()
+                    raise UpstreamError(
+                        f"upstream certificate of {server_hostname} not trusted: "
+                        f"{exc.verify_message}"
+                    ) from exc
+                except ssl.SSLError as exc:
+                    sock.close()
+                    raise UpstreamError(f"TLS with {server_hostname} failed: {exc}") from exc
+                except OSError as exc:
+                    sock.close()
+                    last = UpstreamError(_describe(exc, address, port))
+                    last.__cause__ = exc
+                    continue
+                return UpstreamConnection(stream=stream, key=key, egress=egress, remote=address)
+    except TimeoutError as exc:
+        raise UpstreamTimeout(
+            f"connecting to {key[2]}:{port} from {egress.address} timed out after {timeout_s:g} s"
+        ) from exc
+    assert last is not None
+    raise last
+
+
+def _bound_socket(egress: Egress) -> socket.socket:
+    sock = socket.socket(egress.family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        except OSError:
+            pass  # not Linux: bind() then picks the port, which only costs ports
+        sock.bind((egress.address, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _describe(exc: OSError, address: str, port: int) -> str:
+    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    if exc.errno == errno.ECONNREFUSED:
+        return f"connection refused by {where}"
+    if exc.errno == errno.ECONNRESET:
+        return f"connection reset by {where}"
+    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+        return f"{where} is unreachable from this egress address"
+    return f"cannot connect to {where}: {exc.strerror or exc}"

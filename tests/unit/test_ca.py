@@ -1,0 +1,427 @@
+"""Tests for demux_proxy.ca: real files, real certificates, real TLS handshakes (no mocks)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import stat
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from demux_proxy import ca as ca_module
+from demux_proxy.ca import CertificateAuthority
+from demux_proxy.errors import ConfigError
+
+SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> Iterator[CertificateAuthority]:
+    authority = CertificateAuthority.load_or_create(tmp_path / "state")
+    yield authority
+    authority.close()
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _client_ctx(authority: CertificateAuthority, check_hostname: bool = True) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=authority.cert_pem.decode())
+    ctx.check_hostname = check_hostname  # the chain is verified either way (CERT_REQUIRED)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    return ctx
+
+
+def _handshake(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    server_hostname: str | None,
+    family: socket.AddressFamily = socket.AF_INET,
+) -> tuple[x509.Certificate, str | None, bytes]:
+    """Run one TLS connection; return the server's cert, the ALPN protocol and data read."""
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    server_errors: list[BaseException] = []
+    with socket.create_server((host, 0), family=family) as listener:
+        listener.settimeout(10)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            # Exceptions are collected, not raised: an unhandled thread exception would turn
+            # into a pytest warning, and the client side reports the failure anyway.
+            try:
+                conn, _ = listener.accept()
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(b"hello")
+            except BaseException as exc:
+                server_errors.append(exc)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            with (
+                socket.create_connection((host, port), timeout=10) as raw,
+                client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls,
+            ):
+                der = tls.getpeercert(binary_form=True)
+                alpn = tls.selected_alpn_protocol()
+                data = tls.recv(5)
+        finally:
+            thread.join(10)
+    assert der is not None
+    assert not server_errors, server_errors
+    return x509.load_der_x509_certificate(der), alpn, data
+
+
+def _leaf(authority: CertificateAuthority, name: str) -> x509.Certificate:
+    """The leaf certificate served for ``name``, fetched over a chain-verified connection."""
+    client = _client_ctx(authority, check_hostname=False)
+    return _handshake(authority.server_context(name), client, None)[0]
+
+
+def _ca_cert(authority: CertificateAuthority) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(authority.cert_pem)
+
+
+def _write_ca(tmp_path: Path, cert_pem: bytes, key_pem: bytes) -> tuple[Path, Path]:
+    cert_path, key_path = tmp_path / "my-ca.pem", tmp_path / "my-ca-key.pem"
+    cert_path.write_bytes(cert_pem)
+    key_path.write_bytes(key_pem)
+    return cert_path, key_path
+
+
+def _rsa_ca(lifetime: timedelta, with_ski: bool) -> tuple[bytes, bytes]:
+    """An RSA-2048 CA like the bench harness's, generated here (PEM cert, PEM key)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test RSA CA")])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    )
+    if with_ski:
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        builder = builder.add_extension(ski, critical=False)
+    cert = builder.sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+# --- load_or_create -------------------------------------------------------------------------
+
+
+def test_load_or_create_makes_private_files(tmp_path: Path) -> None:
+    state = tmp_path / "deep" / "state"
+    first = CertificateAuthority.load_or_create(state)
+    try:
+        assert _mode(state) == 0o700
+        assert _mode(state / "ca-key.pem") == 0o600
+        assert _mode(state / "ca.pem") == 0o644
+        assert first.cert_path == state / "ca.pem"
+        assert x509.load_pem_x509_certificate((state / "ca.pem").read_bytes()) == _ca_cert(first)
+        assert sorted(p.name for p in state.iterdir()) == ["ca-key.pem", "ca.pem"]
+    finally:
+        first.close()
+    second = CertificateAuthority.load_or_create(state)
+    try:
+        assert second.cert_pem == first.cert_pem
+    finally:
+        second.close()
+
+
+def test_created_ca_certificate_fields(ca: CertificateAuthority) -> None:
+    cert = _ca_cert(ca)
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert isinstance(cn, str)
+    assert cn.startswith("demux-proxy CA ")
+    org = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
+    assert org == "demux-proxy"
+    assert cert.issuer == cert.subject
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
+    cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    public = cert.public_key()
+    assert isinstance(public, ec.EllipticCurvePublicKey)
+    assert isinstance(public.curve, ec.SECP256R1)
+    assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert timedelta(days=3650) <= lifetime <= timedelta(days=3652)
+    assert "demux-proxy CA" in repr(ca) and "leaves=0" in repr(ca)
+
+
+@pytest.mark.parametrize("missing", ["ca.pem", "ca-key.pem"])
+def test_load_or_create_refuses_half_a_ca(tmp_path: Path, missing: str) -> None:
+    state = tmp_path / "state"
+    CertificateAuthority.load_or_create(state).close()
+    (state / missing).unlink()
+    with pytest.raises(ConfigError, match=missing):
+        CertificateAuthority.load_or_create(state)
+
+
+def test_garbage_key_file_names_the_path(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    CertificateAuthority.load_or_create(state).close()
+    key_path = state / "ca-key.pem"
+    key_path.write_bytes(b"not a key at all\n")
+    with pytest.raises(ConfigError, match="cannot parse CA key") as info:
+        CertificateAuthority.load_or_create(state)
+    assert str(key_path) in str(info.value)
+
+
+def test_garbage_cert_file_names_the_path(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    CertificateAuthority.load_or_create(state).close()
+    (state / "ca.pem").write_bytes(
+        b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+    )
+    with pytest.raises(ConfigError, match="cannot parse CA cert") as info:
+        CertificateAuthority.load_or_create(state)
+    assert str(state / "ca.pem") in str(info.value)
+
+
+# --- load -----------------------------------------------------------------------------------
+
+
+def test_load_missing_or_unreadable_file(tmp_path: Path) -> None:
+    tca = trustme.CA()
+    cert_path, key_path = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    with pytest.raises(ConfigError, match=r"cannot read CA key .*nope\.pem: No such file"):
+        CertificateAuthority.load(cert_path, tmp_path / "nope.pem")
+    with pytest.raises(ConfigError, match=f"cannot read CA cert {tmp_path}: Is a directory"):
+        CertificateAuthority.load(tmp_path, key_path)
+
+
+@pytest.mark.parametrize("key_type", [trustme.KeyType.ECDSA, trustme.KeyType.RSA])
+def test_load_trustme_ca(tmp_path: Path, key_type: trustme.KeyType) -> None:
+    tca = trustme.CA(key_type=key_type)
+    cert_path, key_path = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    authority = CertificateAuthority.load(cert_path, key_path)
+    try:
+        assert authority.cert_path == cert_path
+        # The trustme client config trusts only that CA, so success proves who signed the leaf.
+        client = ssl.create_default_context()
+        tca.configure_trust(client)
+        _, _, data = _handshake(authority.server_context("trustme.test"), client, "trustme.test")
+        assert data == b"hello"
+    finally:
+        authority.close()
+
+
+def test_load_refuses_non_ca_certificate(tmp_path: Path) -> None:
+    leaf = trustme.CA().issue_cert("leaf.test")
+    cert_path, key_path = _write_ca(
+        tmp_path, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes()
+    )
+    with pytest.raises(ConfigError, match="is not a CA certificate"):
+        CertificateAuthority.load(cert_path, key_path)
+
+
+def test_load_refuses_mismatched_key(tmp_path: Path) -> None:
+    cert_path, key_path = _write_ca(
+        tmp_path, trustme.CA().cert_pem.bytes(), trustme.CA().private_key_pem.bytes()
+    )
+    with pytest.raises(ConfigError, match="does not match"):
+        CertificateAuthority.load(cert_path, key_path)
+
+
+def test_load_refuses_expired_ca(tmp_path: Path) -> None:
+    cert_pem, key_pem = _rsa_ca(timedelta(seconds=-1), with_ski=True)
+    with pytest.raises(ConfigError, match="expired"):
+        CertificateAuthority.load(*_write_ca(tmp_path, cert_pem, key_pem))
+
+
+@pytest.mark.parametrize("with_ski", [True, False])
+def test_rsa_ca_signs_verifiable_leaves(tmp_path: Path, with_ski: bool) -> None:
+    cert_pem, key_pem = _rsa_ca(timedelta(days=30), with_ski=with_ski)
+    authority = CertificateAuthority.load(*_write_ca(tmp_path, cert_pem, key_pem))
+    try:
+        leaf, _, data = _handshake(
+            authority.server_context("rsa.test"), _client_ctx(authority), "rsa.test"
+        )
+        assert data == b"hello"
+        ca_cert = _ca_cert(authority)
+        assert isinstance(leaf.signature_hash_algorithm, hashes.SHA256)
+        leaf.verify_directly_issued_by(ca_cert)
+        # Without a CA SKI the AKI falls back to the hash of the CA public key: same value.
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        expected = x509.SubjectKeyIdentifier.from_public_key(ca_cert.public_key()).digest
+        assert aki.key_identifier == expected
+        # A leaf must not outlive its CA (which here expires in 30 days).
+        assert leaf.not_valid_after_utc == ca_cert.not_valid_after_utc
+    finally:
+        authority.close()
+
+
+# --- server_context and leaves --------------------------------------------------------------
+
+
+def test_handshake_with_dns_name(ca: CertificateAuthority) -> None:
+    _, alpn, data = _handshake(ca.server_context("example.test"), _client_ctx(ca), "example.test")
+    assert data == b"hello"
+    assert alpn is None  # the client offered no ALPN
+    client = _client_ctx(ca)
+    client.set_alpn_protocols(["h2", "http/1.1"])
+    _, alpn, _ = _handshake(ca.server_context("example.test"), client, "example.test")
+    assert alpn == "http/1.1"
+
+
+def test_hostname_verification_is_really_on(ca: CertificateAuthority) -> None:
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(ca.server_context("example.test"), _client_ctx(ca), "other.test")
+
+
+def test_context_settings(ca: CertificateAuthority) -> None:
+    # Checked on the object: a TLS 1.1 client cannot even be built without a
+    # DeprecationWarning, and OpenSSL's own security level may refuse it client-side.
+    ctx = ca.server_context("example.test")
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert ctx.protocol == ssl.PROTOCOL_TLS_SERVER
+
+
+def test_handshake_with_ipv4_literal(ca: CertificateAuthority) -> None:
+    # check_hostname is on: Python verifies an IP server_hostname against IP SANs.
+    leaf, _, data = _handshake(ca.server_context("127.0.0.1"), _client_ctx(ca), "127.0.0.1")
+    assert data == b"hello"
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert san.get_values_for_type(x509.DNSName) == []
+
+
+def _ipv6_loopback_available() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_ipv6_literal_with_and_without_brackets(ca: CertificateAuthority) -> None:
+    ctx = ca.server_context("[::1]")
+    assert ca.server_context("::1") is ctx
+    assert ca.server_context("0:0::1") is ctx
+    leaf = _leaf(ca, "::1")  # fetched over IPv4, so this part runs everywhere
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["::1"]
+    if _ipv6_loopback_available():
+        _, _, data = _handshake(ctx, _client_ctx(ca), "::1", family=socket.AF_INET6)
+        assert data == b"hello"
+
+
+def test_leaf_certificate_fields(ca: CertificateAuthority) -> None:
+    leaf = _leaf(ca, "www.example.test")
+    ca_cert = _ca_cert(ca)
+    ext = leaf.extensions
+    san = ext.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["www.example.test"]
+    cn = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == "www.example.test"
+    assert leaf.issuer == ca_cert.subject
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= timedelta(days=398)
+    assert leaf.not_valid_before_utc < datetime.now(UTC) < leaf.not_valid_after_utc
+    bc = ext.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and not bc.value.ca
+    ku = ext.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.digital_signature and not ku.value.key_cert_sign
+    eku = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    ski = ext.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert ski.digest == x509.SubjectKeyIdentifier.from_public_key(leaf.public_key()).digest
+    aki = ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ca_ski.digest
+    assert isinstance(leaf.signature_hash_algorithm, hashes.SHA256)
+    leaf.verify_directly_issued_by(ca_cert)
+
+
+def test_long_name_truncates_only_the_common_name(ca: CertificateAuthority) -> None:
+    name = ".".join(["a" * 60, "b" * 60, "example", "test"])
+    leaf = _leaf(ca, name)
+    cn = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert cn == name[:64]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [name]
+
+
+def test_all_leaves_share_one_key_but_not_serials(ca: CertificateAuthority) -> None:
+    leaves = [_leaf(ca, name) for name in ("a.test", "b.test", "10.1.2.3")]
+    assert len({leaf.public_key().public_bytes(*SPKI) for leaf in leaves}) == 1
+    assert len({leaf.serial_number for leaf in leaves}) == 3
+    other = CertificateAuthority.load_or_create(ca.cert_path.parent)
+    try:  # a second instance (same CA) has its own leaf key
+        assert _leaf(other, "a.test").public_key() != leaves[0].public_key()
+    finally:
+        other.close()
+
+
+def test_contexts_are_cached_case_insensitively(ca: CertificateAuthority) -> None:
+    ctx = ca.server_context("Example.Test")
+    assert ca.server_context("example.test") is ctx
+    assert ca.server_context("EXAMPLE.TEST") is ctx
+    assert ca.server_context("other.test") is not ctx
+    assert "leaves=2" in repr(ca)
+
+
+def test_cache_is_lru_bounded(ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ca_module, "_CACHE_SIZE", 2)
+    a = ca.server_context("a.test")
+    b = ca.server_context("b.test")
+    assert ca.server_context("a.test") is a  # now b is the least recently used
+    ca.server_context("c.test")
+    assert ca.server_context("a.test") is a
+    assert ca.server_context("b.test") is not b
+    assert "leaves=2" in repr(ca)
+
+
+@pytest.mark.parametrize("bad", ["", "two words.test", "a/b.test", "a..test", "*.example.test"])
+def test_invalid_names_are_refused(ca: CertificateAuthority, bad: str) -> None:
+    with pytest.raises(ValueError, match="not a valid host name"):
+        ca.server_context(bad)
+
+
+def test_unicode_name_becomes_a_label(ca: CertificateAuthority) -> None:
+    leaf = _leaf(ca, "bücher.test")
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["xn--bcher-kva.test"]
+
+
+def test_runtime_dir_is_private_and_removed_on_close(tmp_path: Path) -> None:
+    authority = CertificateAuthority.load_or_create(tmp_path / "state")
+    runtime: Path = authority._runtime_dir
+    ctx = authority.server_context("example.test")
+    assert _mode(runtime) == 0o700
+    # Only the leaf key stays on disk; each leaf cert file is deleted once loaded.
+    assert [p.name for p in runtime.iterdir()] == ["leaf-key.pem"]
+    assert _mode(runtime / "leaf-key.pem") == 0o600
+    authority.close()
+    authority.close()  # idempotent
+    assert not runtime.exists()
+    with pytest.raises(RuntimeError, match="closed"):
+        authority.server_context("example.test")
+    # Contexts handed out before close() hold their key in memory and keep working.
+    _, _, data = _handshake(ctx, _client_ctx(authority), "example.test")
+    assert data == b"hello"
