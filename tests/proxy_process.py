@@ -1,0 +1,134 @@
+"""Run the real `demux-proxy start` as a subprocess for integration tests.
+
+The proxy listens on 127.0.0.1:0; readiness is its "Starting Proxy" log line (which
+carries the bound port), read from stdout: no sleeping, no fixed ports. Every later
+stdout line is kept, parsed, for assertions on the JSON logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EGRESS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+START_TIMEOUT_S = 20.0
+
+
+@dataclass
+class ProxyProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    state_dir: Path
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    raw_lines: list[str] = field(default_factory=list)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.state_dir / "ca.pem"
+
+    def logs(self, message: str) -> list[dict[str, Any]]:
+        with self._cond:
+            return [line for line in self.lines if line.get("message") == message]
+
+    def wait_for_log(
+        self, message: str, predicate: Any = None, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The first log line with `message` (and matching `predicate`), waiting for it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if line.get("message") == message and (predicate is None or predicate(line)):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no log line {message!r} within {timeout} s")
+                self._cond.wait(left)
+
+
+def _reader(p: ProxyProcess, ready: threading.Event, box: dict[str, Any]) -> None:
+    assert p.proc.stdout is not None
+    for raw in p.proc.stdout:
+        raw = raw.rstrip("\n")
+        with p._cond:
+            p.raw_lines.append(raw)
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"message": None, "raw": raw}
+            p.lines.append(line)
+            p._cond.notify_all()
+        if line.get("message") == "Starting Proxy" and not ready.is_set():
+            box["listen"] = line["fields"]["listen"]
+            ready.set()
+    ready.set()
+
+
+def proxy_command(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "demux_proxy", *args]
+
+
+@contextmanager
+def running_proxy(
+    state_dir: Path,
+    *extra: str,
+    egress: Sequence[str] = EGRESS,
+    upstream_ca: Path | None = None,
+    allow_private: bool = True,
+    env: dict[str, str] | None = None,
+) -> Iterator[ProxyProcess]:
+    args = ["start", "--listen", "127.0.0.1:0", "--state-dir", str(state_dir)]
+    if egress:
+        args += ["--egress", ",".join(egress)]
+    if allow_private:
+        args.append("--allow-private")
+    if upstream_ca is not None:
+        args += ["--upstream-ca", str(upstream_ca)]
+    args += list(extra)
+    proc = subprocess.Popen(
+        proxy_command(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    p = ProxyProcess(proc=proc, port=0, state_dir=state_dir)
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+    reader = threading.Thread(target=_reader, args=(p, ready, box), daemon=True)
+    reader.start()
+    try:
+        if not ready.wait(START_TIMEOUT_S) or "listen" not in box:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            raise AssertionError(f"proxy did not start: {err}")
+        p.port = int(box["listen"].rsplit(":", 1)[1])
+        yield p
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+        if proc.stdout is not None:
+            proc.stdout.close()

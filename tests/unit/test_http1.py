@@ -1,0 +1,304 @@
+"""The HTTP/1 layer without sockets: heads, framing decoders, writers, hop-by-hop rules."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from demux_proxy.errors import ProtocolError, ProxyError, UpstreamError
+from demux_proxy.http1 import writer
+from demux_proxy.http1.framing import (
+    ChunkedDecoder,
+    CloseDelimitedDecoder,
+    LengthDecoder,
+    request_decoder,
+    response_decoder,
+)
+from demux_proxy.http1.headers import connection_tokens, end_to_end, replace
+from demux_proxy.http1.parser import (
+    find_head_end,
+    parse_request_head,
+    parse_response_head,
+    response_has_body,
+)
+
+
+def _decode_all(decoder, data: bytes, *, step: int | None = None) -> bytes:  # type: ignore[no-untyped-def]
+    """Feed `data` whole or `step` bytes at a time; return the body the decoder produced."""
+    buf = bytearray()
+    out = bytearray()
+    pieces = [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
+    for piece in pieces:
+        buf += piece
+        while (chunk := decoder.read(buf)) is not None:
+            out += chunk
+        if decoder.done:
+            break
+    return bytes(out)
+
+
+# --- request heads ----------------------------------------------------------------
+
+
+def test_request_head_fields_keep_order_and_case() -> None:
+    req = parse_request_head(
+        b"POST http://a.test/x?y=1 HTTP/1.1\r\nHost: a.test\r\nX-Odd-CASE: v\r\n"
+        b"Content-Length: 5\r\n\r\n"
+    )
+    assert req.method == b"POST"
+    assert req.target == b"http://a.test/x?y=1"
+    assert req.version == b"1.1"
+    assert req.headers == [(b"Host", b"a.test"), (b"X-Odd-CASE", b"v"), (b"Content-Length", b"5")]
+    assert req.content_length == 5 and not req.chunked and req.keep_alive
+
+
+@pytest.mark.parametrize(
+    ("head", "keep_alive"),
+    [
+        (b"GET http://a/ HTTP/1.1\r\n\r\n", True),
+        (b"GET http://a/ HTTP/1.1\r\nConnection: close\r\n\r\n", False),
+        (b"GET http://a/ HTTP/1.0\r\n\r\n", False),
+        (b"GET http://a/ HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", True),
+        (b"GET http://a/ HTTP/1.0\r\nProxy-Connection: keep-alive\r\n\r\n", True),
+    ],
+)
+def test_keep_alive_rules(head: bytes, keep_alive: bool) -> None:
+    assert parse_request_head(head).keep_alive is keep_alive
+
+
+def test_upgrade_and_expect_are_recognised() -> None:
+    req = parse_request_head(
+        b"GET http://a/ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
+    assert req.upgrade and req.expect_continue
+    assert not parse_request_head(b"GET http://a/ HTTP/1.1\r\nUpgrade: x\r\n\r\n").upgrade
+
+
+def test_connect_head_parses() -> None:
+    req = parse_request_head(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n")
+    assert req.method == b"CONNECT" and req.target == b"a.test:443"
+
+
+SMUGGLING = [
+    # CL.TE and TE.CL: both framings present.
+    b"POST http://a/ HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+    # TE.TE obfuscations.
+    b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+    b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+    b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: xchunked\r\n\r\n",
+    b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding:\tchunked\r\n \r\n\r\n",
+    # Differing and malformed Content-Length.
+    b"POST http://a/ HTTP/1.1\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
+    b"POST http://a/ HTTP/1.1\r\nContent-Length: 4, 5\r\n\r\n",
+    b"POST http://a/ HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"POST http://a/ HTTP/1.1\r\nContent-Length: 0x10\r\n\r\n",
+    # obs-fold, bare CR, bad tokens.
+    b"GET http://a/ HTTP/1.1\r\nX: a\r\n b\r\n\r\n",
+    b"GET http://a/ HTTP/1.1\r\nX: a\rb\r\n\r\n",
+    b"G(T http://a/ HTTP/1.1\r\n\r\n",
+    b"GET http://a/ HTTP/1.1\r\nBad Name: v\r\n\r\n",
+    b"GET http://a/ HTTP/9.9\r\n\r\n",
+    b"GET http://a/ HTTP/1.1\nX: y\n\n\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("head", SMUGGLING)
+def test_ambiguous_requests_are_refused_with_4xx_or_505(head: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_request_head(head)
+    assert 400 <= info.value.status < 506
+
+
+def test_unknown_method_is_501_and_non_token_is_400() -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_request_head(b"BREW http://a/ HTTP/1.1\r\n\r\n")
+    assert info.value.status == 501
+    with pytest.raises(ProtocolError) as info:
+        parse_request_head(b"GE{T http://a/ HTTP/1.1\r\n\r\n")
+    assert info.value.status == 400
+
+
+def test_head_limits_give_414_and_431() -> None:
+    with pytest.raises(ProtocolError) as info:
+        find_head_end(b"GET /" + b"a" * 200, 100, request=True)
+    assert info.value.status == 414
+    with pytest.raises(ProtocolError) as info:
+        find_head_end(b"GET / HTTP/1.1\r\nX: " + b"a" * 200, 100, request=True)
+    assert info.value.status == 431
+    with pytest.raises(UpstreamError):
+        find_head_end(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 200, 100, request=False)
+    assert find_head_end(b"GET / HTTP/1.1\r\n\r\nrest", 100, request=True) == 18
+    assert find_head_end(b"GET / HTTP/1.1\r\n", 100, request=True) == -1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_request_parser_raises_only_our_error(data: bytes) -> None:
+    """Any bytes: a parsed head or a ProtocolError, never anything else."""
+    try:
+        parse_request_head(data + b"\r\n\r\n")
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_response_parser_raises_only_upstream_error(data: bytes) -> None:
+    try:
+        parse_response_head(b"HTTP/1.1 200 OK\r\n" + data + b"\r\n\r\n")
+    except UpstreamError:
+        pass
+
+
+# --- responses ---------------------------------------------------------------------
+
+
+def test_response_head_and_body_rules() -> None:
+    resp = parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+    assert (resp.status, resp.reason, resp.content_length, resp.keep_alive) == (200, b"OK", 3, True)
+    assert not response_has_body(b"HEAD", 200)
+    assert not response_has_body(b"GET", 204)
+    assert not response_has_body(b"GET", 304)
+    assert not response_has_body(b"GET", 100)
+    assert not response_has_body(b"CONNECT", 200)
+    assert response_has_body(b"GET", 200)
+    with pytest.raises(UpstreamError):
+        parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n")
+
+
+def test_response_decoder_choice() -> None:
+    assert response_decoder(False, 10, False).done
+    assert isinstance(response_decoder(True, None, True), ChunkedDecoder)
+    assert isinstance(response_decoder(True, 5, False), LengthDecoder)
+    assert isinstance(response_decoder(True, None, False), CloseDelimitedDecoder)
+    assert request_decoder(None, False).done  # no framing on a request: no body
+
+
+# --- framing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", [None, 1, 3])
+def test_length_decoder_stops_at_length_and_leaves_the_rest(step: int | None) -> None:
+    d = LengthDecoder(5, upstream=False)
+    buf = bytearray()
+    out = bytearray()
+    data = b"hello" + b"NEXT"
+    pieces = [data] if step is None else [data[i : i + step] for i in range(0, len(data), step)]
+    for piece in pieces:
+        buf += piece
+        while (chunk := d.read(buf)) is not None:
+            out += chunk
+    assert out == b"hello" and d.done and buf == b"NEXT"
+
+
+def test_truncated_length_body_raises_on_eof() -> None:
+    d = LengthDecoder(5, upstream=True)
+    buf = bytearray(b"hel")
+    assert d.read(buf) == b"hel"
+    with pytest.raises(UpstreamError):
+        d.eof()
+
+
+CHUNKED = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: yes\r\n\r\n"
+
+
+@pytest.mark.parametrize("step", [None, 1, 2, 5])
+def test_chunked_decoder_whole_and_byte_by_byte(step: int | None) -> None:
+    d = ChunkedDecoder(upstream=False)
+    assert _decode_all(d, CHUNKED + b"NEXT", step=step) == b"hello, world"
+    assert d.done
+    assert d.trailers == [(b"X-Trailer", b"yes")]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"5\r\nhelloXX0\r\n\r\n",  # missing CRLF after data
+        b"G\r\nhello\r\n",  # not hex
+        b"5\nhello\r\n",  # bare LF
+        b"-5\r\nhello\r\n",
+        b"10000000000000000\r\n",  # 17 hex digits
+        b" 5\r\nhello\r\n",
+        b"0\r\nbad trailer\r\n\r\n",
+    ],
+)
+def test_chunked_decoder_rejects_malformed(data: bytes) -> None:
+    d = ChunkedDecoder(upstream=False)
+    with pytest.raises(ProtocolError):
+        _decode_all(d, data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=300), max_size=8),
+    st.integers(min_value=1, max_value=64),
+)
+def test_chunked_roundtrip_through_writer(chunks: list[bytes], step: int) -> None:
+    """What writer.chunk encodes, ChunkedDecoder decodes, however the bytes are split."""
+    wire = b"".join(b"".join(writer.chunk(c)) for c in chunks) + writer.last_chunk([])
+    d = ChunkedDecoder(upstream=True)
+    assert _decode_all(d, wire, step=step) == b"".join(chunks)
+    assert d.done
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_chunked_decoder_raises_only_our_errors(data: bytes) -> None:
+    d = ChunkedDecoder(upstream=False)
+    try:
+        _decode_all(d, data)
+        d.eof()
+    except ProxyError:
+        pass
+
+
+def test_close_delimited_ends_at_eof() -> None:
+    d = CloseDelimitedDecoder(upstream=True)
+    buf = bytearray(b"abc")
+    assert d.read(buf) == b"abc" and not d.done
+    d.eof()
+    assert d.done
+
+
+# --- headers and writer ------------------------------------------------------------
+
+
+def test_hop_by_hop_and_connection_named_fields_are_dropped() -> None:
+    headers = [
+        (b"Host", b"a"),
+        (b"Connection", b"X-Private, close"),
+        (b"X-Private", b"secret"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Proxy-Authorization", b"Basic Zm9vOmJhcg=="),
+        (b"TE", b"trailers"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Upgrade", b"h2c"),
+        (b"X-Keep", b"Me"),
+        (b"Content-Length", b"3"),
+    ]
+    tokens = connection_tokens(headers)
+    assert end_to_end(headers, tokens, drop_length=False) == [
+        (b"Host", b"a"),
+        (b"X-Keep", b"Me"),
+        (b"Content-Length", b"3"),
+    ]
+    assert (b"Content-Length", b"3") not in end_to_end(headers, tokens, drop_length=True)
+
+
+def test_replace_keeps_position_and_drops_duplicates() -> None:
+    headers = [(b"A", b"1"), (b"host", b"x"), (b"B", b"2"), (b"Host", b"y")]
+    assert replace(headers, b"host", b"Host", b"z") == [(b"A", b"1"), (b"Host", b"z"), (b"B", b"2")]
+    assert replace([(b"A", b"1")], b"host", b"Host", b"z")[0] == (b"Host", b"z")
+
+
+def test_plain_response_is_complete_and_parseable() -> None:
+    raw = writer.plain_response(502, "connection refused by 1.2.3.4:80", close=True)
+    end = find_head_end(raw, 1000, request=False)
+    head = parse_response_head(raw[:end])
+    assert head.status == 502
+    assert raw[end:] == b"connection refused by 1.2.3.4:80\n"
+    assert head.content_length == len(raw[end:])
+    assert not head.keep_alive

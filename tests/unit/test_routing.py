@@ -1,0 +1,160 @@
+"""Pure decisions: request targets, destination policy, the round-robin, the pool."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from demux_proxy.egress import Egress
+from demux_proxy.errors import ProtocolError
+from demux_proxy.policy import refusal
+from demux_proxy.pool import Pool, PoolKey
+from demux_proxy.route import Tunnel, parse_authority, route_for
+from demux_proxy.scheduler import RoundRobin
+
+# --- route -------------------------------------------------------------------------
+
+
+def test_absolute_form_gives_origin_form_and_host() -> None:
+    r = route_for(b"http://Example.COM:8080/a/b?c=1#frag", None)
+    assert (r.scheme, r.host, r.port, r.target) == ("http", "example.com", 8080, b"/a/b?c=1")
+    assert r.host_header == b"example.com:8080"
+    assert r.url == "http://example.com:8080/a/b?c=1"
+
+
+def test_default_port_is_left_out_of_host_and_ipv6_is_bracketed() -> None:
+    assert route_for(b"https://a.test/", None).host_header == b"a.test"
+    r = route_for(b"http://[::1]:81/", None)
+    assert (r.host, r.port, r.host_header) == ("::1", 81, b"[::1]:81")
+    assert r.url == "http://[::1]:81/"
+    assert route_for(b"http://a.test", None).target == b"/"
+
+
+@pytest.mark.parametrize(
+    "target", [b"/just/a/path", b"*", b"ftp://a.test/", b"http:///nohost", b"garbage"]
+)
+def test_targets_a_proxy_cannot_forward(target: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        route_for(target, None)
+
+
+def test_inside_a_tunnel_the_connect_authority_decides() -> None:
+    tunnel = Tunnel("https", "a.test", 8443, "sni.test")
+    r = route_for(b"/x?y", tunnel)
+    assert (r.scheme, r.host, r.port, r.target, r.host_header, r.tls_name) == (
+        "https",
+        "a.test",
+        8443,
+        b"/x?y",
+        None,
+        "sni.test",
+    )
+    assert route_for(b"https://other.test/z", tunnel).host == "a.test"
+
+
+def test_connect_authority() -> None:
+    assert parse_authority(b"a.test:443") == ("a.test", 443)
+    assert parse_authority(b"[2001:db8::1]:443") == ("2001:db8::1", 443)
+    for bad in (b"a.test", b"a.test:0", b"a.test:70000", b":443", b"a b:443"):
+        with pytest.raises(ProtocolError):
+            parse_authority(bad)
+
+
+# --- policy ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+    ],
+)
+def test_private_loopback_and_metadata_addresses_are_refused(address: str) -> None:
+    assert refusal(address) is not None
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:4700::1", "::ffff:8.8.8.8"])
+def test_public_addresses_pass(address: str) -> None:
+    assert refusal(address) is None
+
+
+# --- scheduler ---------------------------------------------------------------------
+
+V4 = [Egress(f"127.0.0.{i}", "lo", socket.AF_INET) for i in (2, 3, 4)]
+V6 = Egress("2001:db8::1", "eth0", socket.AF_INET6)
+
+
+def test_round_robin_cycles_in_order() -> None:
+    rr = RoundRobin(V4)
+    assert [rr.pick() for _ in range(7)] == [*V4, *V4, V4[0]]
+
+
+def test_family_pick_skips_to_the_next_of_that_family() -> None:
+    rr = RoundRobin([V4[0], V6, V4[1]])
+    assert rr.pick(socket.AF_INET6) == V6
+    assert rr.pick() == V4[1]  # the counter moved past the address taken
+    assert rr.pick(socket.AF_INET6) == V6
+    assert RoundRobin(V4).pick(socket.AF_INET6) is None
+    assert "next=" in repr(rr)
+
+
+# --- pool --------------------------------------------------------------------------
+
+
+class FakeConn:
+    """Only bookkeeping is under test here; real connections are exercised end to end."""
+
+    def __init__(self, key: PoolKey, alive: bool = True) -> None:
+        self.key = key
+        self.idle_since = 0.0
+        self.alive = alive
+        self.closed = False
+
+    def usable(self) -> bool:
+        return self.alive and not self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+KEY: PoolKey = ("127.0.0.2", "https", "a.test", 443)
+
+
+def test_pool_reuses_most_recent_and_drops_dead() -> None:
+    now = [0.0]
+    pool: Pool[FakeConn] = Pool(max_idle_per_key=4, idle_s=10, clock=lambda: now[0])
+    a, b, dead = FakeConn(KEY), FakeConn(KEY), FakeConn(KEY)
+    for c in (a, b, dead):
+        pool.checkin(c)
+    dead.alive = False
+    assert pool.checkout(KEY) is b  # `dead` was newest: closed and skipped
+    assert dead.closed
+    assert pool.checkout(KEY) is a
+    assert pool.checkout(KEY) is None
+    assert pool.checkout(("127.0.0.3", "https", "a.test", 443)) is None
+
+
+def test_pool_expires_idle_and_caps_per_key() -> None:
+    now = [0.0]
+    pool: Pool[FakeConn] = Pool(max_idle_per_key=2, idle_s=10, clock=lambda: now[0])
+    conns = [FakeConn(KEY) for _ in range(3)]
+    for c in conns:
+        pool.checkin(c)
+    assert conns[0].closed and len(pool) == 2  # over the cap: the oldest goes
+    now[0] = 11.0
+    assert pool.prune() == 2
+    assert len(pool) == 0 and all(c.closed for c in conns)
+    assert "idle=0" in repr(pool)
