@@ -10,6 +10,7 @@ import httptools
 from demux_proxy.errors import ProtocolError
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+_WS_SCHEMES = {"ws": "http", "wss": "https"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,8 @@ def _parsed(target: bytes) -> tuple[str, str, int, bytes | None, bytes | None]:
     except httptools.HttpParserInvalidURLError:
         raise ProtocolError("invalid request target") from None
     scheme = (url.schema or b"").decode("ascii", "replace").lower()
+    # Some clients (aiohttp) send WebSocket URLs as they are: ws is http, wss is https.
+    scheme = _WS_SCHEMES.get(scheme, scheme)
     if scheme not in DEFAULT_PORTS:
         raise ProtocolError(f"unsupported scheme {scheme!r}: only http and https are proxied")
     if not url.host:

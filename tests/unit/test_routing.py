@@ -158,3 +158,9 @@ def test_pool_expires_idle_and_caps_per_key() -> None:
     assert pool.prune() == 2
     assert len(pool) == 0 and all(c.closed for c in conns)
     assert "idle=0" in repr(pool)
+
+
+def test_websocket_schemes_map_to_http_and_https() -> None:
+    assert route_for(b"ws://a.test/ws", None).scheme == "http"
+    r = route_for(b"wss://a.test/ws", None)
+    assert (r.scheme, r.port) == ("https", 443)

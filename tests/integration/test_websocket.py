@@ -1,0 +1,119 @@
+"""WebSocket echo through the real proxy, over ws:// and wss://.
+
+aiohttp sends ws:// as an absolute-form GET with Upgrade to the proxy and wss:// through
+CONNECT (intercepted TLS); the `websockets` library uses CONNECT for both, so its ws://
+case is plain HTTP inside the tunnel.
+"""
+
+from __future__ import annotations
+
+import ssl
+import uuid
+
+import aiohttp
+import pytest
+import websockets.asyncio.client
+import websockets.sync.client
+
+from tests.proxy_process import EGRESS, ProxyProcess
+from tests.upstream import Upstream
+
+SCHEMES = ["ws", "wss"]
+
+MESSAGES: list[str | bytes] = [
+    "hello",
+    b"\x00\x01\x02binary\xff",
+    "ünïcödé ✓",
+    b"",
+    "x" * 70_000,  # beyond the 16-bit length form of a frame
+    bytes(range(256)) * 300,
+    "last",
+]
+
+
+def _ctx(proxy: ProxyProcess) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(proxy.ca_path))
+
+
+def _ws_url(upstream: Upstream, scheme: str) -> tuple[str, str]:
+    """A unique /ws URL (its query tags this test's lines in the proxy log) and the tag."""
+    tag = uuid.uuid4().hex
+    path = f"/ws?t={tag}"
+    if scheme == "ws":
+        url = upstream.http_url(path).replace("http://", "ws://", 1)
+    else:
+        url = upstream.https_url(path).replace("https://", "wss://", 1)
+    return url, tag
+
+
+def _assert_went_through_proxy(proxy: ProxyProcess, tag: str) -> None:
+    line = proxy.wait_for_log(
+        "outbound request", lambda line: tag in str(line["fields"].get("url", ""))
+    )
+    assert line["fields"]["interface"] in EGRESS
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_aiohttp_websocket_echo(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    url, tag = _ws_url(upstream, scheme)
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
+        session.ws_connect(url, proxy=proxy.url, ssl=_ctx(proxy)) as ws,
+    ):
+        for message in MESSAGES:
+            if isinstance(message, str):
+                await ws.send_str(message)
+                reply = await ws.receive(timeout=10)
+                assert reply.type is aiohttp.WSMsgType.TEXT, reply
+            else:
+                await ws.send_bytes(message)
+                reply = await ws.receive(timeout=10)
+                assert reply.type is aiohttp.WSMsgType.BINARY, reply
+            assert reply.data == message
+        assert await ws.close() is True
+        assert ws.close_code == 1000
+    _assert_went_through_proxy(proxy, tag)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+async def test_websockets_asyncio_client_echo(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    url, tag = _ws_url(upstream, scheme)
+    kwargs = {"ssl": _ctx(proxy)} if scheme == "wss" else {}
+    async with websockets.asyncio.client.connect(
+        url, proxy=proxy.url, open_timeout=10, close_timeout=10, **kwargs
+    ) as ws:
+        for message in MESSAGES:
+            await ws.send(message)
+            reply = await ws.recv()
+            assert type(reply) is type(message)
+            assert reply == message
+        await ws.close()
+    assert ws.close_code == 1000
+    assert ws.close_reason == ""
+    # The server's close frame came back: a clean close, not a dropped connection.
+    assert ws.protocol.close_rcvd is not None
+    assert ws.protocol.close_rcvd.code == 1000
+    _assert_went_through_proxy(proxy, tag)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_websockets_sync_client_echo(proxy: ProxyProcess, upstream: Upstream, scheme: str) -> None:
+    url, tag = _ws_url(upstream, scheme)
+    kwargs = {"ssl": _ctx(proxy)} if scheme == "wss" else {}
+    with websockets.sync.client.connect(
+        url, proxy=proxy.url, open_timeout=10, close_timeout=10, **kwargs
+    ) as ws:
+        for message in MESSAGES:
+            ws.send(message)
+            reply = ws.recv(timeout=10)
+            assert type(reply) is type(message)
+            assert reply == message
+        ws.close()
+    assert ws.close_code == 1000
+    assert ws.protocol.close_rcvd is not None
+    assert ws.protocol.close_rcvd.code == 1000
+    _assert_went_through_proxy(proxy, tag)
