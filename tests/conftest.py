@@ -25,7 +25,5 @@ def untrusted_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ups
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterator[ProxyProcess]:
     """The proxy as the issue describes it: four loopback egress addresses, private allowed."""
-    with running_proxy(
-        tmp_path_factory.mktemp("state"), upstream_ca=upstream.ca_pem_path
-    ) as p:
+    with running_proxy(tmp_path_factory.mktemp("state"), upstream_ca=upstream.ca_pem_path) as p:
         yield p

@@ -11,9 +11,22 @@ from tests.upstream import Upstream
 
 def _curl(proxy: ProxyProcess, *urls: str) -> list[dict[str, object]]:
     out = subprocess.run(
-        ["curl", "-sS", "--fail", "--proxy", proxy.url, "--cacert", str(proxy.ca_path), *urls,
-         "-w", "\n"],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            "curl",
+            "-sS",
+            "--fail",
+            "--proxy",
+            proxy.url,
+            "--cacert",
+            str(proxy.ca_path),
+            *urls,
+            "-w",
+            "\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
