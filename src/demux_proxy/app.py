@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import signal
 import ssl
 
@@ -33,11 +32,11 @@ def load_ca(config: Config) -> CertificateAuthority:
 
 def run(config: Config) -> None:
     """Run until a signal; raises ConfigError for anything wrong at start."""
-    logger = log.setup(config.log_level, config.log_format)
+    events = log.setup(config.log_level, config.log_format)
     ca = load_ca(config)
     tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
     try:
-        uvloop.run(_main(config, ca, tls, logger))
+        uvloop.run(_main(config, ca, tls, events))
     finally:
         ca.close()
 
@@ -46,13 +45,13 @@ async def _main(
     config: Config,
     ca: CertificateAuthority,
     tls: ssl.SSLContext,
-    logger: logging.Logger,
+    events: log.EventLog,
 ) -> None:
     pool: Pool[UpstreamConnection] = Pool(
         max_idle_per_key=config.pool_max_idle_per_key, idle_s=config.pool_idle_s
     )
-    forwarder = Forwarder(config, RoundRobin(config.egress), pool, tls, logger)
-    server = ProxyServer(config, ca, forwarder, logger)
+    forwarder = Forwarder(config, RoundRobin(config.egress), pool, tls, events)
+    server = ProxyServer(config, ca, forwarder, events)
     try:
         listener = await server.start()
     except OSError as exc:
@@ -67,9 +66,7 @@ async def _main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = listener.sockets[0].getsockname()[1]
-    log.event(
-        logger,
-        logging.INFO,
+    events.info(
         "Starting Proxy",
         listen=f"{config.listen_host}:{port}",
         egress=[e.address for e in config.egress],
@@ -79,7 +76,7 @@ async def _main(
     pruner = asyncio.create_task(_prune(pool, config.pool_idle_s))
     try:
         await stop.wait()
-        log.event(logger, logging.INFO, "Stopping Proxy", grace_s=config.shutdown_grace_s)
+        events.info("Stopping Proxy", grace_s=config.shutdown_grace_s)
         await server.shutdown()
     finally:
         pruner.cancel()
@@ -87,7 +84,7 @@ async def _main(
             await pruner
         pool.close_all()
         listener.close()
-    log.event(logger, logging.INFO, "Proxy stopped")
+    events.info("Proxy stopped")
 
 
 async def _prune(pool: Pool[UpstreamConnection], every_s: float) -> None:

@@ -8,7 +8,6 @@ connection can carry another request.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import ssl
 import time
@@ -64,14 +63,14 @@ class Forwarder:
         scheduler: RoundRobin,
         pool: Pool[UpstreamConnection],
         upstream_tls: ssl.SSLContext,
-        logger: logging.Logger,
+        events: log.EventLog,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
         self._pool = pool
         self._tls = upstream_tls
         self._resolver = Resolver()
-        self._logger = logger
+        self._events = events
         self._sessions = count(1)
         self.closing = False  # set at shutdown: answers then carry Connection: close
 
@@ -115,8 +114,8 @@ class Forwarder:
                 fields["interface"] = egress.address
             if error is not None:
                 fields["error"] = error
-            level = logging.INFO if error is None else logging.WARNING
-            log.event(self._logger, level, "inbound response", **fields)
+            level = log.INFO if error is None else log.WARNING
+            self._events.emit(level, "inbound response", fields)
         return keep
 
     # --- upstream side -------------------------------------------------------------
@@ -138,9 +137,7 @@ class Forwarder:
         conn = self._pool.checkout(key)
         if conn is None:
             conn, egress = await self._dial(egress, route)
-        log.event(
-            self._logger,
-            logging.INFO,
+        self._events.info(
             "outbound request",
             interface=egress.address,
             method=method,
@@ -332,30 +329,44 @@ class Forwarder:
             headers.append((b"Connection", b"close"))
         elif req.version == b"1.0":
             headers.append((b"Connection", b"keep-alive"))
-        client.write(writer.response_head(resp.status, resp.reason, headers))
+        head = writer.response_head(resp.status, resp.reason, headers)
         out.response_started = True
-        await self._pump_body(client, up, decoder, to_chunked, out)
+        await self._pump_body(client, up, decoder, to_chunked, out, head)
         if isinstance(decoder, CloseDelimitedDecoder):
             up.close()
         return keep
 
     async def _pump_body(
-        self, client: Stream, up: Stream, decoder: BodyDecoder, to_chunked: bool, out: _Outcome
+        self,
+        client: Stream,
+        up: Stream,
+        decoder: BodyDecoder,
+        to_chunked: bool,
+        out: _Outcome,
+        head: bytes,
     ) -> None:
+        """Relay the body; what is already buffered goes out with the head in one write.
+
+        Writes are gathered and flushed only before waiting (for the upstream or for the
+        client to drain): a small response costs one send() however it was framed.
+        """
         buf = up.buffer
         idle = self._config.idle_timeout_s
+        parts: list[bytes] = [head]
         while True:
             data = decoder.read(buf)
             if data:
                 out.bytes_down += len(data)
                 if to_chunked:
-                    client.writelines(writer.chunk(data))
+                    parts += writer.chunk(data)
                 else:
-                    client.write(data)
-                await client.drain()
+                    parts.append(data)
                 continue
             if decoder.done:
                 break
+            client.writelines(parts)
+            parts = []
+            await client.drain()
             try:
                 more = await up.fill(idle)
             except StreamClosed as exc:
@@ -365,7 +376,9 @@ class Forwarder:
             if not more:
                 decoder.eof()
         if to_chunked:
-            client.write(writer.last_chunk(decoder.trailers))
+            parts.append(writer.last_chunk(decoder.trailers))
+        client.writelines(parts)
+        await client.drain()
 
     async def _switch(
         self,

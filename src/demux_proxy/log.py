@@ -5,66 +5,146 @@
      "timestamp":"2021-03-08T16:19:13.807451213Z","message":"outbound request"}
 
 Top-level keys keep that order (fields, level, timestamp, message); fields are sorted by
-name as the original's were. Logged through stdlib logging so operators can reroute it.
+name as the original's were.
+
+Two lines per request sit on the hot path, so `EventLog` formats them with orjson
+directly (no LogRecord) and batches the writes: lines emitted during one event-loop
+iteration reach stdout in one write() at the end of it, in order. Everything else that
+logs through stdlib `logging` (our own tracebacks, asyncio's complaints) goes through
+`EventHandler` into the same EventLog, so there is one stream, one format, one order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import sys
 import time
+import traceback
 from typing import Any
 
 import orjson
 
 LOGGER_NAME = "demux_proxy"
+DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
+_LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", 50: "critical"}
 
 
-def _timestamp(ns: int) -> str:
-    seconds, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{frac:09d}Z"
+class _Clock:
+    """RFC 3339 timestamps with nanoseconds, the strftime part cached per second."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def stamp(self, ns: int) -> str:
+        second, frac = divmod(ns, 1_000_000_000)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{frac:09d}Z"
 
 
-class JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = getattr(record, "fields", None) or {}
+class EventLog:
+    def __init__(self, level: int = INFO, fmt: str = "json", fd: int | None = None) -> None:
+        self.level = level
+        self._json = fmt == "json"
+        self._fd = sys.stdout.fileno() if fd is None else fd
+        self._pending: list[bytes] = []
+        self._scheduled = False
+        self._clock = _Clock()
+        self._broken = False
+
+    def enabled(self, level: int) -> bool:
+        return level >= self.level
+
+    def emit(self, level: int, message: str, fields: dict[str, Any]) -> None:
+        if level < self.level or self._broken:
+            return
+        stamp = self._clock.stamp(time.time_ns())
+        name = _LEVEL_NAMES.get(level, "info")
+        if self._json:
+            # Spliced by hand: fields sorted, the top level in the original's order.
+            line = b"".join(
+                (
+                    b'{"fields":',
+                    orjson.dumps(fields, option=orjson.OPT_SORT_KEYS, default=str),
+                    b',"level":"',
+                    name.encode(),
+                    b'","timestamp":"',
+                    stamp.encode(),
+                    b'","message":',
+                    orjson.dumps(message),
+                    b"}\n",
+                )
+            )
+        else:
+            pairs = " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+            line = f"{stamp} {name:7} {message} {pairs}".rstrip().encode() + b"\n"
+        self._pending.append(line)
+        if not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError as exc:
+            # Nowhere to log to (stdout closed): say so once on stderr and keep proxying.
+            self._broken = True
+            print(f"demux-proxy: logging stopped: {exc}", file=sys.stderr)
+
+    def debug(self, message: str, **fields: Any) -> None:
+        self.emit(DEBUG, message, fields)
+
+    def info(self, message: str, **fields: Any) -> None:
+        self.emit(INFO, message, fields)
+
+    def warning(self, message: str, **fields: Any) -> None:
+        self.emit(WARNING, message, fields)
+
+    def error(self, message: str, **fields: Any) -> None:
+        self.emit(ERROR, message, fields)
+
+
+class EventHandler(logging.Handler):
+    """stdlib logging into the EventLog: same stream, same shape, tracebacks as a field."""
+
+    def __init__(self, events: EventLog) -> None:
+        super().__init__()
+        self._events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = dict(getattr(record, "fields", None) or {})
+        if record.name != LOGGER_NAME:
+            fields["logger"] = record.name
         if record.exc_info and record.exc_info[1] is not None:
-            fields = {**fields, "error": repr(record.exc_info[1])}
-        line = {
-            "fields": dict(sorted(fields.items())),
-            "level": record.levelname.lower(),
-            "timestamp": _timestamp(getattr(record, "ns", None) or time.time_ns()),
-            "message": record.getMessage(),
-        }
-        return orjson.dumps(line, default=str).decode()
+            fields["error"] = repr(record.exc_info[1])
+            fields["traceback"] = "".join(traceback.format_exception(*record.exc_info))
+        self._events.emit(record.levelno, record.getMessage(), fields)
 
 
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = getattr(record, "fields", None) or {}
-        pairs = " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
-        ts = _timestamp(getattr(record, "ns", None) or time.time_ns())
-        text = f"{ts} {record.levelname.lower():5} {record.getMessage()}"
-        if pairs:
-            text += " " + pairs
-        if record.exc_info and record.exc_info[1] is not None:
-            text += f" error={record.exc_info[1]!r}"
-        return text
-
-
-def setup(level: str, fmt: str) -> logging.Logger:
-    """Configure the `demux_proxy` logger: one line per event on stdout."""
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.handlers.clear()
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
-    logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False
-    return logger
-
-
-def event(logger: logging.Logger, level: int, message: str, **fields: Any) -> None:
-    """Log `message` with `fields`; the caller's clock is not needed, the record's ns is."""
-    if logger.isEnabledFor(level):
-        logger.log(level, message, extra={"fields": fields, "ns": time.time_ns()})
+def setup(level: str, fmt: str) -> EventLog:
+    """The EventLog for stdout, with stdlib logging (ours and asyncio's) routed into it."""
+    events = EventLog(logging.getLevelName(level.upper()), fmt)
+    handler = EventHandler(events)
+    for name in (LOGGER_NAME, "asyncio"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(events.level)
+        logger.propagate = False
+    return events

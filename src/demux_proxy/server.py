@@ -24,6 +24,7 @@ from demux_proxy.policy import refusal
 from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
 from demux_proxy.stream import Stream, StreamClosed
 
+_internal = logging.getLogger(log.LOGGER_NAME)
 _TLS_HANDSHAKE = 0x16  # first byte of a TLS record carrying a ClientHello
 
 
@@ -33,12 +34,12 @@ class ProxyServer:
         config: Config,
         ca: CertificateAuthority,
         forwarder: Forwarder,
-        logger: logging.Logger,
+        events: log.EventLog,
     ) -> None:
         self._config = config
         self._ca = ca
         self._forwarder = forwarder
-        self._logger = logger
+        self._events = events
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: set[Stream] = set()  # waiting for a next request: closed at shutdown
         self._sni: dict[int, str] = {}  # id(SSLObject) -> server name, during handshakes
@@ -52,6 +53,7 @@ class ProxyServer:
             self._config.listen_host,
             self._config.listen_port,
             reuse_address=True,
+            reuse_port=True,
             backlog=4096,
         )
         return self._server
@@ -72,9 +74,7 @@ class ProxyServer:
             for task in pending:
                 task.cancel()
             if pending:
-                log.event(
-                    self._logger,
-                    logging.WARNING,
+                self._events.warning(
                     "shutdown grace period over: cutting requests in flight",
                     cut=len(pending),
                 )
@@ -94,9 +94,7 @@ class ProxyServer:
         try:
             await self._serve(stream, None)
         except (StreamClosed, TimeoutError, ssl.SSLError, ConnectionError) as exc:
-            log.event(
-                self._logger,
-                logging.DEBUG,
+            self._events.debug(
                 "client connection ended",
                 client=stream.peer[0],
                 reason=str(exc) or type(exc).__name__,
@@ -104,7 +102,7 @@ class ProxyServer:
         except Exception:
             # A bug of ours: logged with its traceback, the client gets a reset, the proxy
             # keeps serving everyone else.
-            self._logger.exception("internal error", extra={"fields": {"client": stream.peer[0]}})
+            _internal.exception("internal error", extra={"fields": {"client": stream.peer[0]}})
             stream.abort()
         finally:
             self._idle.discard(stream)
@@ -159,9 +157,7 @@ class ProxyServer:
 
     def _refuse(self, stream: Stream, exc: ProxyError) -> None:
         """Answer a request we will not forward, then close: framing can't be trusted."""
-        log.event(
-            self._logger,
-            logging.WARNING,
+        self._events.warning(
             "request refused",
             client=stream.peer[0],
             status_code=exc.status,
@@ -200,9 +196,7 @@ class ProxyServer:
             async with asyncio.timeout(cfg.handshake_timeout_s):
                 await stream.start_tls_server(context)
         except ssl.SSLError as exc:
-            log.event(
-                self._logger,
-                logging.WARNING,
+            self._events.warning(
                 "TLS handshake with client failed",
                 client=stream.peer[0],
                 host=host,
