@@ -1,4 +1,9 @@
-"""Assemble the proxy from a Config and run it until SIGTERM/SIGINT."""
+"""Assemble the proxy from a Config and run it until SIGTERM/SIGINT.
+
+With `workers == 1` the proxy runs in this process. With more, `workers.supervise`
+forks them after everything shareable was built here once: the CA (so every worker signs
+with the same leaf key), the upstream TLS context and the shared rotation cursor.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import contextlib
 import errno
 import signal
 import ssl
+from collections.abc import Callable
+from itertools import count
 
 import uvloop
 
@@ -16,7 +23,7 @@ from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
 from demux_proxy.exchange import Forwarder
 from demux_proxy.pool import Pool
-from demux_proxy.scheduler import RoundRobin
+from demux_proxy.scheduler import Cursor, LocalCursor, RoundRobin
 from demux_proxy.server import ProxyServer
 from demux_proxy.tls import upstream_context
 from demux_proxy.upstream import UpstreamConnection
@@ -32,25 +39,49 @@ def load_ca(config: Config) -> CertificateAuthority:
 
 def run(config: Config) -> None:
     """Run until a signal; raises ConfigError for anything wrong at start."""
+    from demux_proxy.workers import supervise
+
     events = log.setup(config.log_level, config.log_format)
     ca = load_ca(config)
-    tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
     try:
-        uvloop.run(_main(config, ca, tls, events))
+        tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
+        if config.workers > 1:
+            supervise(config, ca, tls, events)
+        else:
+            uvloop.run(serve(config, ca, tls, events, LocalCursor()))
     finally:
         ca.close()
 
 
-async def _main(
+def announce(events: log.EventLog, config: Config, ca: CertificateAuthority, port: int) -> None:
+    events.info(
+        "Starting Proxy",
+        listen=f"{config.listen_host}:{port}",
+        egress=[e.address for e in config.egress],
+        ca=str(ca.cert_path),
+        workers=config.workers,
+        version=__version__,
+    )
+
+
+async def serve(
     config: Config,
     ca: CertificateAuthority,
     tls: ssl.SSLContext,
     events: log.EventLog,
+    cursor: Cursor,
+    *,
+    worker: int = 0,
+    ready: Callable[[int], None] | None = None,
 ) -> None:
+    """One event loop's proxy: listen, serve until SIGTERM/SIGINT, drain, return."""
     pool: Pool[UpstreamConnection] = Pool(
         max_idle_per_key=config.pool_max_idle_per_key, idle_s=config.pool_idle_s
     )
-    forwarder = Forwarder(config, RoundRobin(config.egress), pool, tls, events)
+    # Session ids stay unique across workers: worker i of N numbers i+1, i+1+N, ...
+    sessions = count(worker + 1, config.workers)
+    scheduler = RoundRobin(config.egress, cursor)
+    forwarder = Forwarder(config, scheduler, pool, tls, events, sessions)
     server = ProxyServer(config, ca, forwarder, events)
     try:
         listener = await server.start()
@@ -66,17 +97,14 @@ async def _main(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = listener.sockets[0].getsockname()[1]
-    events.info(
-        "Starting Proxy",
-        listen=f"{config.listen_host}:{port}",
-        egress=[e.address for e in config.egress],
-        ca=str(ca.cert_path),
-        version=__version__,
-    )
+    if ready is None:
+        announce(events, config, ca, port)
+    else:
+        ready(port)
     pruner = asyncio.create_task(_prune(pool, config.pool_idle_s))
     try:
         await stop.wait()
-        events.info("Stopping Proxy", grace_s=config.shutdown_grace_s)
+        events.info("Stopping Proxy", grace_s=config.shutdown_grace_s, worker=worker)
         await server.shutdown()
     finally:
         pruner.cancel()
@@ -84,7 +112,8 @@ async def _main(
             await pruner
         pool.close_all()
         listener.close()
-    events.info("Proxy stopped")
+    events.info("Proxy stopped", worker=worker)
+    events.flush()
 
 
 async def _prune(pool: Pool[UpstreamConnection], every_s: float) -> None:

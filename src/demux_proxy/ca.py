@@ -220,7 +220,8 @@ class CertificateAuthority:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["http/1.1"])
         self._file_counter += 1  # file names never derive from the (client-chosen) host name
-        cert_file = self._runtime_dir / f"leaf-{self._file_counter}.pem"
+        # The pid keeps names apart between --workers processes sharing this directory.
+        cert_file = self._runtime_dir / f"leaf-{os.getpid()}-{self._file_counter}.pem"
         try:
             _write_new(cert_file, cert.public_bytes(_PEM) + self.cert_pem, 0o600)
             ctx.load_cert_chain(cert_file, self._leaf_key_path)

@@ -6,6 +6,7 @@ flags win over the environment.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -160,6 +161,16 @@ def main() -> None:
     help="Seconds without a byte mid-body before the transfer is declared dead.",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1, max=256),
+    default=os.cpu_count() or 1,
+    show_default="the number of cores",
+    envvar=_env("workers"),
+    show_envvar=True,
+    help="Processes accepting clients on the listen port (SO_REUSEPORT). Rotation stays "
+    "global across them.",
+)
+@click.option(
     "--shutdown-grace",
     type=click.FloatRange(min=0),
     default=30.0,
@@ -183,6 +194,7 @@ def start(
     connect_timeout: float,
     response_timeout: float,
     idle_timeout: float,
+    workers: int,
     shutdown_grace: float,
 ) -> None:
     """Start the proxy: each request leaves from the next egress address."""
@@ -206,6 +218,7 @@ def start(
             response_timeout_s=response_timeout,
             idle_timeout_s=idle_timeout,
             shutdown_grace_s=shutdown_grace,
+            workers=workers,
         )
         run(config)
     except ConfigError as exc:

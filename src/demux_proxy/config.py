@@ -25,6 +25,8 @@ class Config:
     insecure_upstream: bool = False
     ca_cert: Path | None = None
     ca_key: Path | None = None
+    # Processes accepting on the listen port (SO_REUSEPORT); 1 runs in this process.
+    workers: int = 1
     log_level: str = "info"
     log_format: str = "json"
     # Waits, each bounded. Connect and handshake are short: a healthy server answers a SYN

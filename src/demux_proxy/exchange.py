@@ -11,6 +11,7 @@ import asyncio
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import count
 
@@ -64,6 +65,7 @@ class Forwarder:
         pool: Pool[UpstreamConnection],
         upstream_tls: ssl.SSLContext,
         events: log.EventLog,
+        sessions: Iterator[int] | None = None,
     ) -> None:
         self._config = config
         self._scheduler = scheduler
@@ -71,7 +73,7 @@ class Forwarder:
         self._tls = upstream_tls
         self._resolver = Resolver()
         self._events = events
-        self._sessions = count(1)
+        self._sessions = sessions if sessions is not None else count(1)
         self.closing = False  # set at shutdown: answers then carry Connection: close
 
     async def forward(self, client: Stream, req: RequestHead, route: Route) -> bool:

@@ -108,7 +108,7 @@ def test_family_pick_skips_to_the_next_of_that_family() -> None:
     assert rr.pick() == V4[1]  # the counter moved past the address taken
     assert rr.pick(socket.AF_INET6) == V6
     assert RoundRobin(V4).pick(socket.AF_INET6) is None
-    assert "next=" in repr(rr)
+    assert "3 addresses" in repr(rr)
 
 
 # --- pool --------------------------------------------------------------------------
@@ -164,3 +164,20 @@ def test_websocket_schemes_map_to_http_and_https() -> None:
     assert route_for(b"ws://a.test/ws", None).scheme == "http"
     r = route_for(b"wss://a.test/ws", None)
     assert (r.scheme, r.port) == ("https", 443)
+
+
+def test_shared_cursor_rotation_is_global_across_processes() -> None:
+    """Two forked processes picking in turn see one rotation, not one each."""
+    import multiprocessing
+
+    from demux_proxy.scheduler import SharedCursor
+
+    ctx = multiprocessing.get_context("fork")
+    cursor = SharedCursor(ctx)
+    rr = RoundRobin(V4, cursor)
+    assert rr.pick() == V4[0]
+    child = ctx.Process(target=rr.pick)  # the child takes V4[1]
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0
+    assert rr.pick() == V4[2]

@@ -1,0 +1,177 @@
+"""`--workers N`: N forked processes accepting on one port with SO_REUSEPORT.
+
+The parent reserves the port (bound, never listening, so the kernel hands it no
+connections), builds what workers share, forks them, waits until each listens, then
+only supervises: it forwards SIGTERM/SIGINT, restarts a worker that dies unasked, and
+exits 0 once all have drained. Rotation stays global through `SharedCursor`; session ids
+stay unique by striding (see app.serve); each worker keeps its own upstream pool and leaf
+certificate cache (a name may be minted once per worker).
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import ForkContext
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+import uvloop
+
+from demux_proxy import log
+from demux_proxy.app import announce, serve
+from demux_proxy.ca import CertificateAuthority
+from demux_proxy.config import Config
+from demux_proxy.errors import ConfigError
+from demux_proxy.scheduler import SharedCursor
+
+READY_TIMEOUT_S = 30.0
+# A worker that keeps dying is a bug, not bad luck: stop restarting after this many a minute.
+MAX_RESTARTS_PER_MINUTE = 5
+
+
+def reserve_port(config: Config) -> tuple[socket.socket, int]:
+    family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((config.listen_host, config.listen_port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason = "address already in use (is another proxy running?)"
+        raise ConfigError(
+            f"cannot listen on {config.listen_host}:{config.listen_port}: {reason}"
+        ) from exc
+    return sock, sock.getsockname()[1]
+
+
+def _worker(
+    config: Config,
+    ca: CertificateAuthority,
+    tls: ssl.SSLContext,
+    events: log.EventLog,
+    cursor: SharedCursor,
+    index: int,
+    conn: Connection,
+) -> None:
+    # The parent's Python-level handlers were inherited by fork: the loop installs ours.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        uvloop.run(
+            serve(config, ca, tls, events, cursor, worker=index, ready=lambda port: conn.send(port))
+        )
+    except ConfigError as exc:
+        conn.send(str(exc))
+        sys.exit(2)
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        ca: CertificateAuthority,
+        tls: ssl.SSLContext,
+        events: log.EventLog,
+    ) -> None:
+        self.config = config
+        self.ca = ca
+        self.tls = tls
+        self.events = events
+        self.ctx: ForkContext = multiprocessing.get_context("fork")
+        self.cursor = SharedCursor(self.ctx)
+        self.procs: dict[int, BaseProcess] = {}
+        self.stopping = False
+        self.restarts: list[float] = []
+
+    def spawn(self, index: int) -> Connection:
+        parent_end, child_end = self.ctx.Pipe(duplex=False)
+        self.events.flush()  # nothing pending may be written twice by parent and child
+        proc = self.ctx.Process(
+            target=_worker,
+            args=(self.config, self.ca, self.tls, self.events, self.cursor, index, child_end),
+            name=f"demux-proxy-worker-{index}",
+        )
+        proc.start()
+        child_end.close()
+        self.procs[index] = proc
+        return parent_end
+
+    def await_ready(self, index: int, conn: Connection) -> None:
+        try:
+            answer = conn.recv() if conn.poll(READY_TIMEOUT_S) else "did not start in time"
+        except EOFError:
+            answer = f"worker {index} exited during start"
+        finally:
+            conn.close()
+        if not isinstance(answer, int):
+            raise ConfigError(str(answer))
+
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def watch(self) -> None:
+        while self.procs:
+            wait([p.sentinel for p in self.procs.values()], timeout=1.0)
+            for index, proc in list(self.procs.items()):
+                if proc.is_alive():
+                    continue
+                proc.join()
+                del self.procs[index]
+                if not self.stopping:
+                    self.restart(index, proc.exitcode)
+
+    def restart(self, index: int, exitcode: int | None) -> None:
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+        if len(self.restarts) > MAX_RESTARTS_PER_MINUTE:
+            self.events.error("workers keep dying: stopping", worker=index, exitcode=exitcode)
+            self.on_signal(signal.SIGTERM, None)
+            return
+        self.events.error("worker died: restarting it", worker=index, exitcode=exitcode)
+        try:
+            self.await_ready(index, self.spawn(index))
+        except ConfigError as exc:
+            self.events.error("worker restart failed", worker=index, error=str(exc))
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+        for proc in self.procs.values():
+            proc.join()
+        self.procs.clear()
+
+
+def supervise(
+    config: Config, ca: CertificateAuthority, tls: ssl.SSLContext, events: log.EventLog
+) -> None:
+    reserved, port = reserve_port(config)
+    sup = _Supervisor(replace(config, listen_port=port), ca, tls, events)
+    signal.signal(signal.SIGTERM, sup.on_signal)
+    signal.signal(signal.SIGINT, sup.on_signal)
+    try:
+        try:
+            for index in range(config.workers):
+                sup.await_ready(index, sup.spawn(index))
+        except BaseException:
+            sup.stop_all()
+            raise
+        announce(events, sup.config, ca, port)
+        events.flush()
+        sup.watch()
+    finally:
+        reserved.close()

@@ -1,0 +1,54 @@
+"""--workers N: one port, N processes, one global rotation, a supervisor that restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from tests.proxy_process import EGRESS, running_proxy
+from tests.upstream import Upstream
+
+
+def _peer(proxy_url: str, upstream: Upstream) -> str:
+    """One request on a NEW client connection: the source address the upstream saw."""
+    with requests.Session() as s:
+        r = s.get(upstream.http_url("/ip"), proxies={"http": proxy_url}, timeout=10)
+        r.raise_for_status()
+        return str(r.json()["peer"])
+
+
+def test_rotation_is_global_across_workers(tmp_path: Path, upstream: Upstream) -> None:
+    with running_proxy(tmp_path / "state", "--workers", "2", upstream_ca=upstream.ca_pem_path) as p:
+        assert p.wait_for_log("Starting Proxy")["fields"]["workers"] == 2
+        peers = [_peer(p.url, upstream) for _ in range(16)]
+        start = EGRESS.index(peers[0])
+        assert peers == [EGRESS[(start + i) % 4] for i in range(16)]
+        ids = [line["fields"]["session_id"] for line in p.logs("inbound response")]
+        deadline = time.monotonic() + 10
+        while len(ids) < 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            ids = [line["fields"]["session_id"] for line in p.logs("inbound response")]
+        assert len(set(ids)) == 16  # unique across workers
+        # SO_REUSEPORT spread 16 new connections over both workers (odd ids: worker 0).
+        assert {i % 2 for i in ids} == {0, 1}
+
+
+def test_a_killed_worker_is_replaced(tmp_path: Path, upstream: Upstream) -> None:
+    with running_proxy(tmp_path / "state", "--workers", "2", upstream_ca=upstream.ca_pem_path) as p:
+        children = psutil.Process(p.proc.pid).children()
+        assert len(children) == 2
+        os.kill(children[0].pid, signal.SIGKILL)
+        p.wait_for_log("worker died: restarting it")
+        deadline = time.monotonic() + 20
+        while len(psutil.Process(p.proc.pid).children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(psutil.Process(p.proc.pid).children()) == 2
+        for _ in range(8):  # whichever worker takes it, every request is served
+            assert _peer(p.url, upstream) in EGRESS
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(timeout=20) == 0
