@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit fmt clean
+.PHONY: install run test lint typecheck unit fmt clean bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ unit: install
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# Throughput and CPU per request, side by side with the direct baseline (and peers in
+# BENCH_PEERS) in one run; installs nginx, wrk and Go from Debian on first use (root).
+bench: install
+	sh bench/demux.sh
 
 fmt: install
 	$(BIN)/ruff format src tests

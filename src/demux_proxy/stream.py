@@ -22,7 +22,11 @@ from typing import cast
 
 READ_HIGH = 256 * 1024
 WRITE_HIGH = 512 * 1024
-_TLS_READ = 256 * 1024
+# One TLS record carries at most 16 KiB of plaintext (RFC 8446 5.1): decrypt into one
+# preallocated buffer (shared: decryption is synchronous) instead of allocating per read.
+_RECORD = 16 * 1024 + 256
+_RECORD_BUF = bytearray(_RECORD)
+_RECORD_VIEW = memoryview(_RECORD_BUF)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -233,16 +237,20 @@ class Stream(asyncio.Protocol):
             self.transport.write(self._outgoing.read())
 
     def _decrypt(self) -> None:
-        assert self._sslobj is not None
+        assert self._sslobj is not None and self._incoming is not None
+        sslobj, incoming = self._sslobj, self._incoming
         try:
-            while True:
-                data = self._sslobj.read(_TLS_READ)
-                if not data:  # TLS closed (close_notify already seen)
+            # Stop when nothing is left to decrypt rather than on SSLWantReadError: an
+            # exception per received chunk is a measurable cost on the hot path.
+            while incoming.pending or sslobj.pending():
+                # With a buffer, read() returns a count (typeshed says bytes).
+                n = cast(int, sslobj.read(_RECORD, _RECORD_BUF))
+                if not n:  # TLS closed (close_notify already seen)
                     self.eof = True
                     break
-                self.buffer += data
+                self.buffer += _RECORD_VIEW[:n]
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass
+            pass  # a partial record: the rest comes with the next data_received
         except ssl.SSLZeroReturnError:
             self.eof = True  # close_notify: a clean end of the TLS stream
         except ssl.SSLError as exc:
