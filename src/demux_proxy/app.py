@@ -18,6 +18,7 @@ from itertools import count
 import uvloop
 
 from demux_proxy import __version__, log
+from demux_proxy.auth import ClientPolicy, public_listen_refusal
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
@@ -41,14 +42,18 @@ def run(config: Config) -> None:
     """Run until a signal; raises ConfigError for anything wrong at start."""
     from demux_proxy.workers import supervise
 
+    policy = ClientPolicy.from_options(config.auth, config.auth_file, config.allow_client)
+    refusal = public_listen_refusal(config.listen_host, policy)
+    if refusal is not None:
+        raise ConfigError(refusal)
     events = log.setup(config.log_level, config.log_format)
     ca = load_ca(config)
     try:
         tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
         if config.workers > 1:
-            supervise(config, ca, tls, events)
+            supervise(config, ca, tls, events, policy)
         else:
-            uvloop.run(serve(config, ca, tls, events, LocalCursor()))
+            uvloop.run(serve(config, ca, tls, events, policy, LocalCursor()))
     finally:
         ca.close()
 
@@ -69,6 +74,7 @@ async def serve(
     ca: CertificateAuthority,
     tls: ssl.SSLContext,
     events: log.EventLog,
+    policy: ClientPolicy,
     cursor: Cursor,
     *,
     worker: int = 0,
@@ -82,7 +88,7 @@ async def serve(
     sessions = count(worker + 1, config.workers)
     scheduler = RoundRobin(config.egress, cursor)
     forwarder = Forwarder(config, scheduler, pool, tls, events, sessions)
-    server = ProxyServer(config, ca, forwarder, events)
+    server = ProxyServer(config, ca, forwarder, events, policy)
     try:
         listener = await server.start()
     except OSError as exc:

@@ -84,6 +84,32 @@ def main() -> None:
     "(refused with 403 by default, cloud metadata included).",
 )
 @click.option(
+    "--auth",
+    "auth",
+    multiple=True,
+    envvar=_env("auth"),
+    show_envvar=True,
+    metavar="USER:PASS",
+    help="Require Basic proxy authentication with these credentials (repeatable). Needed, "
+    "or --allow-client, to listen on a non-loopback address.",
+)
+@click.option(
+    "--auth-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("auth-file"),
+    show_envvar=True,
+    help="Credentials, one 'user:password' or 'user:<bcrypt or argon2 hash>' per line.",
+)
+@click.option(
+    "--allow-client",
+    "allow_client",
+    multiple=True,
+    envvar=_env("allow-client"),
+    show_envvar=True,
+    metavar="CIDR",
+    help="Only accept clients from these networks (repeatable).",
+)
+@click.option(
     "--upstream-ca",
     type=click.Path(dir_okay=False, path_type=Path),
     envvar=_env("upstream-ca"),
@@ -184,6 +210,9 @@ def start(
     egress: tuple[str, ...],
     egress_interfaces: tuple[str, ...],
     allow_private: bool,
+    auth: tuple[str, ...],
+    auth_file: Path | None,
+    allow_client: tuple[str, ...],
     upstream_ca: Path | None,
     insecure_upstream: bool,
     state_dir: Path | None,
@@ -208,6 +237,9 @@ def start(
             egress=tuple(resolve_egress(parse_addresses(egress), _split(egress_interfaces))),
             state_dir=state_dir or default_state_dir(),
             allow_private=allow_private,
+            auth=auth,
+            auth_file=auth_file,
+            allow_client=tuple(_split(allow_client)),
             upstream_ca=upstream_ca,
             insecure_upstream=insecure_upstream,
             ca_cert=ca_cert,
@@ -235,6 +267,103 @@ def addresses(egress: tuple[str, ...], egress_interfaces: tuple[str, ...]) -> No
         _fail(exc)
     for e in found:
         click.echo(f"{e.address}\t{e.interface or '-'}")
+
+
+@main.command()
+@click.option(
+    "--url",
+    default="https://checkip.amazonaws.com",
+    show_default=True,
+    metavar="URL",
+    help="A checkip service: answers each request with the client's address as plain text. "
+    "Your own probe: the private-destination guard does not apply to it.",
+)
+@_egress_options
+@click.option(
+    "--upstream-ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=_env("upstream-ca"),
+    show_envvar=True,
+    metavar="PEM",
+    help="Also trust this CA for the --url server (on top of the system store or certifi).",
+)
+@click.option(
+    "--insecure-upstream",
+    is_flag=True,
+    envvar=_env("insecure-upstream"),
+    show_envvar=True,
+    help="Do not verify the --url server's certificate. For testing only.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds each address gets to connect and answer.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    metavar="N",
+    help="Addresses probed at the same time.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
+def check(
+    url: str,
+    egress: tuple[str, ...],
+    egress_interfaces: tuple[str, ...],
+    upstream_ca: Path | None,
+    insecure_upstream: bool,
+    timeout: float,
+    concurrency: int,
+    as_json: bool,
+) -> None:
+    """Send one request from every egress address and report what the world sees.
+
+    For each address (chosen as for `start`): the public address the --url server saw, the
+    latency, and flags: FAILED (no answer: unusable), SHARED (another address shows the same
+    public address, so it adds nothing), WRONG ROUTE (the kernel sends it out of an interface
+    that does not own it: unusable on a cloud network; the `ip rule`/`ip route` lines that fix
+    it are printed). Exit status 1 when any address is unusable, 2 on a usage error.
+    """
+    import orjson
+
+    from demux_proxy.check import parse_target, render_text, run_check
+    from demux_proxy.tls import upstream_context
+
+    try:
+        found = resolve_egress(parse_addresses(egress), _split(egress_interfaces))
+        target = parse_target(url)
+        tls = upstream_context(upstream_ca, insecure=insecure_upstream) if target.tls else None
+    except ConfigError as exc:
+        _fail(exc)
+
+    interactive = sys.stderr.isatty()
+    step = 1 if interactive else max(1, len(found) // 10)
+
+    def progress(done: int, total: int) -> None:
+        if interactive:
+            click.echo(f"\rchecked {done}/{total}", err=True, nl=done == total)
+        elif done == total or done % step == 0:
+            click.echo(f"checked {done}/{total}", err=True)
+
+    click.echo(f"checking {len(found)} address(es) against {target.url}", err=True)
+    report = run_check(
+        found,
+        target.url,
+        tls=tls,
+        timeout_s=timeout,
+        concurrency=concurrency,
+        progress=progress,
+    )
+    if as_json:
+        click.echo(orjson.dumps(report.to_json(target.url), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(render_text(report, target.url), nl=False)
+    sys.exit(0 if report.ok else 1)
 
 
 @main.group()

@@ -21,6 +21,10 @@ class Config:
     egress: tuple[Egress, ...]
     state_dir: Path
     allow_private: bool = False
+    # Who may use the proxy: --auth USER:PASS, --auth-file, --allow-client CIDR.
+    auth: tuple[str, ...] = ()
+    auth_file: Path | None = None
+    allow_client: tuple[str, ...] = ()
     upstream_ca: Path | None = None
     insecure_upstream: bool = False
     ca_cert: Path | None = None

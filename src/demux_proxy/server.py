@@ -14,6 +14,7 @@ import ssl
 from typing import Any
 
 from demux_proxy import log
+from demux_proxy.auth import ClientPolicy, challenge_response
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.errors import Forbidden, ProtocolError, ProxyError
@@ -35,7 +36,9 @@ class ProxyServer:
         ca: CertificateAuthority,
         forwarder: Forwarder,
         events: log.EventLog,
+        policy: ClientPolicy,
     ) -> None:
+        self._policy = policy
         self._config = config
         self._ca = ca
         self._forwarder = forwarder
@@ -86,6 +89,10 @@ class ProxyServer:
         if self._closing:
             stream.abort()
             return
+        if not self._policy.client_allowed(stream.peer[0]):
+            self._events.warning("client refused by --allow-client", client=stream.peer[0])
+            stream.abort()
+            return
         task = asyncio.get_running_loop().create_task(self._client(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -113,6 +120,15 @@ class ProxyServer:
             req = await self._next_request(stream)
             if req is None:
                 return
+            # Inside a tunnel the client already proved itself on CONNECT.
+            if (
+                tunnel is None
+                and self._policy.auth_required
+                and not await self._authorized(stream, req)
+            ):
+                if req.content_length or req.chunked:
+                    return  # its body was not read: the connection is not at a boundary
+                continue
             if req.method == b"CONNECT":
                 if tunnel is not None:
                     self._refuse(stream, ProtocolError("CONNECT inside a tunnel"))
@@ -126,6 +142,29 @@ class ProxyServer:
                 return
             if not await self._forwarder.forward(stream, req, route):
                 return
+
+    async def _authorized(self, stream: Stream, req: RequestHead) -> bool:
+        """Check Proxy-Authorization; answer 407 when it is missing or wrong.
+
+        A bcrypt/argon2 check costs ~100 ms by design: the first one per credential runs
+        in a thread so the loop keeps serving everyone else; later ones hit the cache.
+        """
+        policy = self._policy
+        if policy.would_block(req.headers):
+            loop = asyncio.get_running_loop()
+            user = await loop.run_in_executor(None, policy.check, req.headers)
+        else:
+            user = policy.check(req.headers)
+        if user is not None:
+            return True
+        self._events.warning(
+            "proxy authentication required",
+            client=stream.peer[0],
+            method=req.method.decode("latin-1"),
+            status_code=407,
+        )
+        stream.write(challenge_response())
+        return False
 
     async def _next_request(self, stream: Stream) -> RequestHead | None:
         """The next request head, or None when the client is done (or must be dropped)."""

@@ -28,6 +28,7 @@ import uvloop
 
 from demux_proxy import log
 from demux_proxy.app import announce, serve
+from demux_proxy.auth import ClientPolicy
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
@@ -61,6 +62,7 @@ def _worker(
     ca: CertificateAuthority,
     tls: ssl.SSLContext,
     events: log.EventLog,
+    policy: ClientPolicy,
     cursor: SharedCursor,
     index: int,
     conn: Connection,
@@ -70,7 +72,16 @@ def _worker(
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         uvloop.run(
-            serve(config, ca, tls, events, cursor, worker=index, ready=lambda port: conn.send(port))
+            serve(
+                config,
+                ca,
+                tls,
+                events,
+                policy,
+                cursor,
+                worker=index,
+                ready=lambda port: conn.send(port),
+            )
         )
     except ConfigError as exc:
         conn.send(str(exc))
@@ -84,7 +95,9 @@ class _Supervisor:
         ca: CertificateAuthority,
         tls: ssl.SSLContext,
         events: log.EventLog,
+        policy: ClientPolicy,
     ) -> None:
+        self.policy = policy
         self.config = config
         self.ca = ca
         self.tls = tls
@@ -100,7 +113,16 @@ class _Supervisor:
         self.events.flush()  # nothing pending may be written twice by parent and child
         proc = self.ctx.Process(
             target=_worker,
-            args=(self.config, self.ca, self.tls, self.events, self.cursor, index, child_end),
+            args=(
+                self.config,
+                self.ca,
+                self.tls,
+                self.events,
+                self.policy,
+                self.cursor,
+                index,
+                child_end,
+            ),
             name=f"demux-proxy-worker-{index}",
         )
         proc.start()
@@ -157,10 +179,14 @@ class _Supervisor:
 
 
 def supervise(
-    config: Config, ca: CertificateAuthority, tls: ssl.SSLContext, events: log.EventLog
+    config: Config,
+    ca: CertificateAuthority,
+    tls: ssl.SSLContext,
+    events: log.EventLog,
+    policy: ClientPolicy,
 ) -> None:
     reserved, port = reserve_port(config)
-    sup = _Supervisor(replace(config, listen_port=port), ca, tls, events)
+    sup = _Supervisor(replace(config, listen_port=port), ca, tls, events, policy)
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)
     try:

@@ -54,9 +54,7 @@ def _assert_went_through_proxy(proxy: ProxyProcess, tag: str) -> None:
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-async def test_aiohttp_websocket_echo(
-    proxy: ProxyProcess, upstream: Upstream, scheme: str
-) -> None:
+async def test_aiohttp_websocket_echo(proxy: ProxyProcess, upstream: Upstream, scheme: str) -> None:
     url, tag = _ws_url(upstream, scheme)
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session,
@@ -77,6 +75,11 @@ async def test_aiohttp_websocket_echo(
     _assert_went_through_proxy(proxy, tag)
 
 
+# websockets' asyncio client upgrades its proxy socket with loop.start_tls; on some runs
+# asyncio leaves that raw socket to the garbage collector after a clean close (a
+# ResourceWarning in the client process, not a proxy fault: the echo and the close
+# handshake below are still asserted in full).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("scheme", SCHEMES)
 async def test_websockets_asyncio_client_echo(
     proxy: ProxyProcess, upstream: Upstream, scheme: str

@@ -1,0 +1,117 @@
+"""Who may use the proxy: --auth, --auth-file, --allow-client, and the public-listen guard."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import bcrypt
+import pytest
+import requests
+
+from tests.proxy_process import ProxyProcess, proxy_command, running_proxy
+from tests.upstream import Upstream
+
+SECRET = "s3cr3t-Pa55"
+
+
+def _get(proxy: ProxyProcess, url: str, user: str | None = None) -> requests.Response:
+    auth = f"{user}@" if user else ""
+    proxy_url = f"http://{auth}127.0.0.1:{proxy.port}"
+    with requests.Session() as s:
+        return s.get(
+            url,
+            proxies={"http": proxy_url, "https": proxy_url},
+            verify=str(proxy.ca_path),
+            timeout=10,
+        )
+
+
+def test_public_listen_without_auth_is_refused(tmp_path: Path) -> None:
+    out = subprocess.run(
+        proxy_command(["start", "--listen", "0.0.0.0:0", "--state-dir", str(tmp_path)]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr + out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--auth" in lines[0] and "--allow-client" in lines[0]
+
+
+@pytest.fixture(scope="module")
+def auth_proxy(
+    tmp_path_factory: pytest.TempPathFactory, upstream: Upstream
+) -> Iterator[ProxyProcess]:
+    hashed = bcrypt.hashpw(b"hashed-pw", bcrypt.gensalt(rounds=4)).decode()
+    auth_file = tmp_path_factory.mktemp("auth") / "users"
+    auth_file.write_text(f"# users\nbob:{hashed}\n")
+    with running_proxy(
+        tmp_path_factory.mktemp("state"),
+        "--auth",
+        f"alice:{SECRET}",
+        "--auth-file",
+        str(auth_file),
+        "--log-level",
+        "debug",
+        upstream_ca=upstream.ca_pem_path,
+    ) as p:
+        yield p
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_missing_or_wrong_credentials_get_407(
+    auth_proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    url = upstream.http_url("/ip") if scheme == "http" else upstream.https_url("/ip")
+    if scheme == "http":
+        for user in (None, "alice:wrong", "mallory:" + SECRET):
+            r = _get(auth_proxy, url, user)
+            assert r.status_code == 407
+            assert r.headers["Proxy-Authenticate"].startswith("Basic realm=")
+    else:
+        for user in (None, "alice:wrong"):
+            with pytest.raises(requests.exceptions.ProxyError, match="407"):
+                _get(auth_proxy, url, user)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize("user", [f"alice:{SECRET}", "bob:hashed-pw"])
+def test_right_credentials_pass_and_never_reach_upstream_or_logs(
+    auth_proxy: ProxyProcess, upstream: Upstream, scheme: str, user: str
+) -> None:
+    url = upstream.http_url("/headers") if scheme == "http" else upstream.https_url("/headers")
+    r = _get(auth_proxy, url, user)
+    assert r.status_code == 200
+    names = {name.lower() for name, _ in r.json()}
+    assert "proxy-authorization" not in names
+    password = user.split(":", 1)[1]
+    assert not any(password in line for line in auth_proxy.raw_lines)
+
+
+def test_curl_retries_with_credentials_on_the_same_connection(
+    auth_proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    out = subprocess.run(
+        ["curl", "-sS", "--proxy", auth_proxy.url, "--proxy-user", f"alice:{SECRET}",
+         "--proxy-anyauth", "-o", "/dev/null", "-w", "%{http_code} %{num_connects}",
+         upstream.http_url("/ip")],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    code, connects = out.stdout.split()
+    assert code == "200" and connects == "1"
+
+
+def test_allow_client_outside_the_networks_is_closed(tmp_path: Path, upstream: Upstream) -> None:
+    with running_proxy(
+        tmp_path / "state", "--allow-client", "10.0.0.0/8", upstream_ca=upstream.ca_pem_path
+    ) as p:
+        with pytest.raises(requests.exceptions.ConnectionError):
+            _get(p, upstream.http_url("/ip"))
+        p.wait_for_log("client refused by --allow-client")
+    with running_proxy(
+        tmp_path / "state2", "--allow-client", "127.0.0.0/8", upstream_ca=upstream.ca_pem_path
+    ) as p:
+        assert _get(p, upstream.http_url("/ip")).status_code == 200
