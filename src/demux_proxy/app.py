@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import resource
 import signal
 import ssl
 from collections.abc import Callable
@@ -47,6 +48,7 @@ def run(config: Config) -> None:
     if refusal is not None:
         raise ConfigError(refusal)
     events = log.setup(config.log_level, config.log_format)
+    _raise_fd_limit()
     ca = load_ca(config)
     try:
         tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
@@ -56,6 +58,14 @@ def run(config: Config) -> None:
             uvloop.run(serve(config, ca, tls, events, policy, LocalCursor()))
     finally:
         ca.close()
+
+
+def _raise_fd_limit() -> None:
+    """Each client and upstream connection is a file descriptor: the usual soft limit of
+    1024 caps a proxy at a few hundred clients, so take the hard limit the host allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def announce(events: log.EventLog, config: Config, ca: CertificateAuthority, port: int) -> None:
