@@ -12,10 +12,12 @@ import contextlib
 import errno
 import resource
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from itertools import count
 
+import psutil
 import uvloop
 
 from demux_proxy import __version__, log
@@ -24,6 +26,7 @@ from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
 from demux_proxy.exchange import Forwarder
+from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
 from demux_proxy.scheduler import Cursor, LocalCursor, RoundRobin
 from demux_proxy.server import ProxyServer
@@ -44,6 +47,9 @@ def run(config: Config) -> None:
     from demux_proxy.workers import supervise
 
     policy = ClientPolicy.from_options(config.auth, config.auth_file, config.allow_client)
+    destinations = DestinationPolicy(
+        allow_private=config.allow_private, deny=config.deny, allow_dest=config.allow_dest
+    )
     refusal = public_listen_refusal(config.listen_host, policy)
     if refusal is not None:
         raise ConfigError(refusal)
@@ -53,9 +59,9 @@ def run(config: Config) -> None:
     try:
         tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
         if config.workers > 1:
-            supervise(config, ca, tls, events, policy)
+            supervise(config, ca, tls, events, policy, destinations)
         else:
-            uvloop.run(serve(config, ca, tls, events, policy, LocalCursor()))
+            uvloop.run(serve(config, ca, tls, events, policy, destinations, LocalCursor()))
     finally:
         ca.close()
 
@@ -85,6 +91,7 @@ async def serve(
     tls: ssl.SSLContext,
     events: log.EventLog,
     policy: ClientPolicy,
+    destinations: DestinationPolicy,
     cursor: Cursor,
     *,
     worker: int = 0,
@@ -97,8 +104,8 @@ async def serve(
     # Session ids stay unique across workers: worker i of N numbers i+1, i+1+N, ...
     sessions = count(worker + 1, config.workers)
     scheduler = RoundRobin(config.egress, cursor)
-    forwarder = Forwarder(config, scheduler, pool, tls, events, sessions)
-    server = ProxyServer(config, ca, forwarder, events, policy)
+    forwarder = Forwarder(config, scheduler, pool, tls, events, destinations, sessions)
+    server = ProxyServer(config, ca, forwarder, events, policy, destinations)
     try:
         listener = await server.start()
     except OSError as exc:
@@ -113,6 +120,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     port = listener.sockets[0].getsockname()[1]
+    destinations.set_self(_own_addresses(config.listen_host), port)
     if ready is None:
         announce(events, config, ca, port)
     else:
@@ -130,6 +138,18 @@ async def serve(
         listener.close()
     events.info("Proxy stopped", worker=worker)
     events.flush()
+
+
+def _own_addresses(listen_host: str) -> set[str]:
+    """The addresses a request could reach this listener on (all of them for a wildcard)."""
+    if listen_host not in ("0.0.0.0", "::"):
+        return {listen_host}
+    return {
+        a.address.split("%", 1)[0]
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family in (socket.AF_INET, socket.AF_INET6)
+    }
 
 
 async def _prune(pool: Pool[UpstreamConnection], every_s: float) -> None:

@@ -84,6 +84,25 @@ def main() -> None:
     "(refused with 403 by default, cloud metadata included).",
 )
 @click.option(
+    "--deny",
+    multiple=True,
+    envvar=_env("deny"),
+    show_envvar=True,
+    metavar="HOST|CIDR",
+    help="Refuse these destinations (exact host, *.domain or CIDR; repeatable). Wins over "
+    "everything else.",
+)
+@click.option(
+    "--allow-dest",
+    "allow_dest",
+    multiple=True,
+    envvar=_env("allow-dest"),
+    show_envvar=True,
+    metavar="HOST|CIDR",
+    help="Only allow these destinations (repeatable); an allowed CIDR also admits private "
+    "addresses inside it.",
+)
+@click.option(
     "--auth",
     "auth",
     multiple=True,
@@ -210,6 +229,8 @@ def start(
     egress: tuple[str, ...],
     egress_interfaces: tuple[str, ...],
     allow_private: bool,
+    deny: tuple[str, ...],
+    allow_dest: tuple[str, ...],
     auth: tuple[str, ...],
     auth_file: Path | None,
     allow_client: tuple[str, ...],
@@ -237,6 +258,8 @@ def start(
             egress=tuple(resolve_egress(parse_addresses(egress), _split(egress_interfaces))),
             state_dir=state_dir or default_state_dir(),
             allow_private=allow_private,
+            deny=tuple(_split(deny)),
+            allow_dest=tuple(_split(allow_dest)),
             auth=auth,
             auth_file=auth_file,
             allow_client=tuple(_split(allow_client)),

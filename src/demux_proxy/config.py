@@ -25,6 +25,9 @@ class Config:
     auth: tuple[str, ...] = ()
     auth_file: Path | None = None
     allow_client: tuple[str, ...] = ()
+    # Destination rules beyond the default refusals: HOST, *.DOMAIN or CIDR each.
+    deny: tuple[str, ...] = ()
+    allow_dest: tuple[str, ...] = ()
     upstream_ca: Path | None = None
     insecure_upstream: bool = False
     ca_cert: Path | None = None

@@ -46,6 +46,12 @@ class Forbidden(ProxyError):
     status = 403
 
 
+class LoopDetected(ProxyError):
+    """The request would come back to this proxy (RFC 8470's 508 Loop Detected)."""
+
+    status = 508
+
+
 class UpstreamError(ProxyError):
     """The upstream refused, reset, failed TLS verification or answered malformed HTTP."""
 

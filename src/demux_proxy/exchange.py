@@ -34,6 +34,7 @@ from demux_proxy.http1.parser import (
     parse_response_head,
     response_has_body,
 )
+from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
 from demux_proxy.relay import relay
 from demux_proxy.route import Route
@@ -65,8 +66,10 @@ class Forwarder:
         pool: Pool[UpstreamConnection],
         upstream_tls: ssl.SSLContext,
         events: log.EventLog,
+        policy: DestinationPolicy,
         sessions: Iterator[int] | None = None,
     ) -> None:
+        self._policy = policy
         self._config = config
         self._scheduler = scheduler
         self._pool = pool
@@ -165,6 +168,7 @@ class Forwarder:
 
     async def _dial(self, egress: Egress, route: Route) -> tuple[UpstreamConnection, Egress]:
         """Connect from `egress`, or from the next address of a family the host has."""
+        self._policy.check_name(route.host)
         addresses = await self._resolver.resolve(route.host, egress.family)
         if not addresses:
             for family in self._scheduler.families - {egress.family}:
@@ -185,7 +189,7 @@ class Forwarder:
             key=key,
             tls=self._tls if route.scheme == "https" else None,
             server_hostname=route.tls_name,
-            allow_private=self._config.allow_private,
+            policy=self._policy,
             timeout_s=self._config.connect_timeout_s,
         )
         self._pool.created += 1

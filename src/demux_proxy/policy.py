@@ -9,6 +9,9 @@ lookup to race.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Sequence
+
+from demux_proxy.errors import ConfigError, Forbidden, LoopDetected
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -36,3 +39,94 @@ def refusal(address: str) -> str | None:
     if not ip.is_global:
         return "not a globally routable address"
     return None
+
+
+def _rule(text: str) -> tuple[str | None, ipaddress.IPv4Network | ipaddress.IPv6Network | None]:
+    """A --deny/--allow-dest rule: a CIDR (or one address), else a host name pattern."""
+    text = text.strip().lower().rstrip(".")
+    try:
+        return None, ipaddress.ip_network(text.strip("[]"), strict=False)
+    except ValueError:
+        pass
+    name = text[2:] if text.startswith("*.") else text
+    if not name or any(c in name for c in " /:@*"):
+        raise ConfigError(f"not a host name, *.domain or CIDR: {text!r}")
+    return text, None
+
+
+def _name_matches(host: str, patterns: frozenset[str]) -> str | None:
+    host = host.lower().rstrip(".")
+    if host in patterns:
+        return host
+    labels = host.split(".")
+    for i in range(1, len(labels)):
+        candidate = "*." + ".".join(labels[i:])
+        if candidate in patterns:
+            return candidate
+    return None
+
+
+class DestinationPolicy:
+    """Where requests may go: the default refusals, operator rules, and never to ourselves.
+
+    - `--deny HOST|CIDR` always wins; `--allow-dest HOST|CIDR`, when given, admits only
+      matching destinations, and an allowed CIDR admits private ranges in it too (an
+      operator who names 10.1.2.0/24 means it), without opening the rest.
+    - A request to the proxy's own listening address and port is a loop: 508.
+    """
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool = False,
+        deny: Sequence[str] = (),
+        allow_dest: Sequence[str] = (),
+    ) -> None:
+        self.allow_private = allow_private
+        deny_rules = [_rule(r) for r in deny]
+        allow_rules = [_rule(r) for r in allow_dest]
+        self._deny_names = frozenset(n for n, _ in deny_rules if n)
+        self._deny_nets = tuple(net for _, net in deny_rules if net)
+        self._allow_names = frozenset(n for n, _ in allow_rules if n)
+        self._allow_nets = tuple(net for _, net in allow_rules if net)
+        self._restricted = bool(allow_rules)
+        self._self: frozenset[str] = frozenset()
+        self._self_port = -1
+
+    def set_self(self, addresses: Iterable[str], port: int) -> None:
+        """Called once the listener is bound: the port is only known then (`:0`)."""
+        self._self = frozenset(addresses)
+        self._self_port = port
+
+    def check_name(self, host: str) -> None:
+        """Decisions that need no DNS: raise Forbidden early for names ruled out."""
+        pattern = _name_matches(host, self._deny_names)
+        if pattern is not None:
+            raise Forbidden(f"destination {host} is denied by --deny {pattern}")
+        if self._restricted and not self._allow_nets and not self._allow_names_match(host):
+            raise Forbidden(f"destination {host} is not allowed by --allow-dest")
+
+    def _allow_names_match(self, host: str) -> bool:
+        return _name_matches(host, self._allow_names) is not None
+
+    def refusal(self, host: str, address: str, port: int) -> str | None:
+        """Why connecting to `address` for `host` is refused, or None. Raises on a loop."""
+        ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if port == self._self_port and (str(ip) in self._self or ip.is_loopback):
+            raise LoopDetected(f"{host}:{port} is this proxy itself: refusing to loop")
+        for net in self._deny_nets:
+            if ip in net:
+                return f"denied by --deny {net}"
+        if self._restricted:
+            if any(ip in net for net in self._allow_nets):
+                return None
+            if not self._allow_names_match(host):
+                return "not allowed by --allow-dest"
+        if self.allow_private:
+            return None
+        why = refusal(str(ip))
+        if why is not None:
+            return f"{why}; start the proxy with --allow-private to allow it"
+        return None

@@ -21,7 +21,7 @@ from demux_proxy.errors import Forbidden, ProtocolError, ProxyError
 from demux_proxy.exchange import Forwarder
 from demux_proxy.http1 import writer
 from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
-from demux_proxy.policy import refusal
+from demux_proxy.policy import DestinationPolicy
 from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
 from demux_proxy.stream import Stream, StreamClosed
 
@@ -37,8 +37,10 @@ class ProxyServer:
         forwarder: Forwarder,
         events: log.EventLog,
         policy: ClientPolicy,
+        destinations: DestinationPolicy,
     ) -> None:
         self._policy = policy
+        self._destinations = destinations
         self._config = config
         self._ca = ca
         self._forwarder = forwarder
@@ -211,13 +213,11 @@ class ProxyServer:
         """CONNECT host:port: say yes, then read what the client speaks in the tunnel."""
         try:
             host, port = parse_authority(req.target)
-            if not self._config.allow_private and is_ip_literal(host):
-                why = refusal(host)
+            self._destinations.check_name(host)
+            if is_ip_literal(host):
+                why = self._destinations.refusal(host, host, port)
                 if why is not None:
-                    raise Forbidden(
-                        f"destination {host} is {why}; "
-                        "start the proxy with --allow-private to allow it"
-                    )
+                    raise Forbidden(f"destination {host} is {why}")
         except ProxyError as exc:
             self._refuse(stream, exc)
             return

@@ -19,7 +19,7 @@ from itertools import count
 
 from demux_proxy.egress import Egress
 from demux_proxy.errors import Forbidden, UpstreamError, UpstreamTimeout
-from demux_proxy.policy import refusal
+from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import PoolKey
 from demux_proxy.stream import Stream
 
@@ -106,20 +106,23 @@ async def connect(
     key: PoolKey,
     tls: ssl.SSLContext | None,
     server_hostname: str,
-    allow_private: bool,
+    policy: DestinationPolicy,
     timeout_s: float,
 ) -> UpstreamConnection:
     """Dial the first address that policy allows and that answers, bound to `egress`."""
-    allowed = addresses if allow_private else [a for a in addresses if refusal(a) is None]
+    port = key[3]
+    allowed: list[str] = []
+    why: str | None = None
+    for address in addresses:
+        reason = policy.refusal(key[2], address, port)
+        if reason is None:
+            allowed.append(address)
+        elif why is None:
+            why = reason
     if not allowed:
-        why = refusal(addresses[0])
-        raise Forbidden(
-            f"destination {key[2]} ({addresses[0]}) is {why}; "
-            "start the proxy with --allow-private to allow it"
-        )
+        raise Forbidden(f"destination {key[2]} ({addresses[0]}) is {why}")
     loop = asyncio.get_running_loop()
     last: UpstreamError | None = None
-    port = key[3]
     try:
         async with asyncio.timeout(timeout_s):
             for address in allowed:

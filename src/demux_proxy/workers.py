@@ -32,6 +32,7 @@ from demux_proxy.auth import ClientPolicy
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
+from demux_proxy.policy import DestinationPolicy
 from demux_proxy.scheduler import SharedCursor
 
 READY_TIMEOUT_S = 30.0
@@ -63,6 +64,7 @@ def _worker(
     tls: ssl.SSLContext,
     events: log.EventLog,
     policy: ClientPolicy,
+    destinations: DestinationPolicy,
     cursor: SharedCursor,
     index: int,
     conn: Connection,
@@ -78,6 +80,7 @@ def _worker(
                 tls,
                 events,
                 policy,
+                destinations,
                 cursor,
                 worker=index,
                 ready=lambda port: conn.send(port),
@@ -96,8 +99,10 @@ class _Supervisor:
         tls: ssl.SSLContext,
         events: log.EventLog,
         policy: ClientPolicy,
+        destinations: DestinationPolicy,
     ) -> None:
         self.policy = policy
+        self.destinations = destinations
         self.config = config
         self.ca = ca
         self.tls = tls
@@ -119,6 +124,7 @@ class _Supervisor:
                 self.tls,
                 self.events,
                 self.policy,
+                self.destinations,
                 self.cursor,
                 index,
                 child_end,
@@ -184,9 +190,10 @@ def supervise(
     tls: ssl.SSLContext,
     events: log.EventLog,
     policy: ClientPolicy,
+    destinations: DestinationPolicy,
 ) -> None:
     reserved, port = reserve_port(config)
-    sup = _Supervisor(replace(config, listen_port=port), ca, tls, events, policy)
+    sup = _Supervisor(replace(config, listen_port=port), ca, tls, events, policy, destinations)
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)
     try:

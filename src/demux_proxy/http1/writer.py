@@ -24,6 +24,7 @@ REASONS: dict[int, bytes] = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
+    508: b"Loop Detected",
 }
 
 
