@@ -206,6 +206,42 @@ def main() -> None:
     help="Seconds without a byte mid-body before the transfer is declared dead.",
 )
 @click.option(
+    "--client-idle-timeout",
+    type=click.FloatRange(min=0.1),
+    default=75.0,
+    show_default=True,
+    envvar=_env("client-idle-timeout"),
+    show_envvar=True,
+    help="Seconds an idle client keep-alive connection is kept open.",
+)
+@click.option(
+    "--head-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    envvar=_env("head-timeout"),
+    show_envvar=True,
+    help="Seconds a client has to send a whole request head once it started (408 after).",
+)
+@click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    envvar=_env("handshake-timeout"),
+    show_envvar=True,
+    help="Seconds for a client's TLS handshake after CONNECT.",
+)
+@click.option(
+    "--max-header-bytes",
+    type=click.IntRange(min=1024, max=1 << 20),
+    default=64 * 1024,
+    show_default=True,
+    envvar=_env("max-header-bytes"),
+    show_envvar=True,
+    help="Largest request or response head accepted (431 / 502 beyond).",
+)
+@click.option(
     "--workers",
     type=click.IntRange(min=1, max=256),
     default=os.cpu_count() or 1,
@@ -244,6 +280,10 @@ def start(
     connect_timeout: float,
     response_timeout: float,
     idle_timeout: float,
+    client_idle_timeout: float,
+    head_timeout: float,
+    handshake_timeout: float,
+    max_header_bytes: int,
     workers: int,
     shutdown_grace: float,
 ) -> None:
@@ -272,6 +312,10 @@ def start(
             connect_timeout_s=connect_timeout,
             response_timeout_s=response_timeout,
             idle_timeout_s=idle_timeout,
+            client_idle_timeout_s=client_idle_timeout,
+            head_timeout_s=head_timeout,
+            handshake_timeout_s=handshake_timeout,
+            max_head_bytes=max_header_bytes,
             shutdown_grace_s=shutdown_grace,
             workers=workers,
         )

@@ -45,6 +45,9 @@ class Config:
     idle_timeout_s: float = 120.0
     # An idle client keep-alive connection is closed after this (nginx: 75 s).
     client_idle_timeout_s: float = 75.0
+    # Once a request's first byte is in, its whole head must follow within this
+    # (slowloris); TLS handshakes towards clients get the handshake bound.
+    head_timeout_s: float = 30.0
     handshake_timeout_s: float = 10.0
     # SIGTERM: requests in flight get this long to finish before they are cut.
     shutdown_grace_s: float = 30.0

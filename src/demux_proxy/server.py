@@ -172,15 +172,21 @@ class ProxyServer:
         """The next request head, or None when the client is done (or must be dropped)."""
         cfg = self._config
         buf = stream.buffer
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # the whole head, not each read, is bounded
         try:
             while (end := find_head_end(buf, cfg.max_head_bytes, request=True)) < 0:
                 idle = not buf
                 if idle:
                     self._idle.add(stream)
+                if idle:
+                    timeout = cfg.client_idle_timeout_s
+                else:
+                    if deadline is None:
+                        deadline = loop.time() + cfg.head_timeout_s
+                    timeout = max(deadline - loop.time(), 0.0)
                 try:
-                    more = await stream.fill(
-                        cfg.client_idle_timeout_s if idle else cfg.handshake_timeout_s
-                    )
+                    more = await stream.fill(timeout)
                 finally:
                     self._idle.discard(stream)
                 if not more:
@@ -223,7 +229,7 @@ class ProxyServer:
             return
         stream.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         cfg = self._config
-        if not stream.buffer and not await stream.fill(cfg.client_idle_timeout_s):
+        if not stream.buffer and not await stream.fill(cfg.handshake_timeout_s):
             return
         if stream.buffer[0] != _TLS_HANDSHAKE:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
