@@ -57,6 +57,9 @@ class Config:
     pool_max_idle_per_key: int = 16
     pool_idle_s: float = 30.0
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES
+    # Concurrent client connections per worker; past it, new ones wait in the listen
+    # backlog (not dropped) until one ends.
+    max_connections: int = 10_000
 
 
 def parse_listen(value: str) -> tuple[str, int]:
