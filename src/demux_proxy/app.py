@@ -107,7 +107,7 @@ async def serve(
     forwarder = Forwarder(config, scheduler, pool, tls, events, destinations, sessions)
     server = ProxyServer(config, ca, forwarder, events, policy, destinations)
     try:
-        listener = await server.start()
+        port = await server.start()
     except OSError as exc:
         reason = exc.strerror or str(exc)
         if exc.errno == errno.EADDRINUSE:
@@ -119,7 +119,6 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    port = listener.sockets[0].getsockname()[1]
     destinations.set_self(_own_addresses(config.listen_host), port)
     if ready is None:
         announce(events, config, ca, port)
@@ -135,7 +134,7 @@ async def serve(
         with contextlib.suppress(asyncio.CancelledError):
             await pruner
         pool.close_all()
-        listener.close()
+        server.close_listener()
     events.info("Proxy stopped", worker=worker)
     events.flush()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from typing import Any
 
@@ -26,7 +27,8 @@ from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
 from demux_proxy.stream import Stream, StreamClosed
 
 _internal = logging.getLogger(log.LOGGER_NAME)
-_TLS_HANDSHAKE = 0x16  # first byte of a TLS record carrying a ClientHello
+_TLS_HANDSHAKE = 0x16
+LISTEN_BACKLOG = 4096  # first byte of a TLS record carrying a ClientHello
 
 
 class ProxyServer:
@@ -49,19 +51,70 @@ class ProxyServer:
         self._idle: set[Stream] = set()  # waiting for a next request: closed at shutdown
         self._sni: dict[int, str] = {}  # id(SSLObject) -> server name, during handshakes
         self._closing = False
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        # The task just started for a new Stream, handed to the accept loop for its slot.
+        self._task_of: dict[Stream, asyncio.Task[None]] = {}
 
-    async def start(self) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Stream(on_connect=self._on_connect),
-            self._config.listen_host,
-            self._config.listen_port,
-            reuse_address=True,
-            reuse_port=True,
-            backlog=4096,
+    async def start(self) -> int:
+        """Listen (SO_REUSEPORT, shared with other workers) and accept; return the port.
+
+        Our own accept loop rather than `loop.create_server`, so that at
+        `max_connections` we simply stop accepting: new clients wait in the kernel's
+        listen backlog instead of being dropped, and are taken as soon as one ends.
+        """
+        cfg = self._config
+        infos = socket.getaddrinfo(
+            cfg.listen_host, cfg.listen_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        return self._server
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        return int(sock.getsockname()[1])
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self._config.max_connections)
+        while True:
+            await slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                # EMFILE and friends: say so, breathe, and keep the listener alive.
+                slots.release()
+                self._events.error("accept failed", error=exc.strerror or str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _, stream = await loop.connect_accepted_socket(
+                    lambda: Stream(on_connect=self._on_connect), conn
+                )
+            except OSError:
+                conn.close()  # the client left between accept and now: nothing to serve
+                slots.release()
+                continue
+            task = self._task_of.pop(stream, None)
+            if task is None:
+                slots.release()
+            else:
+                task.add_done_callback(lambda _t: slots.release())
+
+    def close_listener(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+        if self._listener is not None:
+            self._listener.close()
 
     def __repr__(self) -> str:
         return f"<ProxyServer clients={len(self._tasks)} idle={len(self._idle)}>"
@@ -70,8 +123,7 @@ class ProxyServer:
         """Stop accepting, close idle clients, let requests in flight finish (bounded)."""
         self._closing = True
         self._forwarder.closing = True
-        if self._server is not None:
-            self._server.close()
+        self.close_listener()
         for stream in list(self._idle):
             stream.close()
         if self._tasks:
@@ -98,6 +150,7 @@ class ProxyServer:
         task = asyncio.get_running_loop().create_task(self._client(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._task_of[stream] = task
 
     async def _client(self, stream: Stream) -> None:
         try:

@@ -1,0 +1,391 @@
+"""The command line as users run it: `python -m demux_proxy ...` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from cryptography import x509
+
+from demux_proxy import __version__
+from tests.proxy_process import ProxyProcess, proxy_command, running_proxy
+from tests.upstream import Upstream
+
+START_OPTIONS = [
+    "--listen",
+    "--egress",
+    "--egress-interface",
+    "--allow-private",
+    "--upstream-ca",
+    "--insecure-upstream",
+    "--state-dir",
+    "--ca-cert",
+    "--ca-key",
+    "--log-level",
+    "--log-format",
+]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The current environment without any DEMUX_PROXY_* setting, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMUX_PROXY_")}
+    env.update(extra)
+    return env
+
+
+def _run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            proxy_command(args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env if env is not None else _env(),
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"`{' '.join(args)}` still running after {timeout} s") from None
+
+
+# --------------------------------------------------------------------------- help, version
+
+
+def test_version() -> None:
+    out = _run("--version")
+    assert out.returncode == 0, out.stderr
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", __version__)
+    assert out.stdout.strip() == f"demux-proxy, version {__version__}"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["start"], ["ca"], ["ca", "export"], ["ca", "path"], ["addresses"]],
+    ids=lambda c: " ".join(c) or "main",
+)
+def test_help_of_every_command(command: list[str]) -> None:
+    out = _run(*command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    # Usage line of this very command (the program name is "python -m demux_proxy" here).
+    usage = out.stdout.splitlines()[0]
+    assert re.fullmatch(rf"Usage: \S.*?{re.escape(' '.join(['', *command]))} \[OPTIONS\].*", usage)
+    assert "Options:" in out.stdout
+
+
+def test_start_help_mentions_every_option() -> None:
+    out = _run("start", "--help")
+    assert out.returncode == 0, out.stderr
+    mentioned = set(re.findall(r"--[a-z][a-z-]*", out.stdout))
+    missing = [opt for opt in START_OPTIONS if opt not in mentioned]
+    assert not missing, f"start --help does not mention {missing}"
+
+
+# --------------------------------------------------------------------------- ca
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_ca_path_creates_the_ca_with_private_permissions(tmp_path: Path) -> None:
+    d = tmp_path / "state"
+    out = _run("ca", "path", "--state-dir", str(d))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{d / 'ca.pem'}\n"
+    assert _mode(d) == 0o700
+    assert _mode(d / "ca-key.pem") == 0o600
+    cert = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert constraints.ca is True
+
+
+def test_ca_export_prints_the_cert_file_and_is_stable(tmp_path: Path) -> None:
+    d = tmp_path / "state"
+    first = _run("ca", "export", "--state-dir", str(d))
+    assert first.returncode == 0, first.stderr
+    pem = (d / "ca.pem").read_text()
+    assert pem.startswith("-----BEGIN CERTIFICATE-----")
+    assert first.stdout == pem
+    key = (d / "ca-key.pem").read_bytes()
+
+    second = _run("ca", "export", "--state-dir", str(d))
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert (d / "ca-key.pem").read_bytes() == key  # not regenerated
+
+    path = _run("ca", "path", "--state-dir", str(d))
+    assert path.returncode == 0, path.stderr
+    assert Path(path.stdout.strip()).read_text() == pem
+
+
+def test_ca_state_dir_from_environment(tmp_path: Path) -> None:
+    d = tmp_path / "from-env"
+    out = _run("ca", "path", env=_env(DEMUX_PROXY_STATE_DIR=str(d)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{d / 'ca.pem'}\n"
+    assert (d / "ca.pem").is_file()
+    assert (d / "ca-key.pem").is_file()
+    export = _run("ca", "export", env=_env(DEMUX_PROXY_STATE_DIR=str(d)))
+    assert export.stdout == (d / "ca.pem").read_text()
+
+
+def test_ca_default_state_dir_is_under_xdg_data_home(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    home = tmp_path / "home"  # should XDG_DATA_HOME be ignored, stay out of the real home
+    home.mkdir()
+    out = _run("ca", "path", env=_env(XDG_DATA_HOME=str(xdg), HOME=str(home)))
+    assert out.returncode == 0, out.stderr
+    expected = xdg / "demux-proxy" / "ca.pem"
+    assert out.stdout == f"{expected}\n"
+    assert expected.is_file()
+    assert _mode(xdg / "demux-proxy") == 0o700
+    assert not any(home.iterdir())
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def test_addresses_lists_given_egress_with_interface() -> None:
+    out = _run("addresses", "--egress", "127.0.0.7,127.0.0.8")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    assert rows == [["127.0.0.7", "lo"], ["127.0.0.8", "lo"]]
+
+
+def test_addresses_of_an_interface() -> None:
+    out = _run("addresses", "--egress-interface", "lo")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
+    assert ["127.0.0.1", "lo"] in rows
+    assert all(row[1] == "lo" for row in rows), rows
+
+
+# --------------------------------------------------------------------------- start errors
+
+
+def _assert_one_line_error(out: subprocess.CompletedProcess[str], *mentions: str) -> str:
+    assert out.returncode != 0, f"exit 0; stdout={out.stdout!r} stderr={out.stderr!r}"
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"want one error line, got: {out.stderr!r}"
+    line = lines[0]
+    assert "error" in line.lower(), line
+    for text in mentions:
+        assert text in line, f"{text!r} not in {line!r}"
+    assert not any(m == "Starting Proxy" for m in _messages(out.stdout)), "it started"
+    return line
+
+
+def _messages(stdout: str) -> list[Any]:
+    messages = []
+    for raw in stdout.splitlines():
+        try:
+            messages.append(json.loads(raw).get("message"))
+        except ValueError:
+            messages.append(raw)
+    return messages
+
+
+def _start(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return _run(
+        "start", "--listen", "127.0.0.1:0", "--state-dir", str(state), "--allow-private", *args
+    )
+
+
+def test_start_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _run(
+            "start",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--egress",
+            "127.0.0.2",
+        )
+    _assert_one_line_error(out, str(port))
+
+
+def test_start_egress_address_not_on_this_host(tmp_path: Path) -> None:
+    addr = "192.0.2.77"  # TEST-NET-1: nobody's address
+    with socket.socket() as probe:
+        try:
+            probe.bind((addr, 0))
+        except OSError:
+            pass
+        else:
+            pytest.skip(f"{addr} is bindable on this host")
+    out = _start(tmp_path / "state", "--egress", addr)
+    _assert_one_line_error(out, addr)
+
+
+def test_start_garbage_ca(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("this is not a PEM file\n")
+    out = _start(
+        tmp_path / "state",
+        "--egress",
+        "127.0.0.2",
+        "--ca-cert",
+        str(garbage),
+        "--ca-key",
+        str(garbage),
+    )
+    _assert_one_line_error(out, "garbage.pem")
+
+
+def test_start_ca_cert_without_key(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    made = _run("ca", "path", "--state-dir", str(state))
+    assert made.returncode == 0, made.stderr
+    out = _start(tmp_path / "other", "--egress", "127.0.0.2", "--ca-cert", str(state / "ca.pem"))
+    _assert_one_line_error(out, "--ca-key")
+
+
+@pytest.mark.parametrize("listen", ["nonsense", "127.0.0.1:99999", "127.0.0.1:"])
+def test_start_bad_listen(tmp_path: Path, listen: str) -> None:
+    out = _run(
+        "start",
+        "--listen",
+        listen,
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--egress",
+        "127.0.0.2",
+    )
+    _assert_one_line_error(out, "--listen")
+
+
+def test_start_missing_upstream_ca(tmp_path: Path) -> None:
+    missing = tmp_path / "missing-upstream-ca.pem"
+    out = _start(tmp_path / "state", "--egress", "127.0.0.2", "--upstream-ca", str(missing))
+    _assert_one_line_error(out, "missing-upstream-ca.pem")
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_egress_from_environment(tmp_path: Path, upstream: Upstream) -> None:
+    with running_proxy(
+        tmp_path / "state",
+        egress=(),
+        upstream_ca=upstream.ca_pem_path,
+        env={"DEMUX_PROXY_EGRESS": "127.0.0.6"},
+    ) as p:
+        line = p.logs("Starting Proxy")[0]
+        with requests.Session() as s:
+            s.trust_env = False
+            r = s.get(upstream.http_url("/ip"), proxies={"http": p.url}, timeout=30)
+            assert r.status_code == 200, r.text
+            peer = r.json()["peer"]
+    assert line["fields"]["egress"] == ["127.0.0.6"]
+    assert peer == "127.0.0.6"
+
+
+@contextmanager
+def _started(args: list[str], env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """Run `start` as given (no --listen added) until its 'Starting Proxy' line."""
+    proc = subprocess.Popen(
+        proxy_command(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.put(raw)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        while True:
+            try:
+                raw = lines.get(timeout=20)
+            except queue.Empty:
+                raise AssertionError("no 'Starting Proxy' line within 20 s") from None
+            if raw is None:
+                proc.wait(10)
+                assert proc.stderr is not None
+                raise AssertionError(f"proxy exited {proc.returncode}: {proc.stderr.read()}")
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if line.get("message") == "Starting Proxy":
+                break
+        yield line
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=5)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def test_listen_from_environment(tmp_path: Path, upstream: Upstream) -> None:
+    args = ["start", "--state-dir", str(tmp_path / "state"), "--egress", "127.0.0.3"]
+    args += ["--allow-private"]
+    env = _env(DEMUX_PROXY_LISTEN="127.0.0.1:0")
+    with _started(args, env) as line:
+        listen = line["fields"]["listen"]
+        host, _, port_text = listen.rpartition(":")
+        port = int(port_text)
+        with requests.Session() as s:
+            s.trust_env = False
+            r = s.get(
+                upstream.http_url("/ip"), proxies={"http": f"http://127.0.0.1:{port}"}, timeout=30
+            )
+            assert r.status_code == 200, r.text
+            peer = r.json()["peer"]
+    assert host == "127.0.0.1"
+    assert port not in (0, 8080)  # an ephemeral port: the variable was used, not the default
+    assert peer == "127.0.0.3"
+
+
+# --------------------------------------------------------------------------- log shape
+
+
+def test_starting_proxy_line_shape(proxy: ProxyProcess) -> None:
+    starting = [raw for raw in proxy.raw_lines if '"Starting Proxy"' in raw]
+    assert len(starting) == 1, starting
+    line = json.loads(starting[0])
+    assert list(line) == ["fields", "level", "timestamp", "message"]
+    assert line["message"] == "Starting Proxy"
+    assert line["level"] == "info"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", line["timestamp"])
+    fields = line["fields"]
+    assert isinstance(fields, dict)
+    assert fields["listen"] == f"127.0.0.1:{proxy.port}"
+    assert fields["egress"] == ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    assert fields["ca"] == str(proxy.ca_path)
+    assert fields["version"] == __version__

@@ -1,0 +1,204 @@
+"""Graceful shutdown of the real proxy process: SIGTERM lets requests in flight finish,
+stops taking new clients and exits 0; SIGINT does the same when idle."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.proxy_process import ProxyProcess, running_proxy
+from tests.upstream import Upstream, expected_sha256
+
+SLOW_BYTES = 1_000_000  # /slow sends it in 10 pieces
+SLOW_DELAY = 0.2  # so ~1.8 s after the first piece
+GRACE_S = 15.0
+
+
+def _session() -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False  # no proxy or CA from the environment
+    return s
+
+
+def _stopping_lines(p: ProxyProcess) -> int:
+    return len(p.logs("Stopping Proxy"))
+
+
+def _workers(p: ProxyProcess) -> int:
+    return int(p.logs("Starting Proxy")[0]["fields"].get("workers", 1))
+
+
+def _wait_all_stopping(p: ProxyProcess, timeout: float = 10.0) -> None:
+    """Every worker (one line each, or one line without workers) said it is stopping."""
+    deadline = time.monotonic() + timeout
+    want = _workers(p)
+    while _stopping_lines(p) < want:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{_stopping_lines(p)} of {want} 'Stopping Proxy' lines")
+        time.sleep(0.02)
+
+
+def _not_served(p: ProxyProcess, upstream: Upstream) -> str:
+    """Try a new client connection and request; how it was turned away (fails if served)."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+    except ConnectionRefusedError:
+        return "refused"
+    with sock:
+        sock.settimeout(10)
+        try:
+            sock.sendall(
+                f"GET {upstream.http_url('/ip')} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{upstream.http_port}\r\n\r\n".encode()
+            )
+            data = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            return "reset"
+        except TimeoutError:
+            raise AssertionError("new connection neither refused nor closed") from None
+    assert data == b"", f"a new connection was served after the signal: {data[:200]!r}"
+    return "closed"
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_sigterm_lets_a_download_in_flight_finish(
+    tmp_path: Path, upstream: Upstream, scheme: str
+) -> None:
+    path = f"/slow/{SLOW_BYTES}?delay={SLOW_DELAY}"
+    url = upstream.http_url(path) if scheme == "http" else upstream.https_url(path)
+    with running_proxy(
+        tmp_path / "state",
+        "--shutdown-grace",
+        str(GRACE_S),
+        upstream_ca=upstream.ca_pem_path,
+    ) as p:
+        first_bytes = threading.Event()
+        box: dict[str, Any] = {}
+
+        def download() -> None:
+            try:
+                with (
+                    _session() as s,
+                    s.get(
+                        url,
+                        proxies={"http": p.url, "https": p.url},
+                        verify=str(p.ca_path),
+                        stream=True,
+                        timeout=30,
+                    ) as r,
+                ):
+                    box["status"] = r.status_code
+                    box["x_sha256"] = r.headers.get("X-Sha256")
+                    digest = hashlib.sha256()
+                    total = 0
+                    for chunk in r.iter_content(16 * 1024):
+                        first_bytes.set()
+                        digest.update(chunk)
+                        total += len(chunk)
+                    box["sha256"] = digest.hexdigest()
+                    box["length"] = total
+                    box["done_at"] = time.monotonic()
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                first_bytes.set()
+
+        thread = threading.Thread(target=download, daemon=True)
+        thread.start()
+        assert first_bytes.wait(15), "no byte of the download within 15 s"
+        assert "error" not in box, box.get("error")
+        p.wait_for_log("outbound request", lambda line: "/slow/" in line["fields"]["url"])
+
+        p.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _wait_all_stopping(p)
+        how = _not_served(p, upstream)
+
+        thread.join(30)
+        assert not thread.is_alive(), "download did not finish"
+        try:
+            rc = p.proc.wait(timeout=GRACE_S + 5)
+        except Exception:
+            raise AssertionError("proxy did not exit after the grace period") from None
+        exited = time.monotonic()
+        assert p.proc.stderr is not None
+        stderr = p.proc.stderr.read()
+
+    assert "error" not in box, f"download failed after SIGTERM: {box['error']!r}"
+    assert box["status"] == 200
+    assert box["length"] == SLOW_BYTES
+    assert box["sha256"] == expected_sha256(SLOW_BYTES) == box["x_sha256"]
+    # The download really was in flight when the signal came, and the proxy waited for it.
+    assert box["done_at"] > signalled + 0.5
+    assert rc == 0, stderr
+    assert exited - signalled < GRACE_S
+    assert "Traceback" not in stderr
+    assert how in {"refused", "reset", "closed"}
+    assert p.logs("Proxy stopped"), "no 'Proxy stopped' line"
+    assert not p.logs("shutdown grace period over: cutting requests in flight")
+    response = [
+        line
+        for line in p.logs("inbound response")
+        if "/slow/" in str(line["fields"].get("url", ""))
+    ]
+    assert len(response) == 1
+    assert response[0]["fields"]["status_code"] == 200
+    assert "error" not in response[0]["fields"]
+
+
+def test_sigterm_closes_idle_keepalive_clients_and_exits_promptly(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    with running_proxy(
+        tmp_path / "state", "--shutdown-grace", "30", upstream_ca=upstream.ca_pem_path
+    ) as p:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as sock:
+            sock.sendall(
+                f"GET {upstream.http_url('/ip')} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{upstream.http_port}\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                more = sock.recv(65536)
+                assert more, "proxy closed before answering"
+                head += more
+            assert head.startswith(b"HTTP/1.1 200"), head[:200]
+            # The connection is now an idle keep-alive client of the proxy.
+            p.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            # The proxy closes the idle client instead of waiting out the grace period.
+            rest = b""
+            try:
+                while more := sock.recv(65536):
+                    rest += more
+            except ConnectionResetError:
+                pass
+            closed_after = time.monotonic() - signalled
+        rc = p.proc.wait(timeout=35)
+        exited_after = time.monotonic() - signalled
+    assert rc == 0
+    assert closed_after < 5, f"idle client kept {closed_after:.1f} s after SIGTERM"
+    assert exited_after < 5, f"proxy took {exited_after:.1f} s to exit with only idle clients"
+    assert b"HTTP/" not in rest
+
+
+def test_sigint_when_idle_exits_zero(tmp_path: Path) -> None:
+    with running_proxy(tmp_path / "state") as p:
+        p.proc.send_signal(signal.SIGINT)
+        rc = p.proc.wait(timeout=10)
+        assert p.proc.stderr is not None
+        stderr = p.proc.stderr.read()
+        p.wait_for_log("Proxy stopped", timeout=5)
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    assert "KeyboardInterrupt" not in stderr
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", p.port), timeout=5).close()
