@@ -66,6 +66,14 @@ def run(config: Config) -> None:
         ca.close()
 
 
+def listen_error(config: Config, exc: OSError) -> ConfigError:
+    """The one line a user gets when the listen address cannot be had."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason = "address already in use (is another proxy running?)"
+    return ConfigError(f"cannot listen on {config.listen_host}:{config.listen_port}: {reason}")
+
+
 def _raise_fd_limit() -> None:
     """Each client and upstream connection is a file descriptor: the usual soft limit of
     1024 caps a proxy at a few hundred clients, so take the hard limit the host allows."""
@@ -109,12 +117,7 @@ async def serve(
     try:
         port = await server.start()
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            reason = "address already in use (is another proxy running?)"
-        raise ConfigError(
-            f"cannot listen on {config.listen_host}:{config.listen_port}: {reason}"
-        ) from exc
+        raise listen_error(config, exc) from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

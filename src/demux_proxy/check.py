@@ -17,7 +17,6 @@ apply to it: checking against a server on a private network is legitimate here.
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
 import socket
 import ssl
@@ -32,6 +31,7 @@ from demux_proxy.egress import Egress
 from demux_proxy.errors import ConfigError, DemuxError, ProxyError
 from demux_proxy.http1.framing import response_decoder
 from demux_proxy.http1.parser import find_head_end, parse_response_head, response_has_body
+from demux_proxy.upstream import describe_connect_error
 
 __all__ = [
     "DEFAULT_URL",
@@ -451,23 +451,6 @@ def _request(target: Target) -> bytes:
     ).encode("ascii", "strict")
 
 
-def _describe(exc: OSError, egress: Egress, address: str, port: int) -> str:
-    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    if exc.errno == errno.ECONNREFUSED:
-        return f"connection refused by {where}"
-    if exc.errno == errno.ECONNRESET:
-        return f"connection reset by {where}"
-    if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-        return f"{where} is unreachable from {egress.address}"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"cannot send from {egress.address}: this host does not own it"
-    if exc.errno == errno.EINVAL and ipaddress.ip_address(egress.address).is_loopback:
-        return f"a loopback address cannot reach {where}"
-    if exc.errno == errno.ETIMEDOUT:
-        return f"connecting to {where} timed out"
-    return f"cannot connect to {where}: {exc.strerror or exc}"
-
-
 async def _open(
     egress: Egress, target: Target, addresses: Sequence[str], tls: ssl.SSLContext | None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -489,7 +472,7 @@ async def _open(
         except ssl.SSLError as exc:
             raise _ProbeError(f"TLS with {target.host} failed: {exc.reason or exc}") from exc
         except OSError as exc:
-            last = _describe(exc, egress, address, target.port)
+            last = describe_connect_error(exc, egress.address, address, target.port)
     raise _ProbeError(last or f"no address to connect to for {target.host}")
 
 

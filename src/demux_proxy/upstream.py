@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import socket
 import ssl
 import time
@@ -21,6 +22,7 @@ from demux_proxy.egress import Egress
 from demux_proxy.errors import Forbidden, UpstreamError, UpstreamTimeout
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import PoolKey
+from demux_proxy.route import is_ip_literal
 from demux_proxy.stream import Stream
 
 # Linux: let connect() pick the source port, so that many connections from one egress
@@ -67,7 +69,7 @@ class Resolver:
             literal = None
         if literal is not None:
             return [host]
-        if _is_ip_literal(host):
+        if is_ip_literal(host):
             return []  # an IP literal of the other family
         now = self._clock()
         cached = self._cache.get((host, family))
@@ -87,16 +89,6 @@ class Resolver:
         if len(self._cache) > 10_000:
             self._cache.clear()
         return addrs
-
-
-def _is_ip_literal(host: str) -> bool:
-    for fam in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(fam, host)
-            return True
-        except OSError:
-            pass
-    return False
 
 
 async def connect(
@@ -152,7 +144,7 @@ async def connect(
                     raise UpstreamError(f"TLS with {server_hostname} failed: {exc}") from exc
                 except OSError as exc:
                     sock.close()
-                    last = UpstreamError(_describe(exc, address, port))
+                    last = UpstreamError(describe_connect_error(exc, egress.address, address, port))
                     last.__cause__ = exc
                     continue
                 return UpstreamConnection(stream=stream, key=key, egress=egress, remote=address)
@@ -180,12 +172,19 @@ def _bound_socket(egress: Egress) -> socket.socket:
     return sock
 
 
-def _describe(exc: OSError, address: str, port: int) -> str:
+def describe_connect_error(exc: OSError, source: str, address: str, port: int) -> str:
+    """A reason a person can read for a failed connect from `source` to address:port."""
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
     if exc.errno == errno.ECONNREFUSED:
         return f"connection refused by {where}"
     if exc.errno == errno.ECONNRESET:
         return f"connection reset by {where}"
     if exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-        return f"{where} is unreachable from this egress address"
+        return f"{where} is unreachable from {source}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot send from {source}: this host does not own it"
+    if exc.errno == errno.EINVAL and ipaddress.ip_address(source).is_loopback:
+        return f"a loopback address cannot reach {where}"
+    if exc.errno == errno.ETIMEDOUT:
+        return f"connecting to {where} timed out"
     return f"cannot connect to {where}: {exc.strerror or exc}"

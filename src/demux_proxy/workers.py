@@ -10,7 +10,6 @@ certificate cache (a name may be minted once per worker).
 
 from __future__ import annotations
 
-import errno
 import multiprocessing
 import os
 import signal
@@ -27,7 +26,7 @@ from types import FrameType
 import uvloop
 
 from demux_proxy import log
-from demux_proxy.app import announce, serve
+from demux_proxy.app import announce, listen_error, serve
 from demux_proxy.auth import ClientPolicy
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
@@ -49,12 +48,7 @@ def reserve_port(config: Config) -> tuple[socket.socket, int]:
         sock.bind((config.listen_host, config.listen_port))
     except OSError as exc:
         sock.close()
-        reason = exc.strerror or str(exc)
-        if exc.errno == errno.EADDRINUSE:
-            reason = "address already in use (is another proxy running?)"
-        raise ConfigError(
-            f"cannot listen on {config.listen_host}:{config.listen_port}: {reason}"
-        ) from exc
+        raise listen_error(config, exc) from exc
     return sock, sock.getsockname()[1]
 
 

@@ -19,6 +19,17 @@ MAX_TRAILER_BYTES = 64 * 1024
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
+def _take(buf: bytearray, limit: int) -> bytes:
+    """Up to `limit` bytes off the front of `buf` (the whole buffer without slicing)."""
+    if limit >= len(buf):
+        data = bytes(buf)
+        buf.clear()
+        return data
+    data = bytes(buf[:limit])
+    del buf[:limit]
+    return data
+
+
 class BodyDecoder:
     done = False
     trailers: Headers = []
@@ -53,14 +64,8 @@ class LengthDecoder(BodyDecoder):
     def read(self, buf: bytearray) -> bytes | None:
         if self.done or not buf:
             return None
-        n = min(self.remaining, len(buf))
-        if n == len(buf):
-            data = bytes(buf)
-            buf.clear()
-        else:
-            data = bytes(buf[:n])
-            del buf[:n]
-        self.remaining -= n
+        data = _take(buf, self.remaining)
+        self.remaining -= len(data)
         self.done = self.remaining == 0
         return data
 
@@ -102,14 +107,8 @@ class ChunkedDecoder(BodyDecoder):
             if state == _DATA:
                 if not buf:
                     return None
-                n = min(self._remaining, len(buf))
-                if n == len(buf):
-                    data = bytes(buf)
-                    buf.clear()
-                else:
-                    data = bytes(buf[:n])
-                    del buf[:n]
-                self._remaining -= n
+                data = _take(buf, self._remaining)
+                self._remaining -= len(data)
                 if self._remaining == 0:
                     self._state = _DATA_END
                 return data

@@ -115,6 +115,13 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, bool
     return length, chunked, has_te
 
 
+def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
+    """RFC 9112 9.3: 1.1 persists unless "close"; 1.0 only with "keep-alive"."""
+    if version == b"1.1":
+        return b"close" not in tokens
+    return b"keep-alive" in tokens
+
+
 def _fail(upstream: bool, reason: str) -> None:
     if upstream:
         raise UpstreamError(f"malformed upstream response: {reason}")
@@ -157,10 +164,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         # A request body we cannot delimit (RFC 9112 6.3 rule 4): 400 and close.
         raise ProtocolError("Transfer-Encoding without chunked as the final coding")
     tokens = connection_tokens(c.headers)
-    if version == b"1.1":
-        keep_alive = b"close" not in tokens
-    else:
-        keep_alive = b"keep-alive" in tokens
+    keep_alive = _keep_alive(version, tokens)
     upgrade = b"upgrade" in tokens and any(n.lower() == b"upgrade" for n, _ in c.headers)
     expect = any(
         n.lower() == b"expect" and v.strip().lower() == b"100-continue" for n, v in c.headers
@@ -193,10 +197,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     version = _version(parser.get_http_version(), upstream=True)
     length, chunked, _ = _length(c.headers, upstream=True)
     tokens = connection_tokens(c.headers)
-    if version == b"1.1":
-        keep_alive = b"close" not in tokens
-    else:
-        keep_alive = b"keep-alive" in tokens
+    keep_alive = _keep_alive(version, tokens)
     return ResponseHead(
         status=parser.get_status_code(),
         reason=c.reason,
