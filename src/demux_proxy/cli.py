@@ -1,25 +1,34 @@
 """The command line: parse options into a Config and call in. No sockets here.
 
-Every option also reads `DEMUX_PROXY_<NAME>` (e.g. DEMUX_PROXY_LISTEN, DEMUX_PROXY_EGRESS);
-flags win over the environment.
+Every option also reads `DEMUX_PROXY_<NAME>` (e.g. DEMUX_PROXY_LISTEN, DEMUX_PROXY_EGRESS)
+and, with `--config FILE` (or DEMUX_PROXY_CONFIG), a TOML file whose keys are the long
+option names with underscores. The file becomes click's `default_map`, so a value comes
+from the flag, else the environment, else the file, else the option's default.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
+from click.core import ParameterSource
 
-from demux_proxy import __version__
+from demux_proxy import __version__, config_file
 from demux_proxy.config import DEFAULT_LISTEN, Config, default_state_dir, parse_listen
 from demux_proxy.egress import parse_addresses, resolve_egress
 from demux_proxy.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
+_Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+# ctx.meta key: the config file a command was given (for `demux-proxy config`).
+_CONFIG_FILE = "demux_proxy.config_file"
 
 
 def _env(name: str) -> str:
@@ -58,208 +67,298 @@ def _egress_options(f: F) -> F:
     )(f)
 
 
+def _config_option(f: F) -> F:
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path),
+        envvar=_env("config"),
+        show_envvar=True,
+        metavar="FILE",
+        is_eager=True,
+        expose_value=False,
+        callback=_read_config_file,
+        help="Take option values from this TOML file: keys are the long option names with "
+        'underscores (listen = "127.0.0.1:8080", egress = ["10.0.0.5"], allow_private = '
+        "true). A flag, then a DEMUX_PROXY_* variable, wins over it.",
+    )(f)
+
+
+def _read_config_file(ctx: click.Context, param: click.Parameter, path: Path | None) -> None:
+    """Eager: load the file into ctx.default_map before the other options are resolved."""
+    if path is None or ctx.resilient_parsing:
+        return
+    try:
+        values = config_file.load(path, _file_options(), ctx, _CHECKS)
+    except ConfigError as exc:
+        _fail(exc)
+    defaults = config_file.default_map(values, ctx.command.params)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta[_CONFIG_FILE] = path
+
+
+def _file_options() -> dict[str, click.Option]:
+    """The keys a config file may hold: `start`'s options, whichever command reads it."""
+    return config_file.known_options(start.params)
+
+
+def _check_auth(values: tuple[str, ...]) -> None:
+    from demux_proxy.auth import ClientPolicy
+
+    ClientPolicy.from_options(values, None, ())  # never echoes a password
+
+
+def _check_allow_client(values: tuple[str, ...]) -> None:
+    from demux_proxy.auth import ClientPolicy
+
+    ClientPolicy.from_options((), None, _split(values))
+
+
+def _check_destinations(values: tuple[str, ...]) -> None:
+    from demux_proxy.policy import DestinationPolicy
+
+    DestinationPolicy(deny=_split(values))
+
+
+# What start would reject in a value click's types let through, checked where the value
+# is read (file, or `demux-proxy config`) so the error can say where it came from. Only
+# syntax: whether an address is on this host is for `start` to find out.
+_CHECKS: Mapping[str, config_file.Check] = {
+    "listen": parse_listen,
+    "egress": parse_addresses,
+    "deny": _check_destinations,
+    "allow_dest": _check_destinations,
+    "allow_client": _check_allow_client,
+    "auth": _check_auth,
+}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="demux-proxy")
 def main() -> None:
     """An HTTP/HTTPS forward proxy that sends each request from the next local address."""
 
 
+_START_OPTIONS: tuple[_Decorator, ...] = (
+    click.option(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        show_default=True,
+        envvar=_env("listen"),
+        show_envvar=True,
+        metavar="HOST:PORT",
+        help="Address to accept clients on. Loopback by default: the proxy is not for the world.",
+    ),
+    _egress_options,
+    click.option(
+        "--allow-private",
+        is_flag=True,
+        envvar=_env("allow-private"),
+        show_envvar=True,
+        help="Let requests reach private, loopback and link-local destinations "
+        "(refused with 403 by default, cloud metadata included).",
+    ),
+    click.option(
+        "--deny",
+        multiple=True,
+        envvar=_env("deny"),
+        show_envvar=True,
+        metavar="HOST|CIDR",
+        help="Refuse these destinations (exact host, *.domain or CIDR; repeatable). Wins over "
+        "everything else.",
+    ),
+    click.option(
+        "--allow-dest",
+        "allow_dest",
+        multiple=True,
+        envvar=_env("allow-dest"),
+        show_envvar=True,
+        metavar="HOST|CIDR",
+        help="Only allow these destinations (repeatable); an allowed CIDR also admits private "
+        "addresses inside it.",
+    ),
+    click.option(
+        "--auth",
+        "auth",
+        multiple=True,
+        envvar=_env("auth"),
+        show_envvar=True,
+        metavar="USER:PASS",
+        help="Require Basic proxy authentication with these credentials (repeatable). Needed, "
+        "or --allow-client, to listen on a non-loopback address.",
+    ),
+    click.option(
+        "--auth-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("auth-file"),
+        show_envvar=True,
+        help="Credentials, one 'user:password' or 'user:<bcrypt or argon2 hash>' per line.",
+    ),
+    click.option(
+        "--allow-client",
+        "allow_client",
+        multiple=True,
+        envvar=_env("allow-client"),
+        show_envvar=True,
+        metavar="CIDR",
+        help="Only accept clients from these networks (repeatable).",
+    ),
+    click.option(
+        "--upstream-ca",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("upstream-ca"),
+        show_envvar=True,
+        metavar="PEM",
+        help="Also trust this CA for upstream servers (on top of the system store or certifi).",
+    ),
+    click.option(
+        "--insecure-upstream",
+        is_flag=True,
+        envvar=_env("insecure-upstream"),
+        show_envvar=True,
+        help="Do not verify upstream certificates. Dangerous: for testing only.",
+    ),
+    _state_dir_option,
+    click.option(
+        "--ca-cert",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("ca-cert"),
+        show_envvar=True,
+        metavar="PEM",
+        help="Sign intercepted sites with this CA certificate instead of the generated one.",
+    ),
+    click.option(
+        "--ca-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("ca-key"),
+        show_envvar=True,
+        metavar="PEM",
+        help="The private key of --ca-cert.",
+    ),
+    click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        default="info",
+        show_default=True,
+        envvar=_env("log-level"),
+        show_envvar=True,
+        help="Least severe level logged.",
+    ),
+    click.option(
+        "--log-format",
+        type=click.Choice(["json", "text"]),
+        default="json",
+        show_default=True,
+        envvar=_env("log-format"),
+        show_envvar=True,
+        help="json: one JSON object per line on stdout, as the original tool wrote; "
+        "text: for people.",
+    ),
+    click.option(
+        "--connect-timeout",
+        type=click.FloatRange(min=0.1),
+        default=10.0,
+        show_default=True,
+        envvar=_env("connect-timeout"),
+        show_envvar=True,
+        help="Seconds to connect (and TLS handshake) to an upstream; then 504.",
+    ),
+    click.option(
+        "--response-timeout",
+        type=click.FloatRange(min=0.1),
+        default=120.0,
+        show_default=True,
+        envvar=_env("response-timeout"),
+        show_envvar=True,
+        help="Seconds to wait for an upstream's response head; then 504.",
+    ),
+    click.option(
+        "--idle-timeout",
+        type=click.FloatRange(min=0.1),
+        default=120.0,
+        show_default=True,
+        envvar=_env("idle-timeout"),
+        show_envvar=True,
+        help="Seconds without a byte mid-body before the transfer is declared dead.",
+    ),
+    click.option(
+        "--client-idle-timeout",
+        type=click.FloatRange(min=0.1),
+        default=75.0,
+        show_default=True,
+        envvar=_env("client-idle-timeout"),
+        show_envvar=True,
+        help="Seconds an idle client keep-alive connection is kept open.",
+    ),
+    click.option(
+        "--head-timeout",
+        type=click.FloatRange(min=0.1),
+        default=30.0,
+        show_default=True,
+        envvar=_env("head-timeout"),
+        show_envvar=True,
+        help="Seconds a client has to send a whole request head once it started (408 after).",
+    ),
+    click.option(
+        "--handshake-timeout",
+        type=click.FloatRange(min=0.1),
+        default=10.0,
+        show_default=True,
+        envvar=_env("handshake-timeout"),
+        show_envvar=True,
+        help="Seconds for a client's TLS handshake after CONNECT.",
+    ),
+    click.option(
+        "--max-header-bytes",
+        type=click.IntRange(min=1024, max=1 << 20),
+        default=64 * 1024,
+        show_default=True,
+        envvar=_env("max-header-bytes"),
+        show_envvar=True,
+        help="Largest request or response head accepted (431 / 502 beyond).",
+    ),
+    click.option(
+        "--max-connections",
+        type=click.IntRange(min=1),
+        default=10_000,
+        show_default=True,
+        envvar=_env("max-connections"),
+        show_envvar=True,
+        help="Concurrent clients per worker; past it new connections wait in the listen "
+        "backlog, they are not dropped.",
+    ),
+    click.option(
+        "--workers",
+        type=click.IntRange(min=1, max=256),
+        default=os.cpu_count() or 1,
+        show_default="the number of cores",
+        envvar=_env("workers"),
+        show_envvar=True,
+        help="Processes accepting clients on the listen port (SO_REUSEPORT). Rotation stays "
+        "global across them.",
+    ),
+    click.option(
+        "--shutdown-grace",
+        type=click.FloatRange(min=0),
+        default=30.0,
+        show_default=True,
+        envvar=_env("shutdown-grace"),
+        show_envvar=True,
+        help="On SIGTERM/SIGINT, seconds that requests in flight get to finish.",
+    ),
+)
+
+
+def _start_options(f: F) -> F:
+    """`--config` and every option of `start`: shared by `start` and `config`."""
+    decorated: Callable[..., Any] = f
+    for decorate in reversed(_START_OPTIONS):
+        decorated = decorate(decorated)
+    return cast(F, _config_option(decorated))
+
+
 @main.command()
-@click.option(
-    "--listen",
-    default=DEFAULT_LISTEN,
-    show_default=True,
-    envvar=_env("listen"),
-    show_envvar=True,
-    metavar="HOST:PORT",
-    help="Address to accept clients on. Loopback by default: the proxy is not for the world.",
-)
-@_egress_options
-@click.option(
-    "--allow-private",
-    is_flag=True,
-    envvar=_env("allow-private"),
-    show_envvar=True,
-    help="Let requests reach private, loopback and link-local destinations "
-    "(refused with 403 by default, cloud metadata included).",
-)
-@click.option(
-    "--deny",
-    multiple=True,
-    envvar=_env("deny"),
-    show_envvar=True,
-    metavar="HOST|CIDR",
-    help="Refuse these destinations (exact host, *.domain or CIDR; repeatable). Wins over "
-    "everything else.",
-)
-@click.option(
-    "--allow-dest",
-    "allow_dest",
-    multiple=True,
-    envvar=_env("allow-dest"),
-    show_envvar=True,
-    metavar="HOST|CIDR",
-    help="Only allow these destinations (repeatable); an allowed CIDR also admits private "
-    "addresses inside it.",
-)
-@click.option(
-    "--auth",
-    "auth",
-    multiple=True,
-    envvar=_env("auth"),
-    show_envvar=True,
-    metavar="USER:PASS",
-    help="Require Basic proxy authentication with these credentials (repeatable). Needed, "
-    "or --allow-client, to listen on a non-loopback address.",
-)
-@click.option(
-    "--auth-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("auth-file"),
-    show_envvar=True,
-    help="Credentials, one 'user:password' or 'user:<bcrypt or argon2 hash>' per line.",
-)
-@click.option(
-    "--allow-client",
-    "allow_client",
-    multiple=True,
-    envvar=_env("allow-client"),
-    show_envvar=True,
-    metavar="CIDR",
-    help="Only accept clients from these networks (repeatable).",
-)
-@click.option(
-    "--upstream-ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("upstream-ca"),
-    show_envvar=True,
-    metavar="PEM",
-    help="Also trust this CA for upstream servers (on top of the system store or certifi).",
-)
-@click.option(
-    "--insecure-upstream",
-    is_flag=True,
-    envvar=_env("insecure-upstream"),
-    show_envvar=True,
-    help="Do not verify upstream certificates. Dangerous: for testing only.",
-)
-@_state_dir_option
-@click.option(
-    "--ca-cert",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("ca-cert"),
-    show_envvar=True,
-    metavar="PEM",
-    help="Sign intercepted sites with this CA certificate instead of the generated one.",
-)
-@click.option(
-    "--ca-key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("ca-key"),
-    show_envvar=True,
-    metavar="PEM",
-    help="The private key of --ca-cert.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-    default="info",
-    show_default=True,
-    envvar=_env("log-level"),
-    show_envvar=True,
-    help="Least severe level logged.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["json", "text"]),
-    default="json",
-    show_default=True,
-    envvar=_env("log-format"),
-    show_envvar=True,
-    help="json: one JSON object per line on stdout, as the original tool wrote; text: for people.",
-)
-@click.option(
-    "--connect-timeout",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    envvar=_env("connect-timeout"),
-    show_envvar=True,
-    help="Seconds to connect (and TLS handshake) to an upstream; then 504.",
-)
-@click.option(
-    "--response-timeout",
-    type=click.FloatRange(min=0.1),
-    default=120.0,
-    show_default=True,
-    envvar=_env("response-timeout"),
-    show_envvar=True,
-    help="Seconds to wait for an upstream's response head; then 504.",
-)
-@click.option(
-    "--idle-timeout",
-    type=click.FloatRange(min=0.1),
-    default=120.0,
-    show_default=True,
-    envvar=_env("idle-timeout"),
-    show_envvar=True,
-    help="Seconds without a byte mid-body before the transfer is declared dead.",
-)
-@click.option(
-    "--client-idle-timeout",
-    type=click.FloatRange(min=0.1),
-    default=75.0,
-    show_default=True,
-    envvar=_env("client-idle-timeout"),
-    show_envvar=True,
-    help="Seconds an idle client keep-alive connection is kept open.",
-)
-@click.option(
-    "--head-timeout",
-    type=click.FloatRange(min=0.1),
-    default=30.0,
-    show_default=True,
-    envvar=_env("head-timeout"),
-    show_envvar=True,
-    help="Seconds a client has to send a whole request head once it started (408 after).",
-)
-@click.option(
-    "--handshake-timeout",
-    type=click.FloatRange(min=0.1),
-    default=10.0,
-    show_default=True,
-    envvar=_env("handshake-timeout"),
-    show_envvar=True,
-    help="Seconds for a client's TLS handshake after CONNECT.",
-)
-@click.option(
-    "--max-header-bytes",
-    type=click.IntRange(min=1024, max=1 << 20),
-    default=64 * 1024,
-    show_default=True,
-    envvar=_env("max-header-bytes"),
-    show_envvar=True,
-    help="Largest request or response head accepted (431 / 502 beyond).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1, max=256),
-    default=os.cpu_count() or 1,
-    show_default="the number of cores",
-    envvar=_env("workers"),
-    show_envvar=True,
-    help="Processes accepting clients on the listen port (SO_REUSEPORT). Rotation stays "
-    "global across them.",
-)
-@click.option(
-    "--shutdown-grace",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    envvar=_env("shutdown-grace"),
-    show_envvar=True,
-    help="On SIGTERM/SIGINT, seconds that requests in flight get to finish.",
-)
+@_start_options
 def start(
     listen: str,
     egress: tuple[str, ...],
@@ -284,6 +383,7 @@ def start(
     head_timeout: float,
     handshake_timeout: float,
     max_header_bytes: int,
+    max_connections: int,
     workers: int,
     shutdown_grace: float,
 ) -> None:
@@ -316,6 +416,7 @@ def start(
             head_timeout_s=head_timeout,
             handshake_timeout_s=handshake_timeout,
             max_head_bytes=max_header_bytes,
+            max_connections=max_connections,
             shutdown_grace_s=shutdown_grace,
             workers=workers,
         )
@@ -324,7 +425,114 @@ def start(
         _fail(exc)
 
 
+@main.command("config")
+@_start_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead.")
+@click.pass_context
+def config_command(ctx: click.Context, /, as_json: bool, **options: Any) -> None:
+    """Print the configuration `start` would run with, and where each value comes from.
+
+    Takes the same options (and environment, and --config file) as `start`. Each option is
+    printed as a `key = value` line a config file could hold, followed by its source: `flag`,
+    `env DEMUX_PROXY_...`, `file` or `default`. Passwords are masked (`user:****`). Values are
+    checked as `start` checks them, short of touching the network: exit status 2 when one is
+    wrong.
+    """
+    rows: list[tuple[str, Any, str, str | None]] = []
+    for key, option in _file_options().items():
+        name = option.name
+        assert name is not None
+        value = options[name]
+        source = ctx.get_parameter_source(name)
+        envvar = option.envvar if isinstance(option.envvar, str) else None
+        check = _CHECKS.get(key)
+        if check is not None and source in (
+            ParameterSource.COMMANDLINE,
+            ParameterSource.ENVIRONMENT,
+        ):
+            try:
+                check(value)
+            except (ConfigError, ValueError) as exc:
+                where = f"{envvar}: " if source is ParameterSource.ENVIRONMENT else ""
+                _fail(ConfigError(f"{where}{exc}"))
+        origin = _SOURCES.get(source or ParameterSource.DEFAULT, "default")
+        rows.append((key, _shown(name, value), origin, envvar if origin == "env" else None))
+
+    path = ctx.meta.get(_CONFIG_FILE)
+    if as_json:
+        document = {
+            "config_file": None if path is None else str(path),
+            "options": {
+                key: {"value": value, "source": origin, **({"envvar": var} if var else {})}
+                for key, value, origin, var in rows
+            },
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
+    click.echo(f"# demux-proxy start: {'config file ' + str(path) if path else 'no config file'}")
+    lines = [(_toml_line(key, value), origin, var) for key, value, origin, var in rows]
+    width = min(48, max(len(text) for text, _, _ in lines))
+    for text, origin, var in lines:
+        where = f"env {var}" if var else origin
+        click.echo(f"{text:<{width}}  # {where}")
+
+
+_SOURCES = {
+    ParameterSource.COMMANDLINE: "flag",
+    ParameterSource.ENVIRONMENT: "env",
+    ParameterSource.DEFAULT_MAP: "file",
+    ParameterSource.DEFAULT: "default",
+}
+
+# Options whose values start splits on commas (and blanks): shown split.
+_LISTS = frozenset({"egress", "egress_interfaces", "deny", "allow_dest", "allow_client"})
+
+
+def _shown(name: str, value: Any) -> Any:
+    """The value as JSON/TOML wants it: lists split, paths as text, passwords masked."""
+    if name == "auth":
+        return [_mask(item) for item in value]
+    if name in _LISTS:
+        return _split(value)
+    if name == "state_dir" and value is None:
+        return str(default_state_dir())
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _mask(credential: str) -> str:
+    user, sep, _ = credential.partition(":")
+    return f"{user}:****" if sep else "****"
+
+
+def _toml_line(key: str, value: Any) -> str:
+    if value is None:
+        return f"# {key} = (not set)"
+    return f"{key} = {_toml_value(value)}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    # A JSON string is a TOML basic string, but for DEL, which TOML wants escaped.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 @main.command()
+@_config_option
 @_egress_options
 def addresses(egress: tuple[str, ...], egress_interfaces: tuple[str, ...]) -> None:
     """List the egress addresses `start` would use with the same options."""
@@ -337,6 +545,7 @@ def addresses(egress: tuple[str, ...], egress_interfaces: tuple[str, ...]) -> No
 
 
 @main.command()
+@_config_option
 @click.option(
     "--url",
     default="https://checkip.amazonaws.com",
@@ -439,6 +648,7 @@ def ca() -> None:
 
 
 @ca.command("export")
+@_config_option
 @_state_dir_option
 def ca_export(state_dir: Path | None) -> None:
     """Print the CA certificate (PEM) to stdout; creates the CA if there is none yet."""
@@ -446,6 +656,7 @@ def ca_export(state_dir: Path | None) -> None:
 
 
 @ca.command("path")
+@_config_option
 @_state_dir_option
 def ca_path(state_dir: Path | None) -> None:
     """Print the path of the CA certificate file; creates the CA if there is none yet."""

@@ -153,7 +153,9 @@ def _scalar(raw: Any, option: click.Option, base: Path, *, in_array: bool) -> An
     if not isinstance(raw, str):
         raise ValueError(f"expected a string, got {_toml_type(raw)}{where}")
     if isinstance(kind, click.Path) and raw and raw != "-":
-        return str(base / raw)  # absolute `raw` stays itself; relative: next to the file
+        # `~` is the home directory (no shell expands it here); a relative path is
+        # relative to the file's directory, wherever the command runs from.
+        return str(base / Path(raw).expanduser())
     return raw
 
 

@@ -1,0 +1,262 @@
+"""`--config FILE` and `demux-proxy config` as users run them: `python -m demux_proxy ...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.proxy_process import proxy_command, running_proxy
+from tests.upstream import Upstream
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """The current environment without any DEMUX_PROXY_* setting, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMUX_PROXY_")}
+    env.update(extra)
+    return env
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            proxy_command(args),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env if env is not None else _env(),
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"`{' '.join(args)}` still running after 30 s") from None
+
+
+def _config(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`demux-proxy config --json ...` -> its `options` object."""
+    out = _run("config", "--json", *args, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    document = json.loads(out.stdout)
+    options: dict[str, Any] = document["options"]
+    return options
+
+
+def _write(tmp_path: Path, text: str, name: str = "demux.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- precedence
+
+FILE = 'listen = "127.0.0.1:1111"\nworkers = 3\nlog_level = "warning"\n'
+
+# key: (default, file, env, flag) values as `config --json` reports them
+PRECEDENCE = {
+    "listen": ("127.0.0.1:8080", "127.0.0.1:1111", "127.0.0.1:2222", "127.0.0.1:3333"),
+    "workers": (os.cpu_count() or 1, 3, 5, 7),
+    "log_level": ("info", "warning", "error", "debug"),
+}
+
+
+@pytest.mark.parametrize("key", list(PRECEDENCE))
+def test_precedence_flag_env_file_default(tmp_path: Path, key: str) -> None:
+    default, in_file, in_env, on_flag = PRECEDENCE[key]
+    path = _write(tmp_path, FILE)
+    var = "DEMUX_PROXY_" + key.upper()
+    flag = "--" + key.replace("_", "-")
+
+    assert _config()[key] == {"value": default, "source": "default"}
+    assert _config("--config", str(path))[key] == {"value": in_file, "source": "file"}
+    env = _env(**{var: str(in_env)})
+    with_env = _config("--config", str(path), env=env)[key]
+    assert with_env == {"value": in_env, "source": "env", "envvar": var}
+    with_flag = _config("--config", str(path), flag, str(on_flag), env=env)[key]
+    assert with_flag == {"value": on_flag, "source": "flag"}
+
+
+def test_config_file_from_the_environment(tmp_path: Path) -> None:
+    path = _write(tmp_path, FILE)
+    out = _run("config", "--json", env=_env(DEMUX_PROXY_CONFIG=str(path)))
+    assert out.returncode == 0, out.stderr
+    document = json.loads(out.stdout)
+    assert document["config_file"] == str(path)
+    assert document["options"]["workers"] == {"value": 3, "source": "file"}
+
+
+def test_config_text_output_lists_every_start_option_with_its_source(tmp_path: Path) -> None:
+    path = _write(tmp_path, FILE + 'egress = ["10.0.0.5", "10.0.0.6"]\nallow_private = true\n')
+    out = _run(
+        "config", "--config", str(path), "--workers", "2", env=_env(DEMUX_PROXY_LOG_FORMAT="text")
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"# demux-proxy start: config file {path}"
+    rows = {}
+    for line in lines[1:]:
+        setting, _, source = line.rpartition("  # ")
+        rows[setting.strip()] = source
+    assert rows['listen = "127.0.0.1:1111"'] == "file"
+    assert rows['egress = ["10.0.0.5", "10.0.0.6"]'] == "file"
+    assert rows["allow_private = true"] == "file"
+    assert rows["workers = 2"] == "flag"
+    assert rows['log_format = "text"'] == "env DEMUX_PROXY_LOG_FORMAT"
+    assert rows["max_connections = 10000"] == "default"
+    assert rows["# ca_cert = (not set)"] == "default"
+    # Every option of `start` is there, each once.
+    help_text = _run("start", "--help").stdout
+    keys = {setting.lstrip("# ").split(" = ")[0] for setting in rows}
+    for key in keys:
+        assert "--" + key.replace("_", "-") in help_text
+    assert len(keys) == len(rows)
+    for option in ("listen", "egress", "egress_interface", "auth", "state_dir", "workers"):
+        assert option in keys
+
+
+def test_config_output_is_a_config_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, FILE + 'auth = ["alice:pw"]\n')
+    first = _run("config", "--config", str(path))
+    assert first.returncode == 0, first.stderr
+    again = _write(tmp_path, first.stdout.replace("alice:****", "alice:pw"), "again.toml")
+    second = _run("config", "--config", str(again))
+    assert second.returncode == 0, second.stderr
+    settings = [line.split("  #")[0].rstrip() for line in first.stdout.splitlines()[1:]]
+    settings_again = [line.split("  #")[0].rstrip() for line in second.stdout.splitlines()[1:]]
+    assert settings_again == settings
+
+
+def test_max_connections_option(tmp_path: Path) -> None:
+    assert _config()["max_connections"] == {"value": 10000, "source": "default"}
+    path = _write(tmp_path, "max_connections = 50\n")
+    assert _config("--config", str(path))["max_connections"] == {"value": 50, "source": "file"}
+    out = _run("start", "--max-connections", "0")
+    assert out.returncode == 2
+    assert "--max-connections" in out.stderr
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_auth_passwords_are_masked(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'auth = ["alice:file-secret", "bob:pa:ss"]\n')
+    out = _run("config", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert 'auth = ["alice:****", "bob:****"]' in out.stdout
+    assert "file-secret" not in out.stdout
+    assert "pa:ss" not in out.stdout
+
+    env = _env(DEMUX_PROXY_AUTH="carol:env-secret")
+    assert _config("--config", str(path), env=env)["auth"] == {
+        "value": ["carol:****"],
+        "source": "env",
+        "envvar": "DEMUX_PROXY_AUTH",
+    }
+    flag = _run("config", "--json", "--auth", "dave:flag-secret", env=env)
+    assert flag.returncode == 0, flag.stderr
+    assert json.loads(flag.stdout)["options"]["auth"]["value"] == ["dave:****"]
+    assert "secret" not in flag.stdout
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _assert_refused(out: subprocess.CompletedProcess[str], *mentions: str) -> str:
+    assert out.returncode == 2, f"exit {out.returncode}; stderr={out.stderr!r}"
+    assert "Traceback" not in out.stdout + out.stderr, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"want one error line, got: {out.stderr!r}"
+    line = lines[0]
+    assert line.startswith("demux-proxy: error: "), line
+    for text in mentions:
+        assert text in line, f"{text!r} not in {line!r}"
+    assert "Starting Proxy" not in out.stdout, "it started"
+    return line
+
+
+REFUSED = [
+    pytest.param(
+        "host_rate = ['api.example.com=1/s']\n", ["unknown key 'host_rate'"], id="unknown"
+    ),
+    pytest.param("workers = '4'\n", ["key 'workers'", "expected an integer"], id="type"),
+    pytest.param("workers = 0\n", ["key 'workers'", "0 is not in the range"], id="range"),
+    pytest.param("listen = 'nope'\n", ["key 'listen'", "'nope'"], id="listen"),
+    pytest.param("allow_private = 'yes'\n", ["key 'allow_private'", "boolean"], id="flag"),
+    pytest.param("egress = ['10.0.0.x']\n", ["key 'egress'", "'10.0.0.x'"], id="egress"),
+    pytest.param("log_level = 'loud'\n", ["key 'log_level'", "'loud'"], id="choice"),
+    pytest.param("auth = ['alice']\n", ["key 'auth'", "USER:PASS"], id="auth"),
+    pytest.param("workers = 2\nlisten = \n", ["not valid TOML", "line 2"], id="syntax"),
+]
+
+
+@pytest.mark.parametrize(("text", "mentions"), REFUSED)
+@pytest.mark.parametrize("command", ["start", "config"])
+def test_refused_at_start(tmp_path: Path, command: str, text: str, mentions: list[str]) -> None:
+    path = _write(tmp_path, text)
+    args = [command, "--config", str(path), "--state-dir", str(tmp_path / "state")]
+    _assert_refused(_run(*args), str(path), *mentions)
+    assert not (tmp_path / "state").exists()
+
+
+def test_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
+    path = _write(tmp_path, "workerz = 2\n")
+    line = _assert_refused(_run("start", "--config", str(path)), str(path), "'workerz'")
+    assert "did you mean 'workers'?" in line
+    assert "(known: allow_client, allow_dest, allow_private, auth, auth_file, " in line
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    _assert_refused(_run("start", "--config", str(missing)), str(missing), "No such file")
+    env = _env(DEMUX_PROXY_CONFIG=str(missing))
+    _assert_refused(_run("config", env=env), str(missing), "No such file")
+
+
+def test_other_commands_take_the_file_and_use_what_applies(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'egress = ["127.0.0.7"]\nworkers = 2\nstate_dir = "state"\n')
+    out = _run("addresses", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert [line.split() for line in out.stdout.splitlines()] == [["127.0.0.7", "lo"]]
+    ca = _run("ca", "path", "--config", str(path))
+    assert ca.returncode == 0, ca.stderr
+    assert ca.stdout == f"{tmp_path / 'state' / 'ca.pem'}\n"  # relative to the file
+    bad = _write(tmp_path, "workers = 0\n", "bad.toml")
+    _assert_refused(_run("addresses", "--config", str(bad)), str(bad), "key 'workers'")
+
+
+def test_flag_and_env_values_are_checked_by_config() -> None:
+    _assert_refused(_run("config", "--listen", "nope"), "--listen", "'nope'")
+    env = _env(DEMUX_PROXY_EGRESS="10.0.0.x")
+    _assert_refused(_run("config", env=env), "DEMUX_PROXY_EGRESS", "'10.0.0.x'")
+
+
+# --------------------------------------------------------------------------- start uses it
+
+
+def test_start_runs_with_the_file(tmp_path: Path, upstream: Upstream) -> None:
+    state = tmp_path / "state"
+    path = _write(
+        tmp_path,
+        'listen = "127.0.0.1:0"\n'
+        'egress = ["127.0.0.9"]\n'
+        "allow_private = true\n"
+        f"state_dir = {json.dumps(str(state))}\n"
+        "workers = 1\n",
+    )
+    # running_proxy also passes --listen 127.0.0.1:0 and --state-dir: the same values as
+    # the file's; egress, allow_private and workers come from the file alone.
+    with running_proxy(
+        state, "--config", str(path), egress=(), allow_private=False, env=_env()
+    ) as p:
+        fields = p.logs("Starting Proxy")[0]["fields"]
+        with requests.Session() as s:
+            s.trust_env = False
+            r = s.get(upstream.http_url("/ip"), proxies={"http": p.url}, timeout=30)
+    assert fields["egress"] == ["127.0.0.9"]
+    assert fields["workers"] == 1
+    assert r.status_code == 200, r.text  # a loopback upstream: allow_private came from the file
+    assert r.json()["peer"] == "127.0.0.9"
