@@ -6,6 +6,7 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.proxy_process import running_proxy
@@ -48,3 +49,33 @@ def test_slow_head_gets_408_and_idle_client_is_closed(tmp_path: Path, upstream: 
         finally:
             slow.close()
             idle.close()
+
+
+def test_max_connections_queues_in_the_backlog(tmp_path: Path, upstream: Upstream) -> None:
+    request = (
+        f"GET {upstream.http_url('/ip')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with running_proxy(
+        tmp_path / "state",
+        "--max-connections",
+        "1",
+        "--workers",
+        "1",
+        upstream_ca=upstream.ca_pem_path,
+    ) as p:
+        first = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        second = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        try:
+            first.sendall(b"GET " + upstream.http_url("/ip").encode() + b" HTTP/1.1\r\n\r\n")
+            first.settimeout(10)
+            assert first.recv(100).startswith(b"HTTP/1.1 200")
+            second.sendall(request)
+            second.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                second.recv(100)  # waiting in the backlog, not dropped
+            first.close()
+            answer = _read_all(second, 10)
+            assert answer.startswith(b"HTTP/1.1 200")
+        finally:
+            first.close()
+            second.close()
