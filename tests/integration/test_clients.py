@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import io
 import ssl
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
@@ -139,9 +140,18 @@ async def test_httpx_async_download_and_upload_exact(
 # --------------------------------------------------------------------------- aiohttp
 
 
+# aiohttp closes TLS connections without waiting for their shutdown; before CPython 3.12.8
+# (python/cpython#118960) asyncio may then leak the raw socket under a start_tls transport
+# (https:// through a proxy), a ResourceWarning here (aio-libs/aiohttp#1925). aiohttp's
+# remedy on those versions is enable_cleanup_closed (a DeprecationWarning on newer ones).
+_AIOHTTP_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (
+    (3, 13, 0) <= sys.version_info < (3, 13, 1)
+)
+
+
 def _aiohttp_session(limit: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit),
+        connector=aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=_AIOHTTP_CLEANUP_CLOSED),
         timeout=aiohttp.ClientTimeout(total=30),
     )
 
