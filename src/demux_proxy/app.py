@@ -11,17 +11,20 @@ import asyncio
 import contextlib
 import errno
 import resource
+import shutil
 import signal
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import replace
 from itertools import count
 
 import psutil
 import uvloop
 
-from demux_proxy import __version__, log
-from demux_proxy.auth import ClientPolicy, public_listen_refusal
+from demux_proxy import __version__, log, metrics
+from demux_proxy.admin import AdminServer
+from demux_proxy.auth import ClientPolicy, is_loopback, public_listen_refusal
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
@@ -53,8 +56,14 @@ def run(config: Config) -> None:
     refusal = public_listen_refusal(config.listen_host, policy)
     if refusal is not None:
         raise ConfigError(refusal)
+    if config.admin is not None and not policy.auth_required and not is_loopback(config.admin[0]):
+        raise ConfigError(
+            f"--admin {config.admin[0]}:{config.admin[1]} is not loopback: "
+            "set --auth or --auth-file, whose credentials it will then ask for"
+        )
     events = log.setup(config.log_level, config.log_format)
     _raise_fd_limit()
+    metrics_dir = metrics.enable() if config.admin is not None else None
     ca = load_ca(config)
     try:
         tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
@@ -64,6 +73,8 @@ def run(config: Config) -> None:
             uvloop.run(serve(config, ca, tls, events, policy, destinations, LocalCursor()))
     finally:
         ca.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def listen_error(config: Config, exc: OSError) -> ConfigError:
@@ -83,14 +94,16 @@ def _raise_fd_limit() -> None:
 
 
 def announce(events: log.EventLog, config: Config, ca: CertificateAuthority, port: int) -> None:
-    events.info(
-        "Starting Proxy",
-        listen=f"{config.listen_host}:{port}",
-        egress=[e.address for e in config.egress],
-        ca=str(ca.cert_path),
-        workers=config.workers,
-        version=__version__,
-    )
+    fields: dict[str, object] = {
+        "listen": f"{config.listen_host}:{port}",
+        "egress": [e.address for e in config.egress],
+        "ca": str(ca.cert_path),
+        "workers": config.workers,
+        "version": __version__,
+    }
+    if config.admin is not None:
+        fields["admin"] = f"{config.admin[0]}:{config.admin[1]}"
+    events.emit(log.INFO, "Starting Proxy", fields)
 
 
 async def serve(
@@ -112,7 +125,12 @@ async def serve(
     # Session ids stay unique across workers: worker i of N numbers i+1, i+1+N, ...
     sessions = count(worker + 1, config.workers)
     scheduler = RoundRobin(config.egress, cursor)
-    forwarder = Forwarder(config, scheduler, pool, tls, events, destinations, sessions)
+    recorder: metrics.Recorder = (
+        metrics.Metrics(config.egress) if config.admin is not None else metrics.NoMetrics()
+    )
+    forwarder = Forwarder(
+        config, scheduler, pool, tls, events, destinations, sessions, recorder=recorder
+    )
     server = ProxyServer(config, ca, forwarder, events, policy, destinations)
     try:
         port = await server.start()
@@ -123,6 +141,24 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     destinations.set_self(_own_addresses(config.listen_host), port)
+    admin: AdminServer | None = None
+    if config.admin is not None:
+        admin = AdminServer(
+            config.egress,
+            policy,
+            events,
+            require_auth=not is_loopback(config.admin[0]),
+            workers=config.workers,
+        )
+        try:
+            admin_port = await admin.start(*config.admin)
+        except OSError as exc:
+            server.close_listener()
+            raise ConfigError(
+                f"cannot listen on --admin {config.admin[0]}:{config.admin[1]}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        config = replace(config, admin=(config.admin[0], admin_port))
     if ready is None:
         announce(events, config, ca, port)
     else:
@@ -138,6 +174,8 @@ async def serve(
             await pruner
         pool.close_all()
         server.close_listener()
+        if admin is not None:
+            admin.close()
     events.info("Proxy stopped", worker=worker)
     events.flush()
 

@@ -319,7 +319,7 @@ def public_listen_refusal(listen_host: str, policy: ClientPolicy) -> str | None:
     `--allow-client` would run an open proxy. `--allow-client 0.0.0.0/0` is the explicit
     way to do that on purpose.
     """
-    if policy.restricted or _is_loopback(listen_host):
+    if policy.restricted or is_loopback(listen_host):
         return None
     shown = listen_host or "every address"
     return (
@@ -449,7 +449,7 @@ def _client_ip(address: str) -> IPAddress | None:
     return ip
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     name = host.strip()
     if name.startswith("[") and name.endswith("]"):
         name = name[1:-1]

@@ -318,6 +318,14 @@ _START_OPTIONS: tuple[_Decorator, ...] = (
         help="Largest request or response head accepted (431 / 502 beyond).",
     ),
     click.option(
+        "--admin",
+        metavar="HOST:PORT",
+        envvar=_env("admin"),
+        show_envvar=True,
+        help="Serve /metrics (Prometheus), /status, /status.json and /healthz here. Off by "
+        "default; loopback only unless --auth/--auth-file is set (then it asks for them).",
+    ),
+    click.option(
         "--max-connections",
         type=click.IntRange(min=1),
         default=10_000,
@@ -383,6 +391,7 @@ def start(
     head_timeout: float,
     handshake_timeout: float,
     max_header_bytes: int,
+    admin: str | None,
     max_connections: int,
     workers: int,
     shutdown_grace: float,
@@ -417,6 +426,7 @@ def start(
             handshake_timeout_s=handshake_timeout,
             max_head_bytes=max_header_bytes,
             max_connections=max_connections,
+            admin=parse_listen(admin, option="--admin") if admin else None,
             shutdown_grace_s=shutdown_grace,
             workers=workers,
         )

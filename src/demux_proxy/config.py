@@ -60,14 +60,16 @@ class Config:
     # Concurrent client connections per worker; past it, new ones wait in the listen
     # backlog (not dropped) until one ends.
     max_connections: int = 10_000
+    # --admin HOST:PORT: /metrics, /status, /status.json, /healthz; None when off.
+    admin: tuple[str, int] | None = None
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, option: str = "--listen") -> tuple[str, int]:
     """`HOST:PORT`, `[V6]:PORT` or `:PORT` (every IPv4 address) into (host, port)."""
     value = value.strip()
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f"--listen wants HOST:PORT, got {value!r}")
+        raise ConfigError(f"{option} wants HOST:PORT, got {value!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if host == "":
@@ -76,7 +78,7 @@ def parse_listen(value: str) -> tuple[str, int]:
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            raise ConfigError(f"--listen host must be an IP address, got {host!r}") from None
+            raise ConfigError(f"{option} host must be an IP address, got {host!r}") from None
     return host, int(port_text)
 
 

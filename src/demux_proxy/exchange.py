@@ -18,7 +18,14 @@ from itertools import count
 from demux_proxy import log
 from demux_proxy.config import Config
 from demux_proxy.egress import Egress
-from demux_proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from demux_proxy.errors import (
+    Forbidden,
+    LoopDetected,
+    ProtocolError,
+    ProxyError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from demux_proxy.http1 import writer
 from demux_proxy.http1.framing import (
     BodyDecoder,
@@ -34,6 +41,7 @@ from demux_proxy.http1.parser import (
     parse_response_head,
     response_has_body,
 )
+from demux_proxy.metrics import NoMetrics, Recorder
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
 from demux_proxy.relay import relay
@@ -43,6 +51,16 @@ from demux_proxy.stream import Stream, StreamClosed
 from demux_proxy.upstream import Resolver, UpstreamConnection, connect
 
 _FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+
+
+# Error kinds for metrics: a fixed, small set of label values.
+_KIND: dict[type[ProxyError], str] = {
+    ProtocolError: "bad_request",
+    Forbidden: "forbidden",
+    LoopDetected: "loop",
+    UpstreamError: "upstream",
+    UpstreamTimeout: "upstream_timeout",
+}
 
 
 class _StaleConnection(Exception):
@@ -56,6 +74,7 @@ class _Outcome:
     bytes_down: int = 0
     response_started: bool = False
     request_done: bool = False
+    egress: Egress | None = None  # the address picked, kept even when the exchange fails
 
 
 class Forwarder:
@@ -68,8 +87,11 @@ class Forwarder:
         events: log.EventLog,
         policy: DestinationPolicy,
         sessions: Iterator[int] | None = None,
+        *,
+        recorder: Recorder | None = None,
     ) -> None:
         self._policy = policy
+        self._metrics: Recorder = recorder if recorder is not None else NoMetrics()
         self._config = config
         self._scheduler = scheduler
         self._pool = pool
@@ -86,14 +108,15 @@ class Forwarder:
         method = req.method.decode("latin-1")
         body = request_decoder(req.content_length, req.chunked)
         out = _Outcome(request_done=body.done)
-        egress: Egress | None = None
         error: str | None = None
+        kind: str | None = None
         keep = False
         try:
-            conn, egress = await self._attempt(client, req, route, body, out, sid, method)
+            conn, out.egress = await self._attempt(client, req, route, body, out, sid, method)
             keep = await self._respond(client, conn, req, route, body, out)
         except ProxyError as exc:
             error = exc.reason
+            kind = _KIND.get(type(exc), "proxy_error")
             out.status = exc.status
             if out.response_started:
                 client.abort()  # a truncated body must not look complete
@@ -102,25 +125,37 @@ class Forwarder:
                 client.write(writer.plain_response(exc.status, exc.reason, close=not keep))
         except (StreamClosed, TimeoutError) as exc:
             error = f"client connection lost: {exc or 'timed out'}"
+            kind = "client_lost"
             client.abort()
         finally:
+            elapsed = time.perf_counter() - started
             fields = {
                 "method": method,
                 "session_id": sid,
                 "status_code": out.status,
                 "type": "response",
                 "url": route.url,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "duration_ms": round(elapsed * 1000, 3),
                 "bytes": out.bytes_down,
                 "bytes_sent": out.bytes_up,
                 "client": client.peer[0],
             }
+            egress = out.egress
             if egress is not None:
                 fields["interface"] = egress.address
             if error is not None:
                 fields["error"] = error
             level = log.INFO if error is None else log.WARNING
             self._events.emit(level, "inbound response", fields)
+            self._metrics.request(
+                egress.address if egress is not None else None,
+                out.status,
+                elapsed,
+                out.bytes_down,
+                out.bytes_up,
+            )
+            if kind is not None:
+                self._metrics.error(kind)
         return keep
 
     # --- upstream side -------------------------------------------------------------
@@ -136,12 +171,14 @@ class Forwarder:
         method: str,
     ) -> tuple[UpstreamConnection, Egress]:
         """Pick the egress and a connection, send the head. One retry on a stale pooled one."""
-        egress = self._scheduler.pick()
+        egress = out.egress = self._scheduler.pick()
         assert egress is not None
         key = (egress.address, route.scheme, route.host, route.port)
         conn = self._pool.checkout(key)
         if conn is None:
             conn, egress = await self._dial(egress, route)
+        else:
+            self._metrics.upstream_connection(egress.address, reused=True)
         self._events.info(
             "outbound request",
             interface=egress.address,
@@ -193,6 +230,7 @@ class Forwarder:
             timeout_s=self._config.connect_timeout_s,
         )
         self._pool.created += 1
+        self._metrics.upstream_connection(egress.address, reused=False)
         return conn, egress
 
     async def _await_first_byte(self, conn: UpstreamConnection) -> None:

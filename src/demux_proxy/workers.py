@@ -39,16 +39,17 @@ READY_TIMEOUT_S = 30.0
 MAX_RESTARTS_PER_MINUTE = 5
 
 
-def reserve_port(config: Config) -> tuple[socket.socket, int]:
-    family = socket.AF_INET6 if ":" in config.listen_host else socket.AF_INET
+def reserve_port(config: Config, host: str, port: int) -> tuple[socket.socket, int]:
+    """Bind (never listen) host:port with SO_REUSEPORT: workers can join, nobody else."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((config.listen_host, config.listen_port))
+        sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise listen_error(config, exc) from exc
+        raise listen_error(replace(config, listen_host=host, listen_port=port), exc) from exc
     return sock, sock.getsockname()[1]
 
 
@@ -186,8 +187,13 @@ def supervise(
     policy: ClientPolicy,
     destinations: DestinationPolicy,
 ) -> None:
-    reserved, port = reserve_port(config)
-    sup = _Supervisor(replace(config, listen_port=port), ca, tls, events, policy, destinations)
+    reserved, port = reserve_port(config, config.listen_host, config.listen_port)
+    config = replace(config, listen_port=port)
+    admin_reserved = None
+    if config.admin is not None:
+        admin_reserved, admin_port = reserve_port(config, *config.admin)
+        config = replace(config, admin=(config.admin[0], admin_port))
+    sup = _Supervisor(config, ca, tls, events, policy, destinations)
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)
     try:
@@ -202,3 +208,5 @@ def supervise(
         sup.watch()
     finally:
         reserved.close()
+        if admin_reserved is not None:
+            admin_reserved.close()

@@ -206,7 +206,7 @@ def test_unknown_key_lists_the_known_ones(tmp_path: Path) -> None:
     path = _write(tmp_path, "workerz = 2\n")
     line = _assert_refused(_run("start", "--config", str(path)), str(path), "'workerz'")
     assert "did you mean 'workers'?" in line
-    assert "(known: allow_client, allow_dest, allow_private, auth, auth_file, " in line
+    assert "(known: admin, allow_client, allow_dest, allow_private, auth, auth_file, " in line
 
 
 def test_missing_file(tmp_path: Path) -> None:

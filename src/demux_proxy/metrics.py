@@ -1,0 +1,127 @@
+"""What the proxy counts, for `/metrics`, `/status` and `/status.json` (admin.py).
+
+Only collected when `--admin` is on: without a reader, counting is pure cost on the hot
+path. prometheus-client runs in multiprocess mode (values in per-process mmap files in
+a private directory, summed at scrape), so the same numbers come out whichever worker
+answers a scrape. The mode is chosen by an environment variable read when
+prometheus_client is first imported, hence `enable()` before any import of it.
+
+Label cardinality is bounded: labels are egress addresses (fixed at start), status
+classes, directions and error kinds; destination hosts never become labels.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from demux_proxy.egress import Egress
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def enable() -> str:
+    """Switch prometheus-client to multiprocess mode in a fresh private directory."""
+    path = tempfile.mkdtemp(prefix="demux-proxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+class Recorder(Protocol):
+    def request(
+        self, egress: str | None, status: int, seconds: float, down: int, up: int
+    ) -> None: ...
+    def upstream_connection(self, egress: str, *, reused: bool) -> None: ...
+    def error(self, kind: str) -> None: ...
+
+
+class NoMetrics:
+    """The recorder when no admin listener will ever read the numbers."""
+
+    def request(self, egress: str | None, status: int, seconds: float, down: int, up: int) -> None:
+        pass
+
+    def upstream_connection(self, egress: str, *, reused: bool) -> None:
+        pass
+
+    def error(self, kind: str) -> None:
+        pass
+
+
+class Metrics:
+    """Created in each worker after the fork (values are per process)."""
+
+    def __init__(self, egress: Sequence[Egress]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        # Our own registry: the global default one would also export this process's
+        # platform metrics, which mean nothing summed over workers.
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "demux_requests",
+            "Requests answered, by egress address and status class",
+            ["egress", "status_class"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "demux_request_duration_seconds",
+            "Time from request head to end of response, by egress address",
+            ["egress"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._bytes = Counter(
+            "demux_body_bytes",
+            "Body bytes relayed, by egress address and direction",
+            ["egress", "direction"],
+            registry=self.registry,
+        )
+        self._connections = Counter(
+            "demux_upstream_connections",
+            "Upstream connections used, by egress address: opened new or reused from the pool",
+            ["egress", "how"],
+            registry=self.registry,
+        )
+        self._errors = Counter(
+            "demux_errors", "Failed exchanges by kind", ["kind"], registry=self.registry
+        )
+        # Children resolved once: labels() takes a lock and a dict lookup per call.
+        self._by_status: dict[tuple[str, str], Any] = {}
+        self._latency_of: dict[str, Any] = {}
+        self._bytes_of: dict[tuple[str, str], Any] = {}
+        for e in [*(e.address for e in egress), "none"]:
+            for cls in ("1xx", "2xx", "3xx", "4xx", "5xx"):
+                self._by_status[(e, cls)] = self._requests.labels(e, cls)
+            self._latency_of[e] = self._latency.labels(e)
+            self._bytes_of[(e, "down")] = self._bytes.labels(e, "down")
+            self._bytes_of[(e, "up")] = self._bytes.labels(e, "up")
+
+    def request(self, egress: str | None, status: int, seconds: float, down: int, up: int) -> None:
+        e = egress or "none"
+        child = self._by_status.get((e, f"{status // 100}xx"))
+        if child is None:  # an address added since start; bounded by the host's addresses
+            child = self._requests.labels(e, f"{status // 100}xx")
+        child.inc()
+        latency = self._latency_of.get(e)
+        (latency if latency is not None else self._latency.labels(e)).observe(seconds)
+        for direction, n in (("down", down), ("up", up)):
+            if n:
+                counter = self._bytes_of.get((e, direction))
+                (counter if counter is not None else self._bytes.labels(e, direction)).inc(n)
+
+    def upstream_connection(self, egress: str, *, reused: bool) -> None:
+        self._connections.labels(egress, "reused" if reused else "opened").inc()
+
+    def error(self, kind: str) -> None:
+        self._errors.labels(kind).inc()
+
+
+def scrape() -> tuple[bytes, list[Any]]:
+    """(Prometheus text exposition, metric families) summed over every worker's files."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), list(registry.collect())

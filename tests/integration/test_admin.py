@@ -1,0 +1,124 @@
+"""The admin listener serves real numbers after real traffic, across workers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.proxy_process import EGRESS, ProxyProcess, proxy_command, running_proxy
+from tests.upstream import Upstream
+
+
+@pytest.fixture(scope="module")
+def admin_proxy(
+    tmp_path_factory: pytest.TempPathFactory, upstream: Upstream
+) -> Iterator[ProxyProcess]:
+    with running_proxy(
+        tmp_path_factory.mktemp("state"),
+        "--admin",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        upstream_ca=upstream.ca_pem_path,
+    ) as p:
+        yield p
+
+
+def _admin(p: ProxyProcess) -> str:
+    return "http://" + p.wait_for_log("Starting Proxy")["fields"]["admin"]
+
+
+def _traffic(p: ProxyProcess, upstream: Upstream) -> None:
+    """8 http + 4 https successes and one refused upstream, each on a new connection."""
+    for url in [upstream.http_url("/bytes/1000")] * 8 + [upstream.https_url("/ip")] * 4:
+        with requests.Session() as s:
+            r = s.get(url, proxies={"http": p.url, "https": p.url}, verify=str(p.ca_path))
+            assert r.status_code == 200
+    with requests.Session() as s:
+        r = s.get("http://127.0.0.1:1/", proxies={"http": p.url}, timeout=10)
+        assert r.status_code == 502
+
+
+def test_metrics_status_and_health_after_traffic(
+    admin_proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    _traffic(admin_proxy, upstream)
+    base = _admin(admin_proxy)
+    with requests.Session() as s:
+        assert s.get(base + "/healthz", timeout=10).text == "ok\n"
+        text = s.get(base + "/metrics", timeout=10).text
+        doc = s.get(base + "/status.json", timeout=10).json()
+        page = s.get(base + "/status", timeout=10)
+    ok = {}
+    errors = {}
+    down = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "demux_requests_total" and sample.labels["status_class"] == "2xx":
+                ok[sample.labels["egress"]] = ok.get(sample.labels["egress"], 0) + sample.value
+            if sample.name == "demux_errors_total":
+                errors[sample.labels["kind"]] = sample.value
+            if sample.name == "demux_body_bytes_total" and sample.labels["direction"] == "down":
+                down += sample.value
+    ok = {egress: n for egress, n in ok.items() if n}  # series exist from start at 0
+    # Both workers' counts are summed: 12 successes spread 3 per address by the rotation.
+    assert sum(ok.values()) == 12
+    assert sorted(ok) == sorted(EGRESS) and set(ok.values()) == {3.0}
+    assert errors.get("upstream") == 1
+    assert down >= 8 * 1000
+    rows = {row["address"]: row for row in doc["addresses"]}
+    assert sorted(rows) == sorted(EGRESS)
+    assert sum(r["status"]["2xx"] for r in rows.values()) == 12
+    assert doc["totals"]["requests"] == 13 and doc["totals"]["errors"] == 1
+    assert doc["workers"] == 2
+    assert all(r["interface"] == "lo" for r in rows.values())
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert "demux-proxy" in page.text and "status.json" in page.text
+
+
+def test_admin_on_a_public_address_needs_auth(tmp_path: Path) -> None:
+    out = subprocess.run(
+        proxy_command(
+            ["start", "--state-dir", str(tmp_path), "--egress", "127.0.0.2", "--admin",
+             "0.0.0.0:0"]
+        ),
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "--admin" in out.stderr and "--auth" in out.stderr
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
+def test_status_page_renders_in_chromium(
+    admin_proxy: ProxyProcess, upstream: Upstream, tmp_path: Path
+) -> None:
+    _traffic(admin_proxy, upstream)
+    assert CHROMIUM is not None
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=3000",
+    ]  # fmt: skip
+    url = _admin(admin_proxy) + "/status"
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=60
+    ).stdout
+    for address in EGRESS:  # rows exist only once the page's script fetched status.json
+        assert f"<td>{address}</td>" in dom
+    shot = tmp_path / "status.png"
+    subprocess.run(
+        [CHROMIUM, *flags, "--window-size=1200,420", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert shot.stat().st_size > 5_000
