@@ -44,6 +44,7 @@ def status_document(
             "bytes_up": 0,
             "connections_opened": 0,
             "connections_reused": 0,
+            "connections_idle": 0,
             "latency_sum_s": 0.0,
             "latency_count": 0,
         }
@@ -74,6 +75,8 @@ def status_document(
                 row["bytes_" + labels["direction"]] += int(value)
             elif sample.name == "demux_upstream_connections_total":
                 row["connections_" + labels["how"]] += int(value)
+            elif sample.name == "demux_upstream_connections_idle":
+                row["connections_idle"] += int(value)
             elif sample.name == "demux_request_duration_seconds_sum":
                 row["latency_sum_s"] += value
             elif sample.name == "demux_request_duration_seconds_count":

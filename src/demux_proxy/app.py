@@ -163,7 +163,7 @@ async def serve(
         announce(events, config, ca, port)
     else:
         ready(port)
-    pruner = asyncio.create_task(_prune(pool, config.pool_idle_s))
+    pruner = asyncio.create_task(_prune(pool, config.pool_idle_s, recorder))
     try:
         await stop.wait()
         events.info("Stopping Proxy", grace_s=config.shutdown_grace_s, worker=worker)
@@ -192,7 +192,10 @@ def _own_addresses(listen_host: str) -> set[str]:
     }
 
 
-async def _prune(pool: Pool[UpstreamConnection], every_s: float) -> None:
+async def _prune(
+    pool: Pool[UpstreamConnection], every_s: float, recorder: metrics.Recorder
+) -> None:
     while True:
         await asyncio.sleep(max(1.0, every_s / 3))
         pool.prune()
+        recorder.pooled(pool.idle_by_egress())

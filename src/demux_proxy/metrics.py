@@ -35,6 +35,7 @@ class Recorder(Protocol):
     ) -> None: ...
     def upstream_connection(self, egress: str, *, reused: bool) -> None: ...
     def error(self, kind: str) -> None: ...
+    def pooled(self, idle_by_egress: dict[str, int]) -> None: ...
 
 
 class NoMetrics:
@@ -49,12 +50,15 @@ class NoMetrics:
     def error(self, kind: str) -> None:
         pass
 
+    def pooled(self, idle_by_egress: dict[str, int]) -> None:
+        pass
+
 
 class Metrics:
     """Created in each worker after the fork (values are per process)."""
 
     def __init__(self, egress: Sequence[Egress]) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         # Our own registry: the global default one would also export this process's
         # platform metrics, which mean nothing summed over workers.
@@ -84,6 +88,14 @@ class Metrics:
             ["egress", "how"],
             registry=self.registry,
         )
+        self._idle = Gauge(
+            "demux_upstream_connections_idle",
+            "Idle upstream connections kept warm in the pools, by egress address",
+            ["egress"],
+            registry=self.registry,
+            multiprocess_mode="livesum",  # summed over the workers alive now
+        )
+        self._egress = [e.address for e in egress]
         self._errors = Counter(
             "demux_errors", "Failed exchanges by kind", ["kind"], registry=self.registry
         )
@@ -116,6 +128,10 @@ class Metrics:
 
     def error(self, kind: str) -> None:
         self._errors.labels(kind).inc()
+
+    def pooled(self, idle_by_egress: dict[str, int]) -> None:
+        for egress in self._egress:
+            self._idle.labels(egress).set(idle_by_egress.get(egress, 0))
 
 
 def scrape() -> tuple[bytes, list[Any]]:

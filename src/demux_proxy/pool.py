@@ -89,6 +89,12 @@ class Pool(Generic[C]):
                 c.close()
         self._idle.clear()
 
+    def idle_by_egress(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for key, conns in self._idle.items():
+            counts[key[0]] = counts.get(key[0], 0) + len(conns)
+        return counts
+
     def __len__(self) -> int:
         return sum(len(c) for c in self._idle.values())
 

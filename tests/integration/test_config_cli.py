@@ -260,3 +260,18 @@ def test_start_runs_with_the_file(tmp_path: Path, upstream: Upstream) -> None:
     assert fields["workers"] == 1
     assert r.status_code == 200, r.text  # a loopback upstream: allow_private came from the file
     assert r.json()["peer"] == "127.0.0.9"
+
+
+def test_the_shipped_deploy_config_is_valid() -> None:
+    """deploy/config.toml, which the systemd unit points at, passes every check."""
+    shipped = Path(__file__).parents[2] / "deploy" / "config.toml"
+    out = subprocess.run(
+        proxy_command(["config", "--config", str(shipped), "--json"]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    options = json.loads(out.stdout)["options"]
+    assert options["admin"]["value"] == "127.0.0.1:9090"
+    assert options["admin"]["source"] == "file"

@@ -181,3 +181,11 @@ def test_shared_cursor_rotation_is_global_across_processes() -> None:
     child.join(10)
     assert child.exitcode == 0
     assert rr.pick() == V4[2]
+
+
+def test_pool_counts_idle_connections_per_egress() -> None:
+    pool: Pool[FakeConn] = Pool(max_idle_per_key=4, idle_s=10, clock=lambda: 0.0)
+    other: PoolKey = ("127.0.0.3", "http", "b.test", 80)
+    for key in (KEY, KEY, other):
+        pool.checkin(FakeConn(key))
+    assert pool.idle_by_egress() == {"127.0.0.2": 2, "127.0.0.3": 1}
