@@ -363,8 +363,14 @@ class Forwarder:
         to_chunked = False
         if has_body and resp.content_length is None:
             if req.version == b"1.1":
-                headers.append((b"Transfer-Encoding", b"chunked"))
+                # Codings other than chunked (gzip...) describe the body: they pass on.
+                codings = b", ".join([*resp.codings, b"chunked"])
+                headers.append((b"Transfer-Encoding", codings))
                 to_chunked = True
+            elif resp.codings:
+                raise UpstreamError(
+                    "upstream used a transfer coding an HTTP/1.0 client cannot receive"
+                )
             else:
                 keep = False  # an HTTP/1.0 client learns the end from the close
         if upload is not None and not upload.done():
@@ -374,7 +380,6 @@ class Forwarder:
         elif req.version == b"1.0":
             headers.append((b"Connection", b"keep-alive"))
         head = writer.response_head(resp.status, resp.reason, headers)
-        out.response_started = True
         await self._pump_body(client, up, decoder, to_chunked, out, head)
         if isinstance(decoder, CloseDelimitedDecoder):
             up.close()
@@ -408,6 +413,9 @@ class Forwarder:
                 continue
             if decoder.done:
                 break
+            # From the first write on, a failure can only be signalled by an abort; before
+            # it, the client still gets a clean 502 (out.response_started decides).
+            out.response_started = True
             client.writelines(parts)
             parts = []
             await client.drain()
@@ -421,6 +429,7 @@ class Forwarder:
                 decoder.eof()
         if to_chunked:
             parts.append(writer.last_chunk(decoder.trailers))
+        out.response_started = True
         client.writelines(parts)
         await client.drain()
 

@@ -144,7 +144,14 @@ class Stream(asyncio.Protocol):
 
     # --- writing --------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        # uvloop raises RuntimeError on a write to a closed transport: ours is a
+        # StreamClosed, which the exchange reports as the client (or upstream) gone.
+        if self.closed or self.transport.is_closing():
+            raise StreamClosed("connection closed")
+
     def write(self, data: bytes) -> None:
+        self._check_open()
         if self._sslobj is not None:
             self._sslobj.write(data)
             self._flush_tls()
@@ -152,6 +159,7 @@ class Stream(asyncio.Protocol):
             self.transport.write(data)
 
     def writelines(self, parts: Iterable[bytes]) -> None:
+        self._check_open()
         if self._sslobj is not None:
             self._sslobj.write(b"".join(parts))
             self._flush_tls()

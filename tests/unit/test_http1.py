@@ -302,3 +302,41 @@ def test_plain_response_is_complete_and_parseable() -> None:
     assert raw[end:] == b"connection refused by 1.2.3.4:80\n"
     assert head.content_length == len(raw[end:])
     assert not head.keep_alive
+
+
+_TE = b"POST http://a/ HTTP/1.1\r\n%s\r\n"
+
+
+@pytest.mark.parametrize(
+    ("fields", "status"),
+    [
+        # Transfer-Encoding lines form one list: "x" then "chunked" is "x, chunked".
+        (b"Transfer-Encoding: x\r\nTransfer-Encoding: chunked\r\n", 501),
+        (b"Transfer-Encoding: gzip, chunked\r\n", 501),
+        (b"Transfer-Encoding: chunked, chunked\r\n", 400),
+        (b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 400),
+    ],
+)
+def test_transfer_codings_across_lines(fields: bytes, status: int) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_request_head(_TE % fields)
+    assert info.value.status == status
+
+
+def test_response_codings_besides_chunked_are_kept() -> None:
+    resp = parse_response_head(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert resp.chunked and resp.codings == [b"gzip"]
+
+
+@pytest.mark.parametrize("data", [b"5\nhello\n0\n\n", b"5 \r\nhello\r\n0\r\n\r\n"])
+def test_chunked_bare_lf_and_trailing_space_fail_at_once(data: bytes) -> None:
+    d = ChunkedDecoder(upstream=False)
+    with pytest.raises(ProtocolError):
+        _decode_all(d, data)
+
+
+def test_chunk_extension_may_follow_whitespace() -> None:
+    d = ChunkedDecoder(upstream=False)
+    assert _decode_all(d, b"5 ;ext=1\r\nhello\r\n0\r\n\r\n") == b"hello"

@@ -116,7 +116,9 @@ class ChunkedDecoder(BodyDecoder):
                 line = self._line(buf, MAX_CHUNK_LINE)
                 if line is None:
                     return None
-                size = line.split(b";", 1)[0].rstrip(b" \t")
+                size, semicolon, _ = line.partition(b";")
+                if semicolon:  # BWS is allowed only before chunk extensions (7.1.1)
+                    size = size.rstrip(b" \t")
                 if not size or len(size) > 16 or not _HEX.issuperset(size):
                     raise self._error("invalid chunk size")
                 self._remaining = int(size, 16)
@@ -152,6 +154,10 @@ class ChunkedDecoder(BodyDecoder):
     def _line(self, buf: bytearray, limit: int) -> bytes | None:
         end = buf.find(b"\r\n", 0, limit + 2)
         if end < 0:
+            if buf.find(b"\n", 0, limit + 2) >= 0:
+                # A bare LF ends no line in chunked framing: refuse now rather than wait
+                # for a CRLF that a client reading LF as a line end will never send.
+                raise self._error("bare LF in chunked framing")
             if len(buf) > limit:
                 raise self._error("chunk line too long")
             return None

@@ -49,6 +49,7 @@ class ResponseHead:
     content_length: int | None
     chunked: bool
     keep_alive: bool
+    codings: list[bytes]  # transfer codings other than chunked (gzip...), passed on
 
 
 class _Collector:
@@ -90,10 +91,15 @@ def find_head_end(buf: bytes | bytearray, max_bytes: int, *, request: bool) -> i
     return -1
 
 
-def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, bool]:
-    """(content_length, chunked, has_transfer_encoding) per RFC 9112 section 6."""
+def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list[bytes], bool]:
+    """(content_length, chunked, other transfer codings, any Transfer-Encoding) per RFC
+    9112 section 6.
+
+    Transfer-Encoding lines form one list (RFC 9110 5.3): "x" then "chunked" on two lines
+    is "x, chunked", never just "chunked".
+    """
     length: int | None = None
-    chunked = False
+    codings: list[bytes] = []
     has_te = False
     for name, value in headers:
         lname = name.lower()
@@ -106,13 +112,16 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, bool
             length = int(value)
         elif lname == b"transfer-encoding":
             has_te = True
-            codings = [c.strip().lower() for c in value.split(b",")]
-            # chunked must be the final coding, and only once (RFC 9112 6.1).
-            chunked = codings[-1] == b"chunked" and codings.count(b"chunked") == 1
+            codings += [c.strip().lower() for c in value.split(b",")]
     if has_te and length is not None:
         # Both present is the classic smuggling vector: refuse rather than pick one (6.1).
         _fail(upstream, "both Transfer-Encoding and Content-Length")
-    return length, chunked, has_te
+    # chunked must be the final coding, and only once (RFC 9112 6.1).
+    chunked = bool(codings) and codings[-1] == b"chunked" and codings.count(b"chunked") == 1
+    others = [c for c in codings if c != b"chunked"]
+    if has_te and (not all(others) or any(not _TOKEN.match(c) for c in others)):
+        _fail(upstream, "invalid Transfer-Encoding")
+    return length, chunked, others, has_te
 
 
 def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
@@ -159,7 +168,12 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise ProtocolError("too many header fields", status=431)
     version = _version(parser.get_http_version(), upstream=False)
     method = parser.get_method()
-    length, chunked, has_te = _length(c.headers, upstream=False)
+    length, chunked, codings, has_te = _length(c.headers, upstream=False)
+    if codings and chunked:
+        # We re-frame bodies and would drop a coding we do not implement (9112 6.1: 501).
+        raise ProtocolError(
+            f"transfer coding {codings[0].decode('latin-1')!r} not implemented", status=501
+        )
     if has_te and not chunked:
         # A request body we cannot delimit (RFC 9112 6.3 rule 4): 400 and close.
         raise ProtocolError("Transfer-Encoding without chunked as the final coding")
@@ -195,7 +209,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     if len(c.headers) > MAX_HEADER_COUNT:
         raise UpstreamError("malformed upstream response: too many header fields")
     version = _version(parser.get_http_version(), upstream=True)
-    length, chunked, _ = _length(c.headers, upstream=True)
+    length, chunked, codings, _ = _length(c.headers, upstream=True)
     tokens = connection_tokens(c.headers)
     keep_alive = _keep_alive(version, tokens)
     return ResponseHead(
@@ -206,6 +220,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
         content_length=None if chunked else length,
         chunked=chunked,
         keep_alive=keep_alive,
+        codings=codings,
     )
 
 

@@ -1,0 +1,340 @@
+"""One side fails mid-exchange: that exchange ends with the right signal and a log line,
+and the proxy keeps serving everyone else.
+
+- a TLS client that does not trust the proxy's CA: its handshake fails, the proxy logs
+  "TLS handshake with client failed";
+- SNI naming another host than CONNECT: the leaf is for the SNI name;
+- a client that resets mid-upload: the upstream never sees the body complete;
+- an upstream that resets mid-download: the client sees the truncation as an error;
+- a client that resets mid-download: logged, nothing else disturbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import ssl
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+import trustme
+
+from tests.proxy_process import EGRESS, ProxyProcess
+from tests.upstream import Upstream, expected_sha256
+
+pytestmark = pytest.mark.timeout(60)
+
+SCHEMES = ("http", "https")
+SOCK_TIMEOUT = 10.0
+RUN = uuid.uuid4().hex[:8]
+LINGER_0 = struct.pack("ii", 1, 0)  # close() then sends a RST
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _session(proxy: ProxyProcess) -> Iterator[requests.Session]:
+    with requests.Session() as s:
+        s.trust_env = False
+        s.proxies = {"http": proxy.url, "https": proxy.url}
+        s.verify = str(proxy.ca_path)
+        yield s
+
+
+def _assert_serving(proxy: ProxyProcess, upstream: Upstream) -> None:
+    with _session(proxy) as s:
+        for url in (upstream.http_url("/ip"), upstream.https_url("/ip")):
+            with s.get(url, timeout=SOCK_TIMEOUT) as r:
+                assert r.status_code == 200, (url, r.status_code, r.text)
+                assert r.json()["peer"] in EGRESS
+
+
+def _connect_answer(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before the CONNECT answer: {data!r}"
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200 "), data
+    assert data.endswith(b"\r\n\r\n"), "bytes after the CONNECT answer, before TLS"
+    return data
+
+
+def _tunnel(proxy: ProxyProcess, authority: str) -> socket.socket:
+    """A connection to the proxy on which CONNECT `authority` was answered 200."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT)
+    try:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        _connect_answer(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _response_line(proxy: ProxyProcess, marker: str, timeout: float = 10.0) -> dict[str, Any]:
+    return proxy.wait_for_log(
+        "inbound response",
+        lambda ln: marker in str(ln["fields"].get("url", "")),
+        timeout=timeout,
+    )
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def test_client_not_trusting_the_ca_fails_its_handshake(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    host = f"untrusted-{RUN}.test"
+    with _tunnel(proxy, f"{host}:443") as sock:
+        # A client that trusts some other CA only (here: the upstream's).
+        ctx = ssl.create_default_context(cafile=str(upstream.ca_pem_path))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ctx.wrap_socket(sock, server_hostname=host)
+    line = proxy.wait_for_log(
+        "TLS handshake with client failed", lambda ln: ln["fields"].get("host") == host
+    )
+    assert line["level"] == "warning"
+    assert line["fields"]["client"] == "127.0.0.1"
+    assert line["fields"].get("error"), line
+    _assert_serving(proxy, upstream)
+
+
+def test_leaf_is_for_the_sni_name_not_the_connect_host(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    sni = "upstream.test"  # also a name on the upstream's certificate
+    with _tunnel(proxy, f"127.0.0.1:{upstream.https_port}") as sock:
+        ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+        # Verification (chain and name) against the SNI name succeeds.
+        with ctx.wrap_socket(sock, server_hostname=sni) as tls:
+            san = tls.getpeercert()["subjectAltName"]
+            assert ("DNS", sni) in san, san
+            assert ("IP Address", "127.0.0.1") not in san, san
+            tls.sendall(
+                f"GET /ip HTTP/1.1\r\nHost: {sni}:{upstream.https_port}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+    # The upstream was verified as the SNI name too, and answered.
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert b'"peer"' in answer
+
+
+# --------------------------------------------------------------------------- uploads
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_client_reset_mid_upload_never_completes_upstream(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    marker = f"case={RUN}-reset-upload-{scheme}"
+    port = upstream.http_port if scheme == "http" else upstream.https_port
+    authority = f"127.0.0.1:{port}"
+    piece = b"u" * 65536
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    with contextlib.ExitStack() as stack:
+        if scheme == "http":
+            sock = stack.enter_context(
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT)
+            )
+            target = f"http://{authority}/upload?{marker}"
+        else:
+            raw = stack.enter_context(_tunnel(proxy, authority))
+            ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+            sock = stack.enter_context(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+            target = f"/upload?{marker}"
+        sock.sendall(
+            f"POST {target} HTTP/1.1\r\nHost: {authority}\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        for _ in range(16):  # 1 MiB
+            sock.sendall(chunk)
+        deadline = time.monotonic() + 10
+        while not [s for s in list(upstream.seen_headers) if marker in s["path"]]:
+            assert time.monotonic() < deadline, "the upload never reached the upstream"
+            time.sleep(0.02)
+        for _ in range(4):  # the upload is under way upstream
+            sock.sendall(chunk)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+    # The exchange ended with an error, not with the upstream's answer (which would be a
+    # 200 carrying the length it received).
+    line = _response_line(proxy, marker)
+    assert line["level"] == "warning", line
+    assert line["fields"].get("error"), line
+    assert line["fields"]["status_code"] != 200, line
+    time.sleep(0.2)
+    statuses = [
+        ln["fields"]["status_code"]
+        for ln in proxy.logs("inbound response")
+        if marker in str(ln["fields"].get("url", ""))
+    ]
+    assert statuses == [line["fields"]["status_code"]], statuses
+    _assert_serving(proxy, upstream)
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+class ResettingUpstream:
+    """Answers each request with a 1 MiB Content-Length head, 256 KiB of it, then a RST."""
+
+    SIZE = 1 << 20
+    SENT = 256 * 1024
+
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(10)
+        for t in self._threads:
+            t.join(10)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                if self.tls is not None:
+                    with self.tls.wrap_socket(conn, server_side=True) as tls:
+                        self._respond(tls, conn)
+                else:
+                    self._respond(conn, conn)
+            except OSError:
+                pass
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        self.seen.append(head.split(b" ", 2)[1].decode("latin-1"))
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
+        sock.sendall(b"d" * self.SENT)
+        time.sleep(0.3)  # relayed to the client by now
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+
+
+@pytest.fixture(scope="module")
+def resetting_upstreams(upstream: Upstream) -> Iterator[dict[str, ResettingUpstream]]:
+    ca: trustme.CA = upstream.ca  # the proxy trusts it (--upstream-ca)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    servers = {"http": ResettingUpstream(None), "https": ResettingUpstream(ctx)}
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.close()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_upstream_reset_mid_download_is_an_error_for_the_client(
+    proxy: ProxyProcess,
+    upstream: Upstream,
+    resetting_upstreams: dict[str, ResettingUpstream],
+    scheme: str,
+) -> None:
+    server = resetting_upstreams[scheme]
+    path = f"/download?case={RUN}-upstream-reset-{scheme}"
+    received = 0
+    with _session(proxy) as s:
+        with (
+            pytest.raises(
+                (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)
+            ),
+            s.get(f"{scheme}://127.0.0.1:{server.port}{path}", stream=True, timeout=20) as r,
+        ):
+            assert r.status_code == 200
+            assert r.headers["Content-Length"] == str(ResettingUpstream.SIZE)
+            for data in r.iter_content(65536):
+                received += len(data)
+        assert received < ResettingUpstream.SIZE
+    assert path in server.seen
+    line = _response_line(proxy, path)
+    assert line["level"] == "warning", line
+    assert line["fields"].get("error"), line
+    assert line["fields"]["bytes"] < ResettingUpstream.SIZE, line
+    _assert_serving(proxy, upstream)
+
+
+def _download_then_reset(proxy: ProxyProcess, upstream: Upstream, scheme: str, path: str) -> None:
+    """GET `path`, read 512 KiB of the answer, then reset the connection (SO_LINGER 0)."""
+    port = upstream.http_port if scheme == "http" else upstream.https_port
+    authority = f"127.0.0.1:{port}"
+    with contextlib.ExitStack() as stack:
+        if scheme == "http":
+            sock = stack.enter_context(
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT)
+            )
+            target = f"http://{authority}{path}"
+        else:
+            raw = stack.enter_context(_tunnel(proxy, authority))
+            ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+            sock = stack.enter_context(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+            target = path
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        got = b""
+        while len(got) < 512 * 1024:
+            chunk = sock.recv(65536)
+            assert chunk, "closed early"
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200 ")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_client_reset_mid_download_is_logged_and_contained(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    size = 20 * 1024 * 1024
+    first_line = len(proxy.lines)
+    for attempt in range(3):  # the race between our write and the reset varies
+        path = f"/bytes/{size}?case={RUN}-client-reset-{scheme}-{attempt}"
+        _download_then_reset(proxy, upstream, scheme, path)
+        line = _response_line(proxy, path)
+        # A cut transfer is logged as one: a warning with the reason, not a plain 200.
+        assert line["level"] == "warning", line
+        assert line["fields"].get("error"), line
+        assert line["fields"]["bytes"] < size, line
+    internal = [ln for ln in proxy.lines[first_line:] if ln.get("message") == "internal error"]
+    assert internal == [], internal[0]["fields"].get("error")
+    # Everyone else is served, byte-exact.
+    with _session(proxy) as s, s.get(upstream.https_url("/bytes/100000"), timeout=10) as r:
+        assert r.status_code == 200
+        assert hashlib.sha256(r.content).hexdigest() == expected_sha256(100000)
+    _assert_serving(proxy, upstream)

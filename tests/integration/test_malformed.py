@@ -1,0 +1,720 @@
+"""Malformed and smuggling messages against the live proxy, in both directions.
+
+Requests: a hand-written corpus sent over raw sockets, as plain HTTP (absolute-form) and
+inside an intercepted tunnel (CONNECT, TLS verified against the proxy's CA, origin-form).
+For each the client must get a 4xx/5xx written by the proxy itself, then a closed
+connection, and the upstream must never receive the request: every case carries a unique
+marker in its target (``?case=<run>-<scheme>-<id>``) that is looked for in
+``Upstream.seen_headers``. When only the chunked body is bad the head is valid and may
+already have gone upstream; then the upstream must never see the request complete (its
+/upload handler never answers with a length, so the proxy's "inbound response" line for
+it is not a 200) and the client gets a 4xx or a reset, never a 200.
+
+Responses: a tiny raw server that answers every request with a malformed response. A
+client gets a plain-text 502 when nothing was relayed yet, and an aborted transfer
+(requests raises, curl exits 18 or 56) once the body has started: never a clean short 200.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import re
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import requests
+import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.proxy_process import EGRESS, ProxyProcess
+from tests.upstream import Upstream
+
+pytestmark = pytest.mark.timeout(90)
+
+SCHEMES = ("http", "https")
+SOCK_TIMEOUT = 10.0
+# The proxy answers a malformed message in milliseconds; waiting longer means it hangs.
+ANSWER_TIMEOUT = 5.0
+MAX_ANSWER = 1 << 20
+RUN = uuid.uuid4().hex[:8]  # markers stay unique across modules sharing the upstream
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) [^\r\n]*\r\n")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Answer:
+    data: bytes  # every byte the proxy sent before the end
+    end: str  # "close" (recv returned b""), "reset", or "open" (still, at a timeout)
+
+    @property
+    def status(self) -> int | None:
+        m = STATUS_LINE.match(self.data)
+        return int(m.group(1)) if m else None
+
+    @property
+    def head(self) -> bytes:
+        return self.data.partition(b"\r\n\r\n")[0]
+
+
+def _read_until_head_end(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed before a complete head: {data!r}"
+        data += chunk
+        assert len(data) < 65536, "head too long"
+    return data
+
+
+@contextlib.contextmanager
+def _client(
+    proxy: ProxyProcess, port: int, scheme: str, host: str = "127.0.0.1"
+) -> Iterator[tuple[socket.socket, str, str]]:
+    """A client connection ready for a request to origin scheme://host:port.
+
+    Yields (socket, target prefix, Host value): the prefix is "http://host:port" for
+    absolute-form, "" inside a tunnel (CONNECT, then TLS verified with the proxy's CA).
+    """
+    authority = f"{host}:{port}"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT) as sock:
+        if scheme == "http":
+            yield sock, f"http://{authority}", authority
+            return
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        answer = _read_until_head_end(sock)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert answer.endswith(b"\r\n\r\n"), "bytes after the CONNECT answer, before TLS"
+        ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+        with ctx.wrap_socket(sock, server_hostname=host) as tls:
+            yield tls, "", authority
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    """Send all of `data`; the proxy may answer and close before reading all of it."""
+    try:
+        sock.sendall(data)
+    except TimeoutError:
+        raise
+    except OSError:  # EPIPE, ECONNRESET, or the TLS flavours of them
+        pass
+
+
+def _answer(sock: socket.socket, timeout: float = ANSWER_TIMEOUT) -> Answer:
+    """Everything the proxy sends until it closes; fails if it neither answers nor closes."""
+    sock.settimeout(timeout)
+    data = bytearray()
+    end = "close"
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            got = Answer(bytes(data), "open")
+            what = f"answered {got.status} but" if got.status else "neither answered nor"
+            raise AssertionError(
+                f"the proxy {what} closed the connection within {timeout:g} s; "
+                f"got {got.data[:300]!r}"
+            ) from None
+        except (ConnectionResetError, ssl.SSLError):
+            end = "reset"
+            break
+        if not chunk:
+            break
+        data += chunk
+        assert len(data) <= MAX_ANSWER, "an endless answer"
+    return Answer(bytes(data), end)
+
+
+def _seen(upstream: Upstream, marker: str) -> list[str]:
+    return [s["path"] for s in list(upstream.seen_headers) if f"case={marker}" in s["path"]]
+
+
+def _sync_request(proxy: ProxyProcess, upstream: Upstream, scheme: str) -> None:
+    """A normal request through the proxy and the same kind of connection: 200.
+
+    Also a barrier: by the time it is answered, a request the proxy had forwarded for
+    the previous case would have been recorded by the upstream.
+    """
+    port = upstream.http_port if scheme == "http" else upstream.https_port
+    with _client(proxy, port, scheme) as (sock, prefix, host):
+        _send(
+            sock,
+            f"GET {prefix}/ip?sync={RUN} HTTP/1.1\r\nHost: {host}\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+        answer = _answer(sock, SOCK_TIMEOUT)
+    assert answer.status == 200, answer.data[:300]
+    assert b'"peer"' in answer.data
+
+
+@contextlib.contextmanager
+def _session(proxy: ProxyProcess) -> Iterator[requests.Session]:
+    with requests.Session() as s:
+        s.trust_env = False
+        s.proxies = {"http": proxy.url, "https": proxy.url}
+        s.verify = str(proxy.ca_path)
+        yield s
+
+
+# --------------------------------------------------------------------------- request corpus
+
+REFUSED_IN_TIME: list[str] = []
+"""Markers of cases the upstream had not seen when their test ended (checked again later)."""
+
+Build = Callable[[str, str, str], bytes]  # (target prefix, Host, marker) -> request bytes
+
+
+def _req(
+    method: str,
+    path: str,
+    headers: list[str],
+    body: bytes = b"",
+    version: str = "HTTP/1.1",
+) -> Build:
+    def build(prefix: str, host: str, marker: str) -> bytes:
+        target = path.replace("{case}", f"case={marker}")
+        lines = [f"{method} {prefix}{target} {version}", f"Host: {host}", *headers]
+        head = "".join(line + "\r\n" for line in lines) + "\r\n"
+        return head.encode("latin-1") + body.replace(b"{case}", f"case={marker}".encode())
+
+    return build
+
+
+def _te_cl_smuggle(prefix: str, host: str, marker: str) -> bytes:
+    # TE.CL: a proxy reading Content-Length forwards "5c\r\n" and leaves a second request
+    # (GPOST ...) for the server to find on the same connection.
+    inner = (
+        f"GPOST {prefix}/ip?case={marker}-smuggled HTTP/1.1\r\nHost: {host}\r\n"
+        "Content-Length: 15\r\n\r\nx=1"
+    ).encode()
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(inner), inner)
+    build = _req(
+        "POST", "/upload?{case}", ["Transfer-Encoding: chunked", "Content-Length: 4"], body
+    )
+    return build(prefix, host, marker)
+
+
+BAD_REQUEST = frozenset({400})
+
+# id -> (builder, accepted statuses). Every one of these is refused from its head alone:
+# the upstream must not see it at all.
+HEAD_CASES: dict[str, tuple[Build, frozenset[int]]] = {
+    "cl-te": (
+        _req(
+            "POST",
+            "/upload?{case}",
+            ["Content-Length: 6", "Transfer-Encoding: chunked"],
+            b"0\r\n\r\nGET /ip?{case}-smuggled HTTP/1.1\r\n\r\n",
+        ),
+        BAD_REQUEST,
+    ),
+    "te-cl": (_te_cl_smuggle, BAD_REQUEST),
+    "te-chunked-identity": (
+        _req("POST", "/upload?{case}", ["Transfer-Encoding: chunked, identity"], b"0\r\n\r\n"),
+        BAD_REQUEST,
+    ),
+    "te-space-before-colon": (
+        _req(
+            "POST",
+            "/upload?{case}",
+            ["Transfer-Encoding : chunked", "Content-Length: 5"],
+            b"0\r\n\r\n",
+        ),
+        BAD_REQUEST,
+    ),
+    "te-xchunked": (
+        _req("POST", "/upload?{case}", ["Transfer-Encoding: xchunked"], b"0\r\n\r\n"),
+        BAD_REQUEST,
+    ),
+    "te-duplicated-chunked-then-x": (
+        _req(
+            "POST",
+            "/upload?{case}",
+            ["Transfer-Encoding: chunked", "Transfer-Encoding: x"],
+            b"0\r\n\r\n",
+        ),
+        BAD_REQUEST,
+    ),
+    # Together the two fields say "x, chunked": a coding nobody here knows, under chunked.
+    # Forwarding only the chunked framing would hand the server x-coded bytes as if they
+    # were the content: refuse (400, or 501 for the unknown coding, RFC 9112 6.1).
+    "te-duplicated-x-then-chunked": (
+        _req(
+            "POST",
+            "/upload?{case}",
+            ["Transfer-Encoding: x", "Transfer-Encoding: chunked"],
+            b"0\r\n\r\n",
+        ),
+        frozenset({400, 501}),
+    ),
+    "te-duplicated-chunked-twice": (
+        _req(
+            "POST",
+            "/upload?{case}",
+            ["Transfer-Encoding: chunked", "Transfer-Encoding: chunked"],
+            b"0\r\n\r\n",
+        ),
+        BAD_REQUEST,
+    ),
+    "te-tab-before-colon": (
+        _req(
+            "POST",
+            "/upload?{case}",
+            ["Transfer-Encoding\t: chunked", "Content-Length: 5"],
+            b"0\r\n\r\n",
+        ),
+        BAD_REQUEST,
+    ),
+    "te-vertical-tab-value": (
+        _req("POST", "/upload?{case}", ["Transfer-Encoding: \x0bchunked"], b"0\r\n\r\n"),
+        BAD_REQUEST,
+    ),
+    "te-tab-value-and-cl": (
+        _req(
+            "POST",
+            "/upload?{case}",
+            ["Content-Length: 5", "Transfer-Encoding:\tchunked"],
+            b"0\r\n\r\n",
+        ),
+        BAD_REQUEST,
+    ),
+    "te-folded-onto-previous-line": (
+        _req(
+            "POST",
+            "/upload?{case}",
+            ["Content-Length: 5", "X-Padding: a", " Transfer-Encoding: chunked"],
+            b"0\r\n\r\n",
+        ),
+        BAD_REQUEST,
+    ),
+    "cl-two-values": (
+        _req("POST", "/upload?{case}", ["Content-Length: 5", "Content-Length: 6"], b"hello!"),
+        BAD_REQUEST,
+    ),
+    "cl-plus-sign": (
+        _req("POST", "/upload?{case}", ["Content-Length: +5"], b"hello"),
+        BAD_REQUEST,
+    ),
+    "cl-minus-sign": (
+        _req("POST", "/upload?{case}", ["Content-Length: -5"], b"hello"),
+        BAD_REQUEST,
+    ),
+    "cl-hex": (
+        _req("POST", "/upload?{case}", ["Content-Length: 0x5"], b"hello"),
+        BAD_REQUEST,
+    ),
+    "obs-fold": (_req("GET", "/ip?{case}", ["X-Folded: a", " b"]), BAD_REQUEST),
+    "bare-cr-in-header": (_req("GET", "/ip?{case}", ["X-Bad: a\rb"]), BAD_REQUEST),
+    "bare-lf-in-header": (_req("GET", "/ip?{case}", ["X-Bad: a\nX-Other: b"]), BAD_REQUEST),
+    "non-token-method": (_req("GE@T", "/ip?{case}", []), BAD_REQUEST),
+    "request-line-over-64k": (
+        _req("GET", "/ip?{case}&pad=" + "a" * (70 * 1024), []),
+        frozenset({414}),
+    ),
+    "header-block-over-64k": (
+        _req("GET", "/ip?{case}", [f"X-Filler-{i}: {'a' * 1000}" for i in range(70)]),
+        frozenset({431}),
+    ),
+    "too-many-headers": (
+        _req("GET", "/ip?{case}", [f"X-Many-{i}: a" for i in range(300)]),
+        frozenset({431}),
+    ),
+    "http-2.0": (_req("GET", "/ip?{case}", [], version="HTTP/2.0"), frozenset({505})),
+    "unknown-method": (_req("FROBNICATE", "/ip?{case}", []), frozenset({501})),
+}
+
+_CHUNKED = ["Transfer-Encoding: chunked"]
+
+# Valid heads, bad chunked bodies: the head may already be upstream when the body fails.
+BODY_CASES: dict[str, Build] = {
+    "chunk-size-G": _req("POST", "/upload?{case}", _CHUNKED, b"5\r\nhello\r\nG\r\n\r\n"),
+    "chunk-size-minus-1": _req("POST", "/upload?{case}", _CHUNKED, b"-1\r\nhello\r\n0\r\n\r\n"),
+    "chunk-data-without-crlf": _req("POST", "/upload?{case}", _CHUNKED, b"5\r\nhelloXX0\r\n\r\n"),
+    "chunk-data-then-bare-lf": _req("POST", "/upload?{case}", _CHUNKED, b"5\r\nhello\n0\r\n\r\n"),
+    "chunk-last-size-bare-lf": _req("POST", "/upload?{case}", _CHUNKED, b"5\r\nhello\r\n0\n\r\n"),
+    # Every line ends in a bare LF: no CRLF ever comes, the body is invalid from its
+    # first line on, and nothing the client could still send would make it valid.
+    "chunk-all-bare-lf": _req("POST", "/upload?{case}", _CHUNKED, b"5\nhello\n0\n\n"),
+}
+
+
+def _port(upstream: Upstream, scheme: str) -> int:
+    return upstream.http_port if scheme == "http" else upstream.https_port
+
+
+@pytest.mark.parametrize("case", list(HEAD_CASES))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_malformed_request_refused_and_never_forwarded(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str, case: str
+) -> None:
+    build, statuses = HEAD_CASES[case]
+    marker = f"{RUN}-{scheme}-{case}"
+    with _client(proxy, _port(upstream, scheme), scheme) as (sock, prefix, host):
+        _send(sock, build(prefix, host, marker))
+        answer = _answer(sock)
+    assert answer.status is not None, f"no status line from the proxy: {answer}"
+    assert answer.status in statuses, (answer.status, answer.data[:500])
+    assert b"aiohttp" not in answer.head, "the answer came from the upstream"
+    assert re.search(rb"(?im)^content-type: text/plain", answer.head), answer.head
+    assert answer.end == "close", f"connection reset instead of closed after {answer.status}"
+    _sync_request(proxy, upstream, scheme)
+    assert _seen(upstream, marker) == [], "the upstream received the malformed request"
+    REFUSED_IN_TIME.append(marker)
+
+
+def _upload_answers(proxy: ProxyProcess, marker: str) -> list[int]:
+    """Statuses of the proxy's "inbound response" lines for this case's request."""
+    return [
+        int(line["fields"].get("status_code", 0))
+        for line in proxy.logs("inbound response")
+        if f"case={marker}" in str(line["fields"].get("url", ""))
+    ]
+
+
+@pytest.mark.parametrize("case", list(BODY_CASES))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bad_chunked_body_never_completes_upstream(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str, case: str
+) -> None:
+    marker = f"{RUN}-{scheme}-{case}"
+    with _client(proxy, _port(upstream, scheme), scheme) as (sock, prefix, host):
+        _send(sock, BODY_CASES[case](prefix, host, marker))
+        answer = _answer(sock)
+    status = answer.status
+    if status is None:
+        assert answer.data == b"", f"not a status line: {answer.data[:300]!r}"
+        assert answer.end == "reset", "closed without an answer: neither a 4xx nor a reset"
+    else:
+        assert 400 <= status < 500, (status, answer.data[:500])
+        assert b"aiohttp" not in answer.head, "the answer came from the upstream"
+        assert answer.end == "close", f"connection reset instead of closed after {status}"
+    _sync_request(proxy, upstream, scheme)
+    if _seen(upstream, marker):
+        # The head went upstream: the exchange must have ended without the upstream's
+        # answer (its /upload would have answered 200 with the length it received).
+        line = proxy.wait_for_log(
+            "inbound response",
+            lambda ln: f"case={marker}" in str(ln["fields"].get("url", "")),
+        )
+        assert "error" in line["fields"], line
+    assert 200 not in _upload_answers(proxy, marker), "the upstream answered a bad upload"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_transfer_coding_under_chunked_is_not_silently_dropped(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    """`Transfer-Encoding: gzip, chunked`: refused, or forwarded saying gzip.
+
+    Decoding only the chunked layer and forwarding "Transfer-Encoding: chunked" would
+    hand the server gzip bytes as if they were the content itself.
+    """
+    marker = f"{RUN}-{scheme}-te-gzip-chunked"
+    data = gzip.compress(b"hello, world\n" * 10)
+    body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    headers = ["Transfer-Encoding: gzip, chunked", "Connection: close"]
+    build = _req("POST", "/upload?{case}", headers, body)
+    with _client(proxy, _port(upstream, scheme), scheme) as (sock, prefix, host):
+        _send(sock, build(prefix, host, marker))
+        answer = _answer(sock, SOCK_TIMEOUT)
+    _sync_request(proxy, upstream, scheme)
+    seen = [s for s in list(upstream.seen_headers) if f"case={marker}" in s["path"]]
+    if answer.status is not None and answer.status >= 400 and not seen:
+        assert answer.status in (400, 501), answer.data[:300]
+        return
+    assert seen, f"neither refused nor forwarded: {answer.data[:300]!r}"
+    codings = [
+        value.lower() for name, value in seen[0]["headers"] if name.lower() == "transfer-encoding"
+    ]
+    assert any("gzip" in v for v in codings), (
+        f"forwarded with Transfer-Encoding {codings}: the gzip coding was dropped"
+    )
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+# Pieces of HTTP syntax to splice with random bytes. Nothing here can form an
+# absolute-form target or an authority (no "http://", no CONNECT): a random head can
+# never make the proxy dial anything, so none can legitimately be served with a 2xx.
+_PIECES = st.sampled_from(
+    [
+        b"GET",
+        b"POST",
+        b"HEAD",
+        b"OPTIONS",
+        b"PRI",
+        b"*",
+        b" ",
+        b"\t",
+        b"/",
+        b"HTTP/1.1",
+        b"HTTP/1.0",
+        b"HTTP/2.0",
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b"Host:",
+        b"Content-Length:",
+        b"Transfer-Encoding:",
+        b"chunked",
+        b"Connection: close",
+        b"Upgrade: websocket",
+        b"0",
+        b"5",
+        b",",
+        b";",
+        b"\x00",
+        b"\xff",
+        b"%00",
+    ]
+)
+_HEADS = st.one_of(
+    st.binary(max_size=2048),
+    st.lists(st.one_of(_PIECES, st.binary(max_size=8)), max_size=48).map(b"".join),
+)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(head=_HEADS)
+def test_random_heads_get_an_error_or_a_close(proxy: ProxyProcess, head: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT) as sock:
+        # The blank line ends the head: the proxy must decide now, not wait for more.
+        _send(sock, head + b"\r\n\r\n")
+        answer = _answer(sock)
+    if answer.data:
+        status = answer.status
+        assert status is not None, f"not a status line: {answer.data[:200]!r}"
+        assert 400 <= status <= 599, (head, answer.data[:300])
+        assert answer.end == "close", f"reset after {status} for {head!r}"
+    # else: closed without a word (e.g. nothing but blank lines), which is fine.
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_proxy_keeps_serving_after_the_corpus(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    url = (upstream.http_url if scheme == "http" else upstream.https_url)("/ip?after-corpus")
+    with _session(proxy) as s, s.get(url, timeout=SOCK_TIMEOUT) as r:
+        assert r.status_code == 200
+        assert r.json()["peer"] in EGRESS
+
+
+def test_no_refused_request_reached_the_upstream_later(upstream: Upstream) -> None:
+    """Requests refused from their head alone never show up upstream, even late."""
+    assert REFUSED_IN_TIME, "run with the corpus above"
+    seen = [s["path"] for s in list(upstream.seen_headers)]
+    leaked = [p for p in seen for m in REFUSED_IN_TIME if f"case={m}" in p]
+    assert leaked == []
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def _filler_head() -> bytes:
+    filler = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"a" * 1000) for i in range(70))
+    return b"HTTP/1.1 200 OK\r\n" + filler + b"Content-Length: 2\r\n\r\nok"
+
+
+_PARTIAL = b"p" * 50_000
+# path -> response bytes, sent at once. Nothing of these can be relayed: a 502.
+BAD_RESPONSES: dict[str, bytes] = {
+    "/cl-and-te": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    ),
+    "/two-content-lengths": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+    ),
+    "/head-over-64k": _filler_head(),
+    "/garbage-status-line": b"HTTP/1.1 2OO Fine\r\nContent-Length: 2\r\n\r\nok",
+    "/not-http": b"\x16\x03\x01 this is not HTTP at all\r\n\r\n",
+    "/nothing": b"",
+    # The head and a bad first chunk size in one segment: the head is not relayed yet.
+    "/bad-chunk-size-with-the-head": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
+    ),
+}
+# The head is relayed first, then the body goes wrong: the client sees an aborted transfer.
+MID_BODY = ("/bad-chunk-size", "/cut-mid-body", "/cut-mid-chunked", "/reset-mid-body")
+
+
+class BadUpstream:
+    """Answers every request with the malformed response its path names, then closes."""
+
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, name="bad-upstream", daemon=True)
+        self._acceptor.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(10)
+        for t in self._threads:
+            t.join(10)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                if self.tls is not None:
+                    with self.tls.wrap_socket(conn, server_side=True) as tls:
+                        self._respond(tls, conn)
+                else:
+                    self._respond(conn, conn)
+            except OSError:
+                pass  # the proxy may close early (huge head): nothing to do
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < 65536:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        path = head.split(b" ", 2)[1].decode("latin-1")
+        self.seen.append(path)
+        if path in BAD_RESPONSES:
+            sock.sendall(BAD_RESPONSES[path])
+        elif path == "/bad-chunk-size":
+            sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            time.sleep(0.3)  # the head and first chunk are relayed by now
+            sock.sendall(b"zz\r\nhello\r\n0\r\n\r\n")
+            time.sleep(0.3)
+        elif path in ("/cut-mid-body", "/reset-mid-body"):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + _PARTIAL)
+            time.sleep(0.3)
+            if path == "/reset-mid-body":
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif path == "/cut-mid-chunked":
+            sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            sock.sendall(b"%x\r\n%s\r\n" % (len(_PARTIAL), _PARTIAL))
+            time.sleep(0.3)
+        else:
+            sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        # Leaving: a FIN (no TLS close_notify either), or a RST when SO_LINGER 0 is set.
+
+
+@pytest.fixture(scope="module")
+def bad_upstreams(upstream: Upstream) -> Iterator[dict[str, BadUpstream]]:
+    # The proxy trusts upstream.ca (--upstream-ca): a leaf from it makes a valid TLS server.
+    ca: trustme.CA = upstream.ca
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    servers = {"http": BadUpstream(None), "https": BadUpstream(ctx)}
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.close()
+
+
+def _bad_url(servers: dict[str, BadUpstream], scheme: str, path: str) -> str:
+    return f"{scheme}://127.0.0.1:{servers[scheme].port}{path}"
+
+
+@pytest.mark.parametrize("path", list(BAD_RESPONSES))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_malformed_response_is_a_plain_502(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str, path: str
+) -> None:
+    with _session(proxy) as s:
+        try:
+            r = s.get(_bad_url(bad_upstreams, scheme, path), timeout=20)
+        except requests.exceptions.ConnectionError as exc:
+            raise AssertionError(
+                f"no answer at all, though nothing had been relayed yet: {exc!r}"
+            ) from None
+    with r:
+        assert r.status_code == 502, (r.status_code, r.content[:200])
+        assert r.headers["Content-Type"].startswith("text/plain")
+        assert r.text.strip(), "a 502 without a reason"
+        assert b"hello" not in r.content
+        assert r.content != b"ok"
+    assert path in bad_upstreams[scheme].seen  # the 502 is about the response, not a connect
+
+
+def _assert_aborted(fetch: Callable[[], requests.Response]) -> None:
+    try:
+        r = fetch()
+    except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError):
+        return  # the truncation was signalled
+    raise AssertionError(
+        f"a truncated response looked complete: {r.status_code}, {len(r.content)} bytes"
+    )
+
+
+@pytest.mark.parametrize("path", MID_BODY)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_response_broken_mid_body_is_aborted_requests(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str, path: str
+) -> None:
+    url = _bad_url(bad_upstreams, scheme, path)
+    with _session(proxy) as s:
+        _assert_aborted(lambda: s.get(url, timeout=20))
+        # The client's next request, on a fresh connection, is served.
+        with s.get(url.rsplit("/", 1)[0] + "/two-content-lengths", timeout=20) as r:
+            assert r.status_code == 502
+
+
+@pytest.mark.parametrize("path", MID_BODY)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_response_broken_mid_body_is_aborted_curl(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str, path: str
+) -> None:
+    res = subprocess.run(
+        [
+            "curl",
+            "-q",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "20",
+            "--proxy",
+            proxy.url,
+            "--cacert",
+            str(proxy.ca_path),
+            _bad_url(bad_upstreams, scheme, path),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    # 18: transfer closed with bytes remaining; 56: failure receiving (reset).
+    assert res.returncode in (18, 56), (res.returncode, res.stderr)
