@@ -29,9 +29,10 @@ from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
 from demux_proxy.exchange import Forwarder
+from demux_proxy.limits import Cooldowns, RateRules, parse_host_rate
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
-from demux_proxy.scheduler import Cursor, LocalCursor, RoundRobin
+from demux_proxy.scheduler import Cursor, LocalCursor, Scheduler
 from demux_proxy.server import ProxyServer
 from demux_proxy.tls import upstream_context
 from demux_proxy.upstream import UpstreamConnection
@@ -124,7 +125,14 @@ async def serve(
     )
     # Session ids stay unique across workers: worker i of N numbers i+1, i+1+N, ...
     sessions = count(worker + 1, config.workers)
-    scheduler = RoundRobin(config.egress, cursor)
+    scheduler = Scheduler(
+        config.egress,
+        strategy=config.strategy,
+        cursor=cursor,
+        rules=RateRules([parse_host_rate(r) for r in config.host_rate]),
+        cooldowns=Cooldowns(),
+        workers=config.workers,
+    )
     recorder: metrics.Recorder = (
         metrics.Metrics(config.egress) if config.admin is not None else metrics.NoMetrics()
     )

@@ -28,6 +28,7 @@ import ipaddress
 import re
 import secrets
 import threading
+import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -457,3 +458,21 @@ def is_loopback(host: str) -> bool:
         return True
     ip = _client_ip(name)
     return ip is not None and ip.is_loopback
+
+
+def session_of(headers: Headers) -> str | None:
+    """The sticky-session key named in the proxy user name, or None.
+
+    With a `-ttl-<seconds>` part the key also carries the current TTL window, so the
+    session may move to another address at most once per TTL (the mapping is stateless:
+    every worker computes the same answer without sharing anything).
+    """
+    basic = basic_credentials(headers)
+    if basic is None:
+        return None
+    _, session, ttl = split_session(basic[0])
+    if not session:
+        return None
+    if ttl:
+        return f"{session}@{int(time.time() // ttl)}"
+    return session

@@ -60,6 +60,13 @@ class Config:
     # Concurrent client connections per worker; past it, new ones wait in the listen
     # backlog (not dropped) until one ends.
     max_connections: int = 10_000
+    # Scheduling (see scheduler.py): strategy, per-host budgets, the queue for budget,
+    # statuses that cool an (address, host) pair down, transparent retries.
+    strategy: str = "round-robin"
+    host_rate: tuple[str, ...] = ()
+    queue_timeout_s: float = 30.0
+    ban_status: tuple[int, ...] = ()
+    retries: int = 2
     # --admin HOST:PORT: /metrics, /status, /status.json, /healthz; None when off.
     admin: tuple[str, int] | None = None
 

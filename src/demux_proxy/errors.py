@@ -52,6 +52,16 @@ class LoopDetected(ProxyError):
     status = 508
 
 
+class Unavailable(ProxyError):
+    """No egress address may send to the host in time (budgets, cooldowns): 503."""
+
+    status = 503
+
+    def __init__(self, reason: str, *, retry_after_s: int) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
 class UpstreamError(ProxyError):
     """The upstream refused, reset, failed TLS verification or answered malformed HTTP."""
 

@@ -8,6 +8,7 @@ connection can carry another request.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import ssl
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from itertools import count
 
 from demux_proxy import log
+from demux_proxy.auth import session_of
 from demux_proxy.config import Config
 from demux_proxy.egress import Egress
 from demux_proxy.errors import (
@@ -23,6 +25,7 @@ from demux_proxy.errors import (
     LoopDetected,
     ProtocolError,
     ProxyError,
+    Unavailable,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -41,12 +44,13 @@ from demux_proxy.http1.parser import (
     parse_response_head,
     response_has_body,
 )
+from demux_proxy.limits import parse_retry_after, session_egress
 from demux_proxy.metrics import NoMetrics, Recorder
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
 from demux_proxy.relay import relay
 from demux_proxy.route import Route
-from demux_proxy.scheduler import RoundRobin
+from demux_proxy.scheduler import Scheduler
 from demux_proxy.stream import Stream, StreamClosed
 from demux_proxy.upstream import Resolver, UpstreamConnection, connect
 
@@ -63,6 +67,11 @@ _KIND: dict[type[ProxyError], str] = {
 }
 
 
+# RFC 9110 9.2.2: requests a client may repeat; replayed only without a body.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_RETRY = object()  # _respond's answer when the exchange should go again elsewhere
+
+
 class _StaleConnection(Exception):
     """A pooled connection closed before answering: safe to retry on a fresh one."""
 
@@ -75,13 +84,15 @@ class _Outcome:
     response_started: bool = False
     request_done: bool = False
     egress: Egress | None = None  # the address picked, kept even when the exchange fails
+    queued_ms: float = 0.0
+    cooldown_s: float | None = None
 
 
 class Forwarder:
     def __init__(
         self,
         config: Config,
-        scheduler: RoundRobin,
+        scheduler: Scheduler,
         pool: Pool[UpstreamConnection],
         upstream_tls: ssl.SSLContext,
         events: log.EventLog,
@@ -92,6 +103,9 @@ class Forwarder:
     ) -> None:
         self._policy = policy
         self._metrics: Recorder = recorder if recorder is not None else NoMetrics()
+        self._queues: dict[str, asyncio.Lock] = {}  # per host: FIFO for budget
+        self._retries = config.retries
+        self._cooling_statuses = frozenset({429, 503, *config.ban_status})
         self._config = config
         self._scheduler = scheduler
         self._pool = pool
@@ -111,9 +125,25 @@ class Forwarder:
         error: str | None = None
         kind: str | None = None
         keep = False
+        # Replaying is safe for idempotent requests whose body is not streamed (none).
+        replayable = body.done and req.method in _IDEMPOTENT and not req.upgrade
+        tried: list[str] = []
         try:
-            conn, out.egress = await self._attempt(client, req, route, body, out, sid, method)
-            keep = await self._respond(client, conn, req, route, body, out)
+            only = self._affinity(req, route)
+            while True:
+                conn, egress = await self._attempt(
+                    client, req, route, body, out, sid, method, tried, only
+                )
+                out.egress = egress
+                result = await self._respond(
+                    client, conn, req, route, body, out, replayable and len(tried) < self._retries
+                )
+                if result is not _RETRY:
+                    keep = result is True
+                    break
+                tried.append(egress.address)
+                self._scheduler.in_flight[egress.address] -= 1
+                out.egress = None
         except ProxyError as exc:
             error = exc.reason
             kind = _KIND.get(type(exc), "proxy_error")
@@ -122,14 +152,21 @@ class Forwarder:
                 client.abort()  # a truncated body must not look complete
             else:
                 keep = out.request_done and req.keep_alive and not self.closing
-                client.write(writer.plain_response(exc.status, exc.reason, close=not keep))
+                extra = (
+                    [(b"Retry-After", b"%d" % exc.retry_after_s)]
+                    if isinstance(exc, Unavailable)
+                    else []
+                )
+                client.write(
+                    writer.plain_response(exc.status, exc.reason, close=not keep, extra=extra)
+                )
         except (StreamClosed, TimeoutError) as exc:
             error = f"client connection lost: {exc or 'timed out'}"
             kind = "client_lost"
             client.abort()
         finally:
             elapsed = time.perf_counter() - started
-            fields = {
+            fields: dict[str, object] = {
                 "method": method,
                 "session_id": sid,
                 "status_code": out.status,
@@ -140,15 +177,20 @@ class Forwarder:
                 "bytes_sent": out.bytes_up,
                 "client": client.peer[0],
             }
-            egress = out.egress
-            if egress is not None:
-                fields["interface"] = egress.address
+            used = out.egress
+            if used is not None:
+                fields["interface"] = used.address
+                self._scheduler.in_flight[used.address] -= 1
             if error is not None:
                 fields["error"] = error
+            if out.cooldown_s is not None:
+                fields["cooldown"] = round(out.cooldown_s, 3)
+            if tried:
+                fields["retried_from"] = tried
             level = log.INFO if error is None else log.WARNING
             self._events.emit(level, "inbound response", fields)
             self._metrics.request(
-                egress.address if egress is not None else None,
+                used.address if used is not None else None,
                 out.status,
                 elapsed,
                 out.bytes_down,
@@ -157,6 +199,59 @@ class Forwarder:
             if kind is not None:
                 self._metrics.error(kind)
         return keep
+
+    def _affinity(self, req: RequestHead, route: Route) -> str | None:
+        """The address this request must use: X-Demux-Egress, else its sticky session."""
+        pinned = get(req.headers, b"x-demux-egress")
+        if pinned is not None:
+            address = pinned.decode("latin-1").strip()
+            if address not in self._scheduler.in_flight:
+                raise ProtocolError(f"X-Demux-Egress {address!r} is not an egress address")
+            return address
+        session = get(req.headers, b"x-demux-session")
+        name = session.decode("latin-1").strip() if session is not None else route.session
+        if not name:
+            name = session_of(req.headers)
+        if not name:
+            return None
+        return session_egress(name, self._scheduler.addresses())
+
+    async def _acquire(
+        self, route: Route, out: _Outcome, exclude: list[str], only: str | None
+    ) -> Egress:
+        """An egress with budget for the host now, else wait in the host's FIFO queue."""
+        scheduler, host = self._scheduler, route.host
+        loop = asyncio.get_running_loop()
+        lock = self._queues.get(host)
+        if lock is None or not lock.locked():  # nobody queued: no one to overtake
+            got = scheduler.acquire(host, loop.time(), exclude=exclude, only=only)
+            if isinstance(got, Egress):
+                return got
+            if got is None:
+                raise UpstreamError(f"no egress address left to try for {host}")
+        lock = self._queues.setdefault(host, asyncio.Lock())
+        queued = loop.time()
+        wait = 0.0
+        try:
+            async with asyncio.timeout(self._config.queue_timeout_s), lock:
+                while True:
+                    got = scheduler.acquire(host, loop.time(), exclude=exclude, only=only)
+                    if isinstance(got, Egress):
+                        out.queued_ms = round((loop.time() - queued) * 1000, 1)
+                        return got
+                    if got is None:
+                        raise UpstreamError(f"no egress address left to try for {host}")
+                    wait = got
+                    await asyncio.sleep(got)
+        except TimeoutError:
+            raise Unavailable(
+                f"no egress address may send to {host} within "
+                f"{self._config.queue_timeout_s:g} s (--host-rate budgets or cooldowns)",
+                retry_after_s=max(1, math.ceil(wait)),
+            ) from None
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._queues.pop(host, None)
 
     # --- upstream side -------------------------------------------------------------
 
@@ -169,26 +264,32 @@ class Forwarder:
         out: _Outcome,
         sid: int,
         method: str,
+        tried: list[str],
+        only: str | None,
     ) -> tuple[UpstreamConnection, Egress]:
         """Pick the egress and a connection, send the head. One retry on a stale pooled one."""
-        egress = out.egress = self._scheduler.pick()
-        assert egress is not None
+        egress = out.egress = await self._acquire(route, out, tried, only)
+        self._scheduler.in_flight[egress.address] += 1
         key = (egress.address, route.scheme, route.host, route.port)
         conn = self._pool.checkout(key)
         if conn is None:
-            conn, egress = await self._dial(egress, route)
+            conn, egress = await self._switch_family(egress, route, out)
         else:
             self._metrics.upstream_connection(egress.address, reused=True)
-        self._events.info(
-            "outbound request",
-            interface=egress.address,
-            method=method,
-            session_id=sid,
-            type="request",
-            url=route.url,
-            client=client.peer[0],
-            device=egress.interface,
-        )
+        fields: dict[str, object] = {
+            "interface": egress.address,
+            "method": method,
+            "session_id": sid,
+            "type": "request",
+            "url": route.url,
+            "client": client.peer[0],
+            "device": egress.interface,
+        }
+        if out.queued_ms:
+            fields["queued_ms"] = out.queued_ms
+        if tried:
+            fields["retry_of"] = tried[-1]
+        self._events.emit(log.INFO, "outbound request", fields)
         head = self._request_head(req, route)
         conn.stream.write(head)
         if conn.requests and body.done and not req.upgrade:
@@ -198,10 +299,20 @@ class Forwarder:
                 await self._await_first_byte(conn)
             except _StaleConnection:
                 conn.close()
-                conn, egress = await self._dial(egress, route)
+                conn, egress = await self._switch_family(egress, route, out)
                 conn.stream.write(head)
         conn.requests += 1
         return conn, egress
+
+    async def _switch_family(
+        self, egress: Egress, route: Route, out: _Outcome
+    ) -> tuple[UpstreamConnection, Egress]:
+        conn, chosen = await self._dial(egress, route)
+        if chosen is not egress:  # the destination lacked this family: keep counts right
+            self._scheduler.in_flight[egress.address] -= 1
+            self._scheduler.in_flight[chosen.address] += 1
+            out.egress = chosen
+        return conn, chosen
 
     async def _dial(self, egress: Egress, route: Route) -> tuple[UpstreamConnection, Egress]:
         """Connect from `egress`, or from the next address of a family the host has."""
@@ -232,6 +343,24 @@ class Forwarder:
         self._pool.created += 1
         self._metrics.upstream_connection(egress.address, reused=False)
         return conn, egress
+
+    def _learn(self, address: str, host: str, resp: ResponseHead, out: _Outcome) -> int | None:
+        """Cool (address, host) down on 429/503/--ban-status; the Retry-After to relay."""
+        cooldowns = self._scheduler.cooldowns
+        if resp.status not in self._cooling_statuses:
+            if resp.status < 400:
+                cooldowns.ok(address, host)
+            return None
+        now = asyncio.get_running_loop().time()
+        told = parse_retry_after(get(resp.headers, b"retry-after"), time.time())
+        out.cooldown_s = cooldowns.cool(address, host, now, told)
+        soonest = cooldowns.soonest(self._scheduler.addresses(), host, now)
+        return max(1, math.ceil(soonest))
+
+    def _another_address_free(self, host: str, address: str) -> bool:
+        now = asyncio.get_running_loop().time()
+        others = [a for a in self._scheduler.addresses() if a != address]
+        return bool(others) and self._scheduler.cooldowns.soonest(others, host, now) == 0
 
     async def _await_first_byte(self, conn: UpstreamConnection) -> None:
         up = conn.stream
@@ -266,7 +395,9 @@ class Forwarder:
         route: Route,
         body: BodyDecoder,
         out: _Outcome,
-    ) -> bool:
+        may_retry: bool = False,
+    ) -> bool | object:
+        """Relay the answer; `_RETRY` when it cooled the address and another may go."""
         up = conn.stream
         upload = None
         if not body.done:
@@ -284,7 +415,16 @@ class Forwarder:
             out.status = resp.status
             if resp.status == 101:
                 return await self._switch(client, conn, req, resp, out)
-            keep = await self._relay_response(client, up, req, resp, out, upload)
+            retry_after = self._learn(conn.egress.address, route.host, resp, out)
+            if (
+                retry_after is not None
+                and may_retry
+                and upload is None
+                and self._another_address_free(route.host, conn.egress.address)
+            ):
+                conn.close()  # its body is unread: the connection is not reusable
+                return _RETRY
+            keep = await self._relay_response(client, up, req, resp, out, upload, retry_after)
         except BaseException:
             conn.close()
             if upload is not None:
@@ -355,10 +495,14 @@ class Forwarder:
         resp: ResponseHead,
         out: _Outcome,
         upload: asyncio.Task[None] | None,
+        retry_after: int | None = None,
     ) -> bool:
         has_body = response_has_body(req.method, resp.status)
         decoder = response_decoder(has_body, resp.content_length, resp.chunked)
         headers = end_to_end(resp.headers, connection_tokens(resp.headers), drop_length=False)
+        if retry_after is not None:
+            # Every address is cooling for this host: the client hears when one is free.
+            headers = replace(headers, b"retry-after", b"Retry-After", b"%d" % retry_after)
         keep = req.keep_alive and not self.closing
         to_chunked = False
         if has_body and resp.content_length is None:

@@ -21,6 +21,7 @@ class Tunnel:
     host: str
     port: int
     tls_name: str  # the name the client asked for in SNI, else the CONNECT host
+    session: str | None = None  # sticky session named on CONNECT (proxy user name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ class Route:
     target: bytes  # origin-form sent upstream
     host_header: bytes | None  # replaces Host (absolute-form, RFC 9112 3.2.2), else None
     tls_name: str  # server name to verify upstream
+    session: str | None = None  # sticky session inherited from the tunnel
 
     @property
     def url(self) -> str:
@@ -72,7 +74,9 @@ def route_for(target: bytes, tunnel: Tunnel | None) -> Route:
             origin = target
         else:
             origin = _origin(*_parsed(target)[3:5])  # absolute-form is allowed too
-        return Route(tunnel.scheme, tunnel.host, tunnel.port, origin, None, tunnel.tls_name)
+        return Route(
+            tunnel.scheme, tunnel.host, tunnel.port, origin, None, tunnel.tls_name, tunnel.session
+        )
     if target.startswith(b"/") or target == b"*":
         raise ProtocolError(
             "this is a proxy: send requests in absolute form (GET http://host/path)"

@@ -1,18 +1,30 @@
-"""Which egress address the next request leaves from: round-robin, as the original did.
+"""Which egress address a request leaves from. Pure decisions; the clock is passed in.
 
-The position in the rotation is a `Cursor`. With one process it is a plain integer; with
-`--workers N` it is one integer in shared memory behind a process-shared lock, so the
-rotation is global: consecutive requests leave from consecutive addresses whichever
-worker serves them.
+- A `Strategy` orders the candidates: `round-robin` (the original's), `random`,
+  `least-busy` (fewest requests in flight on this worker). It only has to implement
+  `choose(n, accept)`: the first index it prefers among those `accept` allows.
+- `Scheduler.acquire` filters candidates by family, health of the pair (cooling after a
+  429/503/ban status), an optional pin (session or X-Demux-Egress) and the per-host budget
+  (`--host-rate`), then lets the strategy choose. When no address may send now it says
+  how long to wait; the exchange queues the request (FIFO per host) that long.
+
+Round-robin's position is a `Cursor`: a plain integer with one process, an integer in
+shared memory behind a process-shared lock with `--workers N`, so rotation is global.
+Budgets are per worker, each worker getting rate/N: the per-address bound holds whatever
+the spread of clients over workers (the aggregate reaches N x RATE when they are busy).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from multiprocessing.context import BaseContext
 from typing import Protocol
 
 from demux_proxy.egress import Egress
+from demux_proxy.limits import Cooldowns, HostRate, RateRules, TokenBucket
+
+STRATEGIES = ("round-robin", "random", "least-busy")
 
 
 class Cursor(Protocol):
@@ -59,31 +71,144 @@ class SharedCursor:
             return i
 
 
-class RoundRobin:
-    """Each `pick` returns the next address in turn; `family` skips to the next of a family.
+class Strategy(Protocol):
+    def choose(self, n: int, accept: Callable[[int], bool]) -> int | None: ...
 
-    Skipping still advances the position past the address taken, so a request that must
-    use IPv6 does not make the next IPv4 request repeat an address.
-    """
 
-    def __init__(self, egress: Sequence[Egress], cursor: Cursor | None = None) -> None:
+class RoundRobinStrategy:
+    def __init__(self, cursor: Cursor) -> None:
+        self._cursor = cursor
+
+    def choose(self, n: int, accept: Callable[[int], bool]) -> int | None:
+        return self._cursor.take(n, accept)
+
+
+class RandomStrategy:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def choose(self, n: int, accept: Callable[[int], bool]) -> int | None:
+        start = self._rng.randrange(n)
+        step = self._rng.choice([k for k in range(1, n + 1) if _coprime(k, n)])
+        for j in range(n):  # a random permutation walk: every index once
+            i = (start + j * step) % n
+            if accept(i):
+                return i
+        return None
+
+
+def _coprime(a: int, b: int) -> bool:
+    while b:
+        a, b = b, a % b
+    return a == 1
+
+
+class LeastBusyStrategy:
+    """Fewest requests in flight (on this worker); ties broken round-robin."""
+
+    def __init__(self, in_flight: Callable[[int], int], cursor: Cursor) -> None:
+        self._in_flight = in_flight
+        self._cursor = cursor
+
+    def choose(self, n: int, accept: Callable[[int], bool]) -> int | None:
+        allowed = [i for i in range(n) if accept(i)]
+        if not allowed:
+            return None
+        fewest = min(self._in_flight(i) for i in allowed)
+        best = {i for i in allowed if self._in_flight(i) == fewest}
+        return self._cursor.take(n, best.__contains__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        egress: Sequence[Egress],
+        *,
+        strategy: str = "round-robin",
+        cursor: Cursor | None = None,
+        rules: RateRules | None = None,
+        cooldowns: Cooldowns | None = None,
+        workers: int = 1,
+    ) -> None:
         if not egress:
-            raise ValueError("RoundRobin needs at least one egress address")
-        self._egress = tuple(egress)
-        self._cursor: Cursor = cursor if cursor is not None else LocalCursor()
-        self.families = frozenset(e.family for e in self._egress)
+            raise ValueError("Scheduler needs at least one egress address")
+        self.egress = tuple(egress)
+        self.families = frozenset(e.family for e in self.egress)
+        self.in_flight: dict[str, int] = {e.address: 0 for e in self.egress}
+        cursor = cursor if cursor is not None else LocalCursor()
+        self._strategy: Strategy
+        if strategy == "random":
+            self._strategy = RandomStrategy()
+        elif strategy == "least-busy":
+            self._strategy = LeastBusyStrategy(
+                lambda i: self.in_flight.get(self.egress[i].address, 0), cursor
+            )
+        else:
+            self._strategy = RoundRobinStrategy(cursor)
+        self.rules = rules if rules is not None else RateRules(())
+        self.cooldowns = cooldowns if cooldowns is not None else Cooldowns()
+        self._workers = max(1, workers)
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+
+    def _bucket(self, address: str, rule: HostRate, now: float) -> TokenBucket:
+        bucket = self._buckets.get((address, rule.pattern))
+        if bucket is None:
+            bucket = self._buckets[(address, rule.pattern)] = TokenBucket(
+                rule.rate_per_s / self._workers, max(1, rule.burst // self._workers), now
+            )
+        return bucket
 
     def pick(self, family: int | None = None) -> Egress | None:
-        egress = self._egress
-        if family is None:
-            i = self._cursor.take(len(egress), _any)
-        else:
-            i = self._cursor.take(len(egress), lambda j: egress[j].family == family)
+        """The next address by strategy alone (no host known yet, or family fallback)."""
+        egress = self.egress
+        i = self._strategy.choose(
+            len(egress), lambda j: family is None or egress[j].family == family
+        )
         return None if i is None else egress[i]
 
+    def acquire(
+        self,
+        host: str,
+        now: float,
+        *,
+        exclude: Sequence[str] = (),
+        only: str | None = None,
+    ) -> Egress | float | None:
+        """An address that may send to `host` now (its budget token taken), else the
+        seconds until one may, else None when no address could ever (all excluded)."""
+        egress = self.egress
+        rule = self.rules.match(host) if self.rules else None
+        cooldowns = self.cooldowns
+
+        def possible(i: int) -> bool:
+            e = egress[i]
+            return e.address not in exclude and (only is None or e.address == only)
+
+        def ready(i: int) -> bool:
+            if not possible(i):
+                return False
+            address = egress[i].address
+            if cooldowns.cooling(address, host, now):
+                return False
+            return rule is None or self._bucket(address, rule, now).wait_s(now) == 0
+
+        i = self._strategy.choose(len(egress), ready)
+        if i is not None:
+            if rule is not None:
+                self._bucket(egress[i].address, rule, now).take(now)
+            return egress[i]
+        waits = [
+            max(
+                cooldowns.remaining(e.address, host, now),
+                self._bucket(e.address, rule, now).wait_s(now) if rule is not None else 0.0,
+            )
+            for j, e in enumerate(egress)
+            if possible(j)
+        ]
+        return min(waits) if waits else None
+
+    def addresses(self) -> list[str]:
+        return [e.address for e in self.egress]
+
     def __repr__(self) -> str:
-        return f"<RoundRobin {len(self._egress)} addresses>"
-
-
-def _any(_: int) -> bool:
-    return True
+        return f"<Scheduler {len(self.egress)} addresses, {self.cooldowns!r}>"

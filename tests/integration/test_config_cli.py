@@ -180,7 +180,7 @@ def _assert_refused(out: subprocess.CompletedProcess[str], *mentions: str) -> st
 
 REFUSED = [
     pytest.param(
-        "host_rate = ['api.example.com=1/s']\n", ["unknown key 'host_rate'"], id="unknown"
+        "rate_limit = ['api.example.com=1/s']\n", ["unknown key 'rate_limit'"], id="unknown"
     ),
     pytest.param("workers = '4'\n", ["key 'workers'", "expected an integer"], id="type"),
     pytest.param("workers = 0\n", ["key 'workers'", "0 is not in the range"], id="range"),

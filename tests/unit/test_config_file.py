@@ -101,7 +101,8 @@ def test_start_keys_are_derived_from_its_options() -> None:
         assert key in known
     assert "max_connections" in known
     assert "config" not in known
-    assert "host_rate" not in known  # an option of a later issue: unknown until it exists
+    assert "host_rate" in known
+    assert "host_rates" not in known
 
 
 # --------------------------------------------------------------------------- read
@@ -180,9 +181,9 @@ def test_relative_paths_are_relative_to_the_file(tmp_path: Path) -> None:
 def test_unknown_key_names_file_key_and_the_known_ones(tmp_path: Path) -> None:
     path = tmp_path / "demux.toml"
     with pytest.raises(ConfigError) as caught:
-        _convert(path, listen="127.0.0.1:1", host_rate=["api.example.com=1/s"])
+        _convert(path, listen="127.0.0.1:1", rate_limit=["api.example.com=1/s"])
     message = str(caught.value)
-    assert message.startswith(f"{path}: unknown key 'host_rate'")
+    assert message.startswith(f"{path}: unknown key 'rate_limit'")
     assert "(known: allow_private, egress, egress_interface, listen, log_level, " in message
     assert "\n" not in message
 

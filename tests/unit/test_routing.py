@@ -11,7 +11,7 @@ from demux_proxy.errors import ProtocolError
 from demux_proxy.policy import refusal
 from demux_proxy.pool import Pool, PoolKey
 from demux_proxy.route import Tunnel, parse_authority, route_for
-from demux_proxy.scheduler import RoundRobin
+from demux_proxy.scheduler import Scheduler
 
 # --- route -------------------------------------------------------------------------
 
@@ -98,16 +98,16 @@ V6 = Egress("2001:db8::1", "eth0", socket.AF_INET6)
 
 
 def test_round_robin_cycles_in_order() -> None:
-    rr = RoundRobin(V4)
+    rr = Scheduler(V4)
     assert [rr.pick() for _ in range(7)] == [*V4, *V4, V4[0]]
 
 
 def test_family_pick_skips_to_the_next_of_that_family() -> None:
-    rr = RoundRobin([V4[0], V6, V4[1]])
+    rr = Scheduler([V4[0], V6, V4[1]])
     assert rr.pick(socket.AF_INET6) == V6
     assert rr.pick() == V4[1]  # the counter moved past the address taken
     assert rr.pick(socket.AF_INET6) == V6
-    assert RoundRobin(V4).pick(socket.AF_INET6) is None
+    assert Scheduler(V4).pick(socket.AF_INET6) is None
     assert "3 addresses" in repr(rr)
 
 
@@ -174,7 +174,7 @@ def test_shared_cursor_rotation_is_global_across_processes() -> None:
 
     ctx = multiprocessing.get_context("fork")
     cursor = SharedCursor(ctx)
-    rr = RoundRobin(V4, cursor)
+    rr = Scheduler(V4, cursor=cursor)
     assert rr.pick() == V4[0]
     child = ctx.Process(target=rr.pick)  # the child takes V4[1]
     child.start()

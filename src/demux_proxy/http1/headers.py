@@ -22,6 +22,9 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        # Our own controls (sticky session, pinned egress): for the proxy, never upstream.
+        b"x-demux-session",
+        b"x-demux-egress",
     }
 )
 

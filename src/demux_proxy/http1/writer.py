@@ -55,12 +55,15 @@ def last_chunk(trailers: Headers) -> bytes:
     return _fields([b"0\r\n"], trailers)
 
 
-def plain_response(status: int, text: str, *, close: bool, version: bytes = b"1.1") -> bytes:
+def plain_response(
+    status: int, text: str, *, close: bool, version: bytes = b"1.1", extra: Headers | None = None
+) -> bytes:
     """A complete plain-text response: how the proxy itself answers errors."""
     body = text.encode("utf-8", "replace") + b"\n"
     headers: Headers = [
         (b"Content-Type", b"text/plain; charset=utf-8"),
         (b"Content-Length", b"%d" % len(body)),
+        *(extra or ()),
     ]
     if close:
         headers.append((b"Connection", b"close"))

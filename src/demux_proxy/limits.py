@@ -1,0 +1,256 @@
+"""Per-host request rates, server-requested cooldowns and sticky sessions: pure decisions.
+
+Nothing here awaits, opens a socket or reads a clock: every time-related call takes `now`
+(monotonic seconds, or epoch seconds for `parse_retry_after`) so callers inject the clock and
+tests drive it. State lives in small objects the caller owns (no module state).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+
+from demux_proxy.errors import ConfigError
+
+__all__ = [
+    "Cooldowns",
+    "HostRate",
+    "RateRules",
+    "TokenBucket",
+    "parse_host_rate",
+    "parse_retry_after",
+    "session_egress",
+]
+
+RETRY_AFTER_CAP_S = 3600.0
+_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
+_RATE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)/([a-z]+)")
+_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.:-]*[a-z0-9_])?")
+
+
+@dataclass(frozen=True, slots=True)
+class HostRate:
+    pattern: str  # "api.example.com" or "*.example.com" (lower case, no trailing dot)
+    rate_per_s: float
+    burst: int = 1  # bucket size
+
+
+def _norm(host: str) -> str:
+    return host.strip().lower().rstrip(".")
+
+
+def parse_host_rate(text: str) -> HostRate:
+    """Parse a "--host-rate HOST=RATE[:BURST]" value, e.g. "*.example.com=300/min:10"."""
+
+    def bad(what: str) -> ConfigError:
+        return ConfigError(
+            f"--host-rate {text!r}: {what} (expected HOST=RATE[:BURST], e.g. "
+            f"'api.example.com=5/s' or '*.example.com=300/min:10')"
+        )
+
+    host, eq, spec = text.strip().partition("=")
+    if not eq:
+        raise bad("missing '='")
+    pattern = _norm(host)
+    name = pattern[2:] if pattern.startswith("*.") else pattern
+    if not _NAME.fullmatch(name) or ".." in name:
+        raise bad(f"bad host {host.strip()!r}")
+    rate_text, colon, burst_text = spec.strip().lower().partition(":")
+    m = _RATE.fullmatch(rate_text.strip())
+    if m is None:
+        raise bad(f"bad rate {rate_text.strip()!r}")
+    if m.group(2) not in _UNITS:
+        raise bad(f"unknown unit {m.group(2)!r} (use s, min or h)")
+    rate = float(m.group(1)) / _UNITS[m.group(2)]
+    if not (rate > 0 and math.isfinite(rate)):
+        raise bad("rate must be positive")
+    burst = 1
+    if colon:
+        if not burst_text.strip().isdigit() or int(burst_text) < 1:
+            raise bad(f"burst {burst_text.strip()!r} is not a positive integer")
+        burst = int(burst_text)
+    return HostRate(pattern, rate, burst)
+
+
+class RateRules:
+    """Which `HostRate` applies to a host: the exact name, else the longest wildcard suffix."""
+
+    def __init__(self, rules: Sequence[HostRate]) -> None:
+        self._exact: dict[str, HostRate] = {}
+        self._suffix: dict[str, HostRate] = {}  # "example.com" for "*.example.com"
+        for rule in rules:
+            pattern = _norm(rule.pattern)
+            table, key = (
+                (self._suffix, pattern[2:]) if pattern.startswith("*.") else (self._exact, pattern)
+            )
+            if key in table:
+                raise ConfigError(f"--host-rate {rule.pattern!r} is given twice")
+            table[key] = rule
+
+    def match(self, host: str) -> HostRate | None:
+        name = _norm(host)
+        rule = self._exact.get(name)
+        if rule is not None or not self._suffix:
+            return rule
+        labels = name.split(".")
+        for i in range(1, len(labels)):  # longest proper suffix first
+            rule = self._suffix.get(".".join(labels[i:]))
+            if rule is not None:
+                return rule
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._suffix)
+
+
+class TokenBucket:
+    """rate_per_s tokens per second, at most `burst`; starts full."""
+
+    _EPS = 1e-9  # float slack so that waiting exactly wait_s() always lets take() succeed
+
+    def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
+        if not (rate_per_s > 0 and math.isfinite(rate_per_s)) or burst < 1:
+            raise ValueError("TokenBucket needs rate_per_s > 0 and burst >= 1")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._tokens = float(burst)
+        self._last = now
+
+    def _refill(self, now: float) -> None:
+        if now > self._last:  # a clock that goes back adds nothing
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate_per_s)
+            self._last = now
+
+    def take(self, now: float) -> bool:
+        self._refill(now)
+        if self._tokens >= 1.0 - self._EPS:
+            self._tokens = max(0.0, self._tokens - 1.0)
+            return True
+        return False
+
+    def wait_s(self, now: float) -> float:
+        self._refill(now)
+        missing = 1.0 - self._tokens
+        return 0.0 if missing <= self._EPS else missing / self.rate_per_s
+
+
+def parse_retry_after(value: bytes | str | None, now_epoch: float) -> float | None:
+    """Seconds to wait from a Retry-After value (RFC 9110 10.2.3), in [0, 3600]; None if unusable.
+
+    `now_epoch` is wall-clock seconds (an HTTP-date is absolute)."""
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    text = text.strip()
+    if not text:
+        return None
+    if text.isascii() and text.isdigit():
+        return min(float(int(text)), RETRY_AFTER_CAP_S)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC with no claim about local time
+        when = when.replace(tzinfo=UTC)
+    return min(max(when.timestamp() - now_epoch, 0.0), RETRY_AFTER_CAP_S)
+
+
+@dataclass(frozen=True, slots=True)
+class _Cool:
+    until: float
+    strikes: int
+
+
+class Cooldowns:
+    """(egress address, host) pairs the server told to back off (429/503/ban status).
+
+    Strikes outlive the cooldown by `max_s` so that backoff keeps growing while a server
+    keeps refusing; `prune` forgets a pair after that (or once expired with no strikes).
+    """
+
+    def __init__(
+        self,
+        *,
+        base_s: float = 1.0,
+        max_s: float = 300.0,
+        rng: random.Random | None = None,
+        max_entries: int = 100_000,
+    ) -> None:
+        if not (0 < base_s <= max_s) or max_entries < 1:
+            raise ValueError("Cooldowns needs 0 < base_s <= max_s and max_entries >= 1")
+        self.base_s = base_s
+        self.max_s = max_s
+        self._rng = rng if rng is not None else random.Random()
+        self._max_entries = max_entries
+        self._pairs: dict[tuple[str, str], _Cool] = {}  # insertion order = last update
+
+    def cool(self, egress: str, host: str, now: float, retry_after_s: float | None) -> float:
+        """Start (or extend) a cooldown; returns the seconds the pair now stays cooling."""
+        key = (egress, _norm(host))
+        old = self._pairs.pop(key, None)
+        strikes = (old.strikes if old is not None else 0) + 1
+        if retry_after_s is not None:
+            delay = max(retry_after_s, 0.0)
+        else:
+            full = min(self.max_s, self.base_s * 2.0 ** min(strikes - 1, 64))
+            delay = full * self._rng.uniform(0.5, 1.0)
+        until = now + delay if old is None else max(old.until, now + delay)
+        self._pairs[key] = _Cool(until, strikes)
+        while len(self._pairs) > self._max_entries:
+            del self._pairs[next(iter(self._pairs))]
+        return until - now
+
+    def ok(self, egress: str, host: str) -> None:
+        """A success resets the strikes (a cooldown the server asked for still runs out)."""
+        key = (egress, _norm(host))
+        old = self._pairs.get(key)
+        if old is not None:
+            self._pairs[key] = _Cool(old.until, 0)
+
+    def remaining(self, egress: str, host: str, now: float) -> float:
+        entry = self._pairs.get((egress, _norm(host)))
+        return 0.0 if entry is None else max(entry.until - now, 0.0)
+
+    def cooling(self, egress: str, host: str, now: float) -> bool:
+        return self.remaining(egress, host, now) > 0.0
+
+    def soonest(self, egresses: Iterable[str], host: str, now: float) -> float:
+        """The smallest remaining cooldown over `egresses` (0 if any is free or none given)."""
+        return min((self.remaining(e, host, now) for e in egresses), default=0.0)
+
+    def prune(self, now: float) -> None:
+        self._pairs = {
+            key: c
+            for key, c in self._pairs.items()
+            if now < c.until or (c.strikes and now < c.until + self.max_s)
+        }
+        while len(self._pairs) > self._max_entries:
+            del self._pairs[next(iter(self._pairs))]
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __repr__(self) -> str:
+        return f"<Cooldowns {len(self._pairs)} cooling>"
+
+
+def session_egress(session_id: str, candidates: Sequence[str]) -> str | None:
+    """The address a session sticks to: rendezvous (highest random weight) hashing.
+
+    Stable for as long as the address stays among `candidates`; removing an address moves
+    only its own sessions. blake2b keeps it the same across processes and restarts.
+    """
+
+    def weight(address: str) -> tuple[int, str]:
+        digest = hashlib.blake2b(
+            f"{session_id}\0{address}".encode("utf-8", "surrogatepass"), digest_size=8
+        ).digest()
+        return int.from_bytes(digest, "big"), address
+
+    return max(candidates, key=weight, default=None)

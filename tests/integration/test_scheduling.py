@@ -1,0 +1,178 @@
+"""Rate-limit-aware scheduling against an upstream that limits each source address.
+
+The upstream here enforces a token bucket per source address and answers 429 with
+Retry-After when it is empty, as the services users crawl do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from aiohttp import web
+
+from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
+
+# Loopback delivery can reorder two requests by a fraction of a millisecond: the
+# upstream forgives that much, no more (a tenth of a token at 5/s).
+JITTER_S = 0.02
+
+
+@dataclass
+class Limited:
+    port: int = 0
+    rate: float = 5.0
+    banned: set[str] = field(default_factory=set)  # sources answered 429 always
+    retry_after: int = 1
+    ok: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    _last: dict[str, float] = field(default_factory=dict)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        peer = request.remote or ""
+        self.headers.append(dict(request.headers))
+        now = time.monotonic()
+        last = self._last.get(peer)
+        if peer in self.banned or (last is not None and now - last < 1 / self.rate - JITTER_S):
+            self.refused[peer] += 1
+            return web.Response(
+                status=429, text="slow down", headers={"Retry-After": str(self.retry_after)}
+            )
+        self._last[peer] = now
+        self.ok[peer] += 1
+        return web.Response(text=peer)
+
+
+@pytest.fixture
+def limited() -> Iterator[Limited]:
+    state = Limited()
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", state.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        state.port = runner.addresses[0][1]
+        return runner
+
+    runner_box: list[web.AppRunner] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        runner_box.append(loop.run_until_complete(start()))
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield state
+    finally:
+        asyncio.run_coroutine_threadsafe(runner_box[0].cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def _get(p: ProxyProcess, url: str, **kw: object) -> requests.Response:
+    with requests.Session() as s:
+        return s.get(url, proxies={"http": p.url}, timeout=30, **kw)  # type: ignore[arg-type]
+
+
+def test_host_rate_reaches_n_times_rate_without_a_429(tmp_path: Path, limited: Limited) -> None:
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(tmp_path / "state", "--workers", "1", "--host-rate", "127.0.0.1=5/s") as p:
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda _: _get(p, url).status_code, range(40)))
+        elapsed = time.monotonic() - started
+    assert codes == [200] * 40
+    assert sum(limited.refused.values()) == 0
+    assert dict(limited.ok) == dict.fromkeys(EGRESS, 10)
+    # 4 addresses x 5/s: 40 requests in about 2 s (the first 4 go at once).
+    assert 1.4 < elapsed < 8
+
+
+def test_a_429_cools_the_pair_and_the_request_goes_elsewhere(
+    tmp_path: Path, limited: Limited
+) -> None:
+    limited.rate = 1000.0
+    limited.banned = {"127.0.0.3"}
+    limited.retry_after = 2
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(tmp_path / "state", "--workers", "1") as p:
+        codes = [_get(p, url).status_code for _ in range(8)]
+        assert codes == [200] * 8  # the client never sees the banned address's 429
+        assert limited.refused["127.0.0.3"] == 1  # asked once, then left alone
+        retried = p.wait_for_log("inbound response", lambda line: "retried_from" in line["fields"])
+        assert retried["fields"]["retried_from"] == ["127.0.0.3"]
+        assert 1.9 <= retried["fields"]["cooldown"] <= 2
+        limited.banned = set()
+        time.sleep(2.2)  # the cooldown ends: the address comes back
+        for _ in range(4):
+            assert _get(p, url).status_code == 200
+        assert limited.ok["127.0.0.3"] >= 1
+
+
+def test_every_address_cooling_gives_the_429_with_the_smallest_retry_after(
+    tmp_path: Path, limited: Limited
+) -> None:
+    limited.banned = set(EGRESS)
+    limited.retry_after = 5
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(tmp_path / "state", "--workers", "1", "--retries", "3") as p:
+        r = _get(p, url)
+    assert r.status_code == 429
+    assert 1 <= int(r.headers["Retry-After"]) <= 5
+    assert sum(limited.refused.values()) == 4  # each address tried once
+
+
+def test_queue_timeout_is_a_503_with_retry_after(tmp_path: Path, limited: Limited) -> None:
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(
+        tmp_path / "state",
+        "--workers", "1",
+        "--host-rate", "127.0.0.1=1/min",
+        "--queue-timeout", "0.5",
+        egress=["127.0.0.2"],
+    ) as p:  # fmt: skip
+        assert _get(p, url).status_code == 200
+        started = time.monotonic()
+        r = _get(p, url)
+        assert r.status_code == 503
+        assert 0.4 < time.monotonic() - started < 5
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.headers["Content-Type"].startswith("text/plain") and "--host-rate" in r.text
+
+
+def test_sessions_stick_and_egress_can_be_pinned(tmp_path: Path, limited: Limited) -> None:
+    limited.rate = 1000.0
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(tmp_path / "state") as p:
+        by_header = {_get(p, url, headers={"X-Demux-Session": "abc"}).text for _ in range(6)}
+        assert len(by_header) == 1
+        with requests.Session() as s:
+            proxy = f"http://session-abc:x@127.0.0.1:{p.port}"
+            by_user = {s.get(url, proxies={"http": proxy}, timeout=30).text for _ in range(6)}
+        assert by_user == by_header  # the same id, the same address, however it is named
+        spread = {_get(p, url, headers={"X-Demux-Session": f"s{i}"}).text for i in range(40)}
+        assert len(spread) > 1
+        pinned = {_get(p, url, headers={"X-Demux-Egress": "127.0.0.4"}).text for _ in range(5)}
+        assert pinned == {"127.0.0.4"}
+        bad = _get(p, url, headers={"X-Demux-Egress": "10.9.9.9"})
+        assert bad.status_code == 400
+    assert not any("X-Demux-Session" in h or "X-Demux-Egress" in h for h in limited.headers)
