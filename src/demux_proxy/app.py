@@ -27,6 +27,7 @@ from demux_proxy.admin import AdminServer
 from demux_proxy.auth import ClientPolicy, is_loopback, public_listen_refusal
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
+from demux_proxy.egress import resolve_egress
 from demux_proxy.errors import ConfigError
 from demux_proxy.exchange import Forwarder
 from demux_proxy.limits import Cooldowns, RateRules, parse_host_rate
@@ -148,6 +149,13 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    rediscovery: asyncio.Task[None] | None = None
+    # SIGHUP must never kill the proxy (its default action): it re-discovers or says why not.
+    loop.add_signal_handler(signal.SIGHUP, _rediscover, config, scheduler, events)
+    if config.egress_discovered and config.rediscover_s:
+        rediscovery = asyncio.create_task(
+            _rediscover_every(config.rediscover_s, config, scheduler, events)
+        )
     destinations.set_self(_own_addresses(config.listen_host), port)
     admin: AdminServer | None = None
     if config.admin is not None:
@@ -177,9 +185,11 @@ async def serve(
         events.info("Stopping Proxy", grace_s=config.shutdown_grace_s, worker=worker)
         await server.shutdown()
     finally:
-        pruner.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pruner
+        for task in (pruner, rediscovery):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         pool.close_all()
         server.close_listener()
         if admin is not None:
@@ -198,6 +208,29 @@ def _own_addresses(listen_host: str) -> set[str]:
         for a in addrs
         if a.family in (socket.AF_INET, socket.AF_INET6)
     }
+
+
+def _rediscover(config: Config, scheduler: Scheduler, events: log.EventLog) -> None:
+    """Pick up addresses added to or removed from the host, without a restart."""
+    if not config.egress_discovered:
+        events.info("SIGHUP: egress addresses are named with --egress; nothing to re-discover")
+        return
+    try:
+        found = resolve_egress([], config.egress_interfaces)
+    except ConfigError as exc:  # no address left: keep the old list, say why
+        events.error("egress re-discovery found nothing usable", error=str(exc))
+        return
+    added, removed = scheduler.update(found)
+    if added or removed:
+        events.info("egress addresses changed", added=added, removed=removed)
+
+
+async def _rediscover_every(
+    seconds: float, config: Config, scheduler: Scheduler, events: log.EventLog
+) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        _rediscover(config, scheduler, events)
 
 
 async def _prune(

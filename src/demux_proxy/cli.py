@@ -318,6 +318,15 @@ _START_OPTIONS: tuple[_Decorator, ...] = (
         help="Largest request or response head accepted (431 / 502 beyond).",
     ),
     click.option(
+        "--rediscover",
+        type=click.FloatRange(min=1),
+        envvar=_env("rediscover"),
+        show_envvar=True,
+        metavar="SECONDS",
+        help="Look for added or removed addresses this often (also on SIGHUP), when egress "
+        "is discovered rather than named with --egress.",
+    ),
+    click.option(
         "--strategy",
         type=click.Choice(["round-robin", "random", "least-busy"]),
         default="round-robin",
@@ -439,6 +448,7 @@ def start(
     head_timeout: float,
     handshake_timeout: float,
     max_header_bytes: int,
+    rediscover: float | None,
     strategy: str,
     host_rate: tuple[str, ...],
     queue_timeout: float,
@@ -480,6 +490,9 @@ def start(
             max_head_bytes=max_header_bytes,
             max_connections=max_connections,
             admin=parse_listen(admin, option="--admin") if admin else None,
+            egress_discovered=not egress,
+            egress_interfaces=tuple(_split(egress_interfaces)),
+            rediscover_s=rediscover,
             strategy=strategy,
             host_rate=host_rate,
             queue_timeout_s=queue_timeout,

@@ -63,6 +63,11 @@ class Config:
     # Scheduling (see scheduler.py): strategy, per-host budgets, the queue for budget,
     # statuses that cool an (address, host) pair down, transparent retries.
     strategy: str = "round-robin"
+    # Egress found by discovery (no --egress given) is looked for again on SIGHUP and,
+    # when set, every rediscover_s seconds; egress_interfaces narrows the search.
+    egress_discovered: bool = False
+    egress_interfaces: tuple[str, ...] = ()
+    rediscover_s: float | None = None
     host_rate: tuple[str, ...] = ()
     queue_timeout_s: float = 30.0
     ban_status: tuple[int, ...] = ()

@@ -72,3 +72,14 @@ class UpstreamTimeout(UpstreamError):
     """The upstream did not connect or answer in time."""
 
     status = 504
+
+
+class EgressFailure(UpstreamError):
+    """The egress address itself failed (gone from the host, unroutable, or a connect
+    that timed out): the scheduler rests it and the request may go from another."""
+
+
+class EgressTimeout(EgressFailure, UpstreamTimeout):
+    """A connect from this egress address timed out."""
+
+    status = 504

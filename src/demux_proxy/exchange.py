@@ -21,6 +21,8 @@ from demux_proxy.auth import session_of
 from demux_proxy.config import Config
 from demux_proxy.egress import Egress
 from demux_proxy.errors import (
+    EgressFailure,
+    EgressTimeout,
     Forbidden,
     LoopDetected,
     ProtocolError,
@@ -59,6 +61,8 @@ _FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 
 # Error kinds for metrics: a fixed, small set of label values.
 _KIND: dict[type[ProxyError], str] = {
+    EgressFailure: "egress",
+    EgressTimeout: "egress",
     ProtocolError: "bad_request",
     Forbidden: "forbidden",
     LoopDetected: "loop",
@@ -131,9 +135,22 @@ class Forwarder:
         try:
             only = self._affinity(req, route)
             while True:
-                conn, egress = await self._attempt(
-                    client, req, route, body, out, sid, method, tried, only
-                )
+                try:
+                    conn, egress = await self._attempt(
+                        client, req, route, body, out, sid, method, tried, only
+                    )
+                except EgressFailure as exc:
+                    # Nothing reached the server: any request may go from another address.
+                    failed = out.egress
+                    if failed is None:
+                        raise
+                    self._rest(failed, exc)
+                    if len(tried) >= self._retries or only is not None:
+                        raise
+                    tried.append(failed.address)
+                    self._scheduler.in_flight[failed.address] -= 1
+                    out.egress = None
+                    continue
                 out.egress = egress
                 result = await self._respond(
                     client, conn, req, route, body, out, replayable and len(tried) < self._retries
@@ -341,8 +358,20 @@ class Forwarder:
             timeout_s=self._config.connect_timeout_s,
         )
         self._pool.created += 1
+        self._scheduler.healthy(egress.address)
         self._metrics.upstream_connection(egress.address, reused=False)
         return conn, egress
+
+    def _rest(self, egress: Egress, exc: EgressFailure) -> None:
+        now = asyncio.get_running_loop().time()
+        seconds = self._scheduler.rest(egress.address, now)
+        self._events.warning(
+            "egress address resting",
+            interface=egress.address,
+            device=egress.interface,
+            error=exc.reason,
+            rest_s=round(seconds, 3),
+        )
 
     def _learn(self, address: str, host: str, resp: ResponseHead, out: _Outcome) -> int | None:
         """Cool (address, host) down on 429/503/--ban-status; the Retry-After to relay."""

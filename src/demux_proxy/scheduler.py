@@ -149,6 +149,9 @@ class Scheduler:
         self.cooldowns = cooldowns if cooldowns is not None else Cooldowns()
         self._workers = max(1, workers)
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        # Addresses whose connects fail (gone from the host, unroutable): rested with
+        # backoff, then probed back in by the next request that may use them.
+        self.health = Cooldowns(base_s=1.0, max_s=60.0)
 
     def _bucket(self, address: str, rule: HostRate, now: float) -> TokenBucket:
         bucket = self._buckets.get((address, rule.pattern))
@@ -188,7 +191,7 @@ class Scheduler:
             if not possible(i):
                 return False
             address = egress[i].address
-            if cooldowns.cooling(address, host, now):
+            if cooldowns.cooling(address, host, now) or self.health.cooling(address, "", now):
                 return False
             return rule is None or self._bucket(address, rule, now).wait_s(now) == 0
 
@@ -200,12 +203,32 @@ class Scheduler:
         waits = [
             max(
                 cooldowns.remaining(e.address, host, now),
+                self.health.remaining(e.address, "", now),
                 self._bucket(e.address, rule, now).wait_s(now) if rule is not None else 0.0,
             )
             for j, e in enumerate(egress)
             if possible(j)
         ]
         return min(waits) if waits else None
+
+    def rest(self, address: str, now: float) -> float:
+        """The address failed to connect: keep it out for a growing while."""
+        return self.health.cool(address, "", now, None)
+
+    def healthy(self, address: str) -> None:
+        self.health.ok(address, "")
+
+    def update(self, egress: Sequence[Egress]) -> tuple[list[str], list[str]]:
+        """Take a new address list (re-discovery): (added, removed). Sessions on the
+        addresses that stay keep them; in-flight counts of those carry over."""
+        if not egress:
+            raise ValueError("Scheduler needs at least one egress address")
+        before = set(self.in_flight)
+        self.egress = tuple(egress)
+        self.families = frozenset(e.family for e in self.egress)
+        self.in_flight = {e.address: self.in_flight.get(e.address, 0) for e in self.egress}
+        after = set(self.in_flight)
+        return sorted(after - before), sorted(before - after)
 
     def addresses(self) -> list[str]:
         return [e.address for e in self.egress]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from itertools import count
 
 from demux_proxy.egress import Egress
-from demux_proxy.errors import Forbidden, UpstreamError, UpstreamTimeout
+from demux_proxy.errors import EgressFailure, EgressTimeout, Forbidden, UpstreamError
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import PoolKey
 from demux_proxy.route import is_ip_literal
@@ -29,6 +29,7 @@ from demux_proxy.stream import Stream
 # address to different destinations can share ports (IP_BIND_ADDRESS_NO_PORT, 4.2+).
 _IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _ids = count(1)
+_EGRESS_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EHOSTUNREACH})
 
 
 @dataclass(eq=False)
@@ -121,7 +122,7 @@ async def connect(
                 try:
                     sock = _bound_socket(egress)
                 except OSError as exc:
-                    raise UpstreamError(
+                    raise EgressFailure(
                         f"cannot bind egress address {egress.address}: {exc.strerror}"
                     ) from exc
                 try:
@@ -144,12 +145,14 @@ async def connect(
                     raise UpstreamError(f"TLS with {server_hostname} failed: {exc}") from exc
                 except OSError as exc:
                     sock.close()
-                    last = UpstreamError(describe_connect_error(exc, egress.address, address, port))
+                    # The address's own fault (gone, unroutable) or the destination's.
+                    failure = EgressFailure if exc.errno in _EGRESS_ERRNOS else UpstreamError
+                    last = failure(describe_connect_error(exc, egress.address, address, port))
                     last.__cause__ = exc
                     continue
                 return UpstreamConnection(stream=stream, key=key, egress=egress, remote=address)
     except TimeoutError as exc:
-        raise UpstreamTimeout(
+        raise EgressTimeout(
             f"connecting to {key[2]}:{port} from {egress.address} timed out after {timeout_s:g} s"
         ) from exc
     assert last is not None

@@ -67,6 +67,7 @@ def _worker(
     # The parent's Python-level handlers were inherited by fork: the loop installs ours.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:
         uvloop.run(
             serve(
@@ -147,6 +148,12 @@ class _Supervisor:
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signal.SIGTERM)
 
+    def forward_hup(self, signum: int, frame: FrameType | None) -> None:
+        """SIGHUP: every worker looks for added or removed egress addresses."""
+        for proc in self.procs.values():
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGHUP)
+
     def watch(self) -> None:
         while self.procs:
             wait([p.sentinel for p in self.procs.values()], timeout=1.0)
@@ -196,6 +203,7 @@ def supervise(
     sup = _Supervisor(config, ca, tls, events, policy, destinations)
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)
+    signal.signal(signal.SIGHUP, sup.forward_hup)
     try:
         try:
             for index in range(config.workers):
