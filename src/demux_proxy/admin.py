@@ -45,6 +45,7 @@ def status_document(
             "connections_opened": 0,
             "connections_reused": 0,
             "connections_idle": 0,
+            "cooling_hosts": 0,
             "latency_sum_s": 0.0,
             "latency_count": 0,
         }
@@ -52,6 +53,7 @@ def status_document(
     }
     errors: dict[str, int] = {}
     totals = {"requests": 0, "errors": 0, "bytes_down": 0, "bytes_up": 0}
+    queues: dict[str, int] = {}
     for family in families:
         for sample in family.samples:
             labels = sample.labels
@@ -67,6 +69,8 @@ def status_document(
             if row is None:
                 if sample.name == "demux_errors_total":
                     errors[labels["kind"]] = errors.get(labels["kind"], 0) + int(value)
+                elif sample.name == "demux_queue_depth":
+                    queues[labels["rule"]] = queues.get(labels["rule"], 0) + int(value)
                 continue
             if sample.name == "demux_requests_total":
                 row["status"][labels["status_class"]] += int(value)
@@ -77,6 +81,8 @@ def status_document(
                 row["connections_" + labels["how"]] += int(value)
             elif sample.name == "demux_upstream_connections_idle":
                 row["connections_idle"] += int(value)
+            elif sample.name == "demux_cooling_hosts":
+                row["cooling_hosts"] += int(value)
             elif sample.name == "demux_request_duration_seconds_sum":
                 row["latency_sum_s"] += value
             elif sample.name == "demux_request_duration_seconds_count":
@@ -95,7 +101,7 @@ def status_document(
         "addresses": addresses,
         "totals": totals,
         "errors_by_kind": errors,
-        # The scheduler's queues and cooldowns will appear here once it has them.
+        "queue_depth": queues,
     }
 
 

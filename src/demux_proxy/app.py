@@ -179,7 +179,7 @@ async def serve(
         announce(events, config, ca, port)
     else:
         ready(port)
-    pruner = asyncio.create_task(_prune(pool, config.pool_idle_s, recorder))
+    pruner = asyncio.create_task(_prune(pool, scheduler, config.pool_idle_s, recorder))
     try:
         await stop.wait()
         events.info("Stopping Proxy", grace_s=config.shutdown_grace_s, worker=worker)
@@ -234,9 +234,18 @@ async def _rediscover_every(
 
 
 async def _prune(
-    pool: Pool[UpstreamConnection], every_s: float, recorder: metrics.Recorder
+    pool: Pool[UpstreamConnection],
+    scheduler: Scheduler,
+    every_s: float,
+    recorder: metrics.Recorder,
 ) -> None:
+    """Housekeeping every few seconds: idle pools, expired cooldowns, the gauges."""
+    loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(max(1.0, every_s / 3))
+        await asyncio.sleep(min(2.0, max(1.0, every_s / 3)))
         pool.prune()
+        now = loop.time()
+        scheduler.cooldowns.prune(now)
+        scheduler.health.prune(now)
         recorder.pooled(pool.idle_by_egress())
+        recorder.cooling(scheduler.cooldowns.cooling_by_egress(now))

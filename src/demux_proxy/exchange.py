@@ -231,7 +231,17 @@ class Forwarder:
             name = session_of(req.headers)
         if not name:
             return None
-        return session_egress(name, self._scheduler.addresses())
+        scheduler = self._scheduler
+        everyone = scheduler.addresses()
+        now = asyncio.get_running_loop().time()
+        healthy = [a for a in everyone if not scheduler.health.cooling(a, "", now)]
+        chosen = session_egress(name, healthy or everyone)
+        home = session_egress(name, everyone)
+        if chosen != home:
+            self._events.warning(
+                "session moved: its address is resting", session=name, home=home, now=chosen
+            )
+        return chosen
 
     async def _acquire(
         self, route: Route, out: _Outcome, exclude: list[str], only: str | None
@@ -249,6 +259,9 @@ class Forwarder:
         lock = self._queues.setdefault(host, asyncio.Lock())
         queued = loop.time()
         wait = 0.0
+        rule = scheduler.rules.match(host) if scheduler.rules else None
+        label = rule.pattern if rule is not None else "cooldown"
+        self._metrics.queued(label, 1)
         try:
             async with asyncio.timeout(self._config.queue_timeout_s), lock:
                 while True:
@@ -267,6 +280,7 @@ class Forwarder:
                 retry_after_s=max(1, math.ceil(wait)),
             ) from None
         finally:
+            self._metrics.queued(label, -1)
             if not lock.locked() and not getattr(lock, "_waiters", None):
                 self._queues.pop(host, None)
 

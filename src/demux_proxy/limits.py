@@ -206,6 +206,14 @@ class Cooldowns:
             del self._pairs[next(iter(self._pairs))]
         return until - now
 
+    def cooling_by_egress(self, now: float) -> dict[str, int]:
+        """How many hosts each address is cooling for now (for metrics and /status)."""
+        counts: dict[str, int] = {}
+        for (egress, _), cool in self._pairs.items():
+            if cool.until > now:
+                counts[egress] = counts.get(egress, 0) + 1
+        return counts
+
     def ok(self, egress: str, host: str) -> None:
         """A success resets the strikes (a cooldown the server asked for still runs out)."""
         key = (egress, _norm(host))

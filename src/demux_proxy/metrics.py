@@ -36,6 +36,8 @@ class Recorder(Protocol):
     def upstream_connection(self, egress: str, *, reused: bool) -> None: ...
     def error(self, kind: str) -> None: ...
     def pooled(self, idle_by_egress: dict[str, int]) -> None: ...
+    def queued(self, rule: str, delta: int) -> None: ...
+    def cooling(self, hosts_by_egress: dict[str, int]) -> None: ...
 
 
 class NoMetrics:
@@ -51,6 +53,12 @@ class NoMetrics:
         pass
 
     def pooled(self, idle_by_egress: dict[str, int]) -> None:
+        pass
+
+    def queued(self, rule: str, delta: int) -> None:
+        pass
+
+    def cooling(self, hosts_by_egress: dict[str, int]) -> None:
         pass
 
 
@@ -96,6 +104,21 @@ class Metrics:
             multiprocess_mode="livesum",  # summed over the workers alive now
         )
         self._egress = [e.address for e in egress]
+        # Hosts become labels only as the --host-rate patterns the operator named.
+        self._queue = Gauge(
+            "demux_queue_depth",
+            "Requests waiting for an address with budget, by --host-rate rule",
+            ["rule"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self._cooling = Gauge(
+            "demux_cooling_hosts",
+            "Hosts an egress address is cooling down for (429/503/--ban-status)",
+            ["egress"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self._errors = Counter(
             "demux_errors", "Failed exchanges by kind", ["kind"], registry=self.registry
         )
@@ -128,6 +151,13 @@ class Metrics:
 
     def error(self, kind: str) -> None:
         self._errors.labels(kind).inc()
+
+    def queued(self, rule: str, delta: int) -> None:
+        self._queue.labels(rule).inc(delta)
+
+    def cooling(self, hosts_by_egress: dict[str, int]) -> None:
+        for egress in self._egress:
+            self._cooling.labels(egress).set(hosts_by_egress.get(egress, 0))
 
     def pooled(self, idle_by_egress: dict[str, int]) -> None:
         for egress in self._egress:

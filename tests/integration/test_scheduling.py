@@ -176,3 +176,37 @@ def test_sessions_stick_and_egress_can_be_pinned(tmp_path: Path, limited: Limite
         bad = _get(p, url, headers={"X-Demux-Egress": "10.9.9.9"})
         assert bad.status_code == 400
     assert not any("X-Demux-Session" in h or "X-Demux-Egress" in h for h in limited.headers)
+
+
+def test_status_shows_cooldowns_and_queue_depth(tmp_path: Path, limited: Limited) -> None:
+    limited.rate = 1000.0
+    limited.banned = {"127.0.0.3"}
+    limited.retry_after = 30
+    url = f"http://127.0.0.1:{limited.port}/item"
+    slow = f"http://localhost:{limited.port}/item"
+    pin = {"X-Demux-Egress": "127.0.0.2"}
+    with running_proxy(
+        tmp_path / "state",
+        "--workers", "1",
+        "--admin", "127.0.0.1:0",
+        "--host-rate", "localhost=1/min",
+        "--queue-timeout", "3",
+    ) as p:  # fmt: skip
+        admin = "http://" + p.wait_for_log("Starting Proxy")["fields"]["admin"]
+        for _ in range(4):  # 127.0.0.3 is refused once and cools for 30 s
+            assert _get(p, url).status_code == 200
+        assert _get(p, slow, headers=pin).status_code == 200  # 127.0.0.2's one token
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_get, p, slow, headers=pin)  # must wait for the budget
+            seen_queue = seen_cooling = False
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not (seen_queue and seen_cooling):
+                with requests.Session() as s:
+                    doc = s.get(admin + "/status.json", timeout=10).json()
+                seen_queue = seen_queue or doc["queue_depth"].get("localhost") == 1
+                rows = {r["address"]: r for r in doc["addresses"]}
+                seen_cooling = rows["127.0.0.3"]["cooling_hosts"] == 1
+                time.sleep(0.1)
+            assert seen_queue and seen_cooling
+            assert rows["127.0.0.2"]["cooling_hosts"] == 0
+            assert waiting.result().status_code == 503
