@@ -16,7 +16,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import count
 
 import psutil
@@ -69,10 +69,11 @@ def run(config: Config) -> None:
     ca = load_ca(config)
     try:
         tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
+        shared = Shared(config, ca, tls, events, policy, destinations)
         if config.workers > 1:
-            supervise(config, ca, tls, events, policy, destinations)
+            supervise(shared)
         else:
-            uvloop.run(serve(config, ca, tls, events, policy, destinations, LocalCursor()))
+            uvloop.run(serve(shared, LocalCursor()))
     finally:
         ca.close()
         if metrics_dir is not None:
@@ -108,19 +109,28 @@ def announce(events: log.EventLog, config: Config, ca: CertificateAuthority, por
     events.emit(log.INFO, "Starting Proxy", fields)
 
 
+@dataclass(frozen=True, slots=True)
+class Shared:
+    """What run() builds once and every worker inherits across the fork."""
+
+    config: Config
+    ca: CertificateAuthority
+    tls: ssl.SSLContext
+    events: log.EventLog
+    policy: ClientPolicy
+    destinations: DestinationPolicy
+
+
 async def serve(
-    config: Config,
-    ca: CertificateAuthority,
-    tls: ssl.SSLContext,
-    events: log.EventLog,
-    policy: ClientPolicy,
-    destinations: DestinationPolicy,
+    shared: Shared,
     cursor: Cursor,
     *,
     worker: int = 0,
     ready: Callable[[int], None] | None = None,
 ) -> None:
     """One event loop's proxy: listen, serve until SIGTERM/SIGINT, drain, return."""
+    config, ca, tls, events = shared.config, shared.ca, shared.tls, shared.events
+    policy, destinations = shared.policy, shared.destinations
     pool: Pool[UpstreamConnection] = Pool(
         max_idle_per_key=config.pool_max_idle_per_key, idle_s=config.pool_idle_s
     )

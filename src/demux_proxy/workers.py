@@ -14,7 +14,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import ssl
 import sys
 import time
 from dataclasses import replace
@@ -25,13 +24,9 @@ from types import FrameType
 
 import uvloop
 
-from demux_proxy import log
-from demux_proxy.app import announce, listen_error, serve
-from demux_proxy.auth import ClientPolicy
-from demux_proxy.ca import CertificateAuthority
+from demux_proxy.app import Shared, announce, listen_error, serve
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
-from demux_proxy.policy import DestinationPolicy
 from demux_proxy.scheduler import SharedCursor
 
 READY_TIMEOUT_S = 30.0
@@ -53,56 +48,22 @@ def reserve_port(config: Config, host: str, port: int) -> tuple[socket.socket, i
     return sock, sock.getsockname()[1]
 
 
-def _worker(
-    config: Config,
-    ca: CertificateAuthority,
-    tls: ssl.SSLContext,
-    events: log.EventLog,
-    policy: ClientPolicy,
-    destinations: DestinationPolicy,
-    cursor: SharedCursor,
-    index: int,
-    conn: Connection,
-) -> None:
+def _worker(shared: Shared, cursor: SharedCursor, index: int, conn: Connection) -> None:
     # The parent's Python-level handlers were inherited by fork: the loop installs ours.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:
-        uvloop.run(
-            serve(
-                config,
-                ca,
-                tls,
-                events,
-                policy,
-                destinations,
-                cursor,
-                worker=index,
-                ready=lambda port: conn.send(port),
-            )
-        )
+        uvloop.run(serve(shared, cursor, worker=index, ready=lambda port: conn.send(port)))
     except ConfigError as exc:
         conn.send(str(exc))
         sys.exit(2)
 
 
 class _Supervisor:
-    def __init__(
-        self,
-        config: Config,
-        ca: CertificateAuthority,
-        tls: ssl.SSLContext,
-        events: log.EventLog,
-        policy: ClientPolicy,
-        destinations: DestinationPolicy,
-    ) -> None:
-        self.policy = policy
-        self.destinations = destinations
-        self.config = config
-        self.ca = ca
-        self.tls = tls
-        self.events = events
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.events = shared.events
         self.ctx: ForkContext = multiprocessing.get_context("fork")
         self.cursor = SharedCursor(self.ctx)
         self.procs: dict[int, BaseProcess] = {}
@@ -114,17 +75,7 @@ class _Supervisor:
         self.events.flush()  # nothing pending may be written twice by parent and child
         proc = self.ctx.Process(
             target=_worker,
-            args=(
-                self.config,
-                self.ca,
-                self.tls,
-                self.events,
-                self.policy,
-                self.destinations,
-                self.cursor,
-                index,
-                child_end,
-            ),
+            args=(self.shared, self.cursor, index, child_end),
             name=f"demux-proxy-worker-{index}",
         )
         proc.start()
@@ -186,21 +137,15 @@ class _Supervisor:
         self.procs.clear()
 
 
-def supervise(
-    config: Config,
-    ca: CertificateAuthority,
-    tls: ssl.SSLContext,
-    events: log.EventLog,
-    policy: ClientPolicy,
-    destinations: DestinationPolicy,
-) -> None:
+def supervise(shared: Shared) -> None:
+    config, events = shared.config, shared.events
     reserved, port = reserve_port(config, config.listen_host, config.listen_port)
     config = replace(config, listen_port=port)
     admin_reserved = None
     if config.admin is not None:
         admin_reserved, admin_port = reserve_port(config, *config.admin)
         config = replace(config, admin=(config.admin[0], admin_port))
-    sup = _Supervisor(config, ca, tls, events, policy, destinations)
+    sup = _Supervisor(replace(shared, config=config))
     signal.signal(signal.SIGTERM, sup.on_signal)
     signal.signal(signal.SIGINT, sup.on_signal)
     signal.signal(signal.SIGHUP, sup.forward_hup)
@@ -211,7 +156,7 @@ def supervise(
         except BaseException:
             sup.stop_all()
             raise
-        announce(events, sup.config, ca, port)
+        announce(events, config, shared.ca, port)
         events.flush()
         sup.watch()
     finally:

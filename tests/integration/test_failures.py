@@ -16,7 +16,6 @@ import hashlib
 import socket
 import ssl
 import struct
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import requests
 import trustme
 
 from tests.proxy_process import EGRESS, ProxyProcess
+from tests.rawserver import RawServer
 from tests.upstream import Upstream, expected_sha256
 
 pytestmark = pytest.mark.timeout(60)
@@ -187,53 +187,11 @@ def test_client_reset_mid_upload_never_completes_upstream(
 # --------------------------------------------------------------------------- downloads
 
 
-class ResettingUpstream:
+class ResettingUpstream(RawServer):
     """Answers each request with a 1 MiB Content-Length head, 256 KiB of it, then a RST."""
 
     SIZE = 1 << 20
     SENT = 256 * 1024
-
-    def __init__(self, tls: ssl.SSLContext | None) -> None:
-        self.tls = tls
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.settimeout(0.1)
-        self.port: int = self.listener.getsockname()[1]
-        self.seen: list[str] = []
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, daemon=True)
-        self._acceptor.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._acceptor.join(10)
-        for t in self._threads:
-            t.join(10)
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(t)
-            t.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
-            try:
-                if self.tls is not None:
-                    with self.tls.wrap_socket(conn, server_side=True) as tls:
-                        self._respond(tls, conn)
-                else:
-                    self._respond(conn, conn)
-            except OSError:
-                pass
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
         head = b""

@@ -1,0 +1,56 @@
+"""A raw threaded TCP (or TLS) server for tests that need an upstream misbehaving on
+purpose: malformed responses, resets mid-body. Subclasses implement `_respond`."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+
+
+class RawServer:
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        self.tls = tls
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)
+        self.port: int = self.listener.getsockname()[1]
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, name="raw-server", daemon=True)
+        self._acceptor.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._acceptor.join(10)
+        for t in self._threads:
+            t.join(10)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                if self.tls is not None:
+                    with self.tls.wrap_socket(conn, server_side=True) as tls:
+                        self._respond(tls, conn)
+                else:
+                    self._respond(conn, conn)
+            except OSError:
+                pass  # the proxy may close early (huge head, refusal): nothing to do
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        """Read the request from `sock` and misbehave; `raw` is the TCP socket under TLS."""
+        raise NotImplementedError
