@@ -108,6 +108,7 @@ class Forwarder:
         self._policy = policy
         self._metrics: Recorder = recorder if recorder is not None else NoMetrics()
         self._queues: dict[str, asyncio.Lock] = {}  # per host: FIFO for budget
+        self._queued: dict[str, int] = {}  # per host: requests in that queue
         self._retries = config.retries
         self._cooling_statuses = frozenset({429, 503, *config.ban_status})
         self._config = config
@@ -249,14 +250,14 @@ class Forwarder:
         """An egress with budget for the host now, else wait in the host's FIFO queue."""
         scheduler, host = self._scheduler, route.host
         loop = asyncio.get_running_loop()
-        lock = self._queues.get(host)
-        if lock is None or not lock.locked():  # nobody queued: no one to overtake
+        if host not in self._queued:  # nobody queued: no one to overtake
             got = scheduler.acquire(host, loop.time(), exclude=exclude, only=only)
             if isinstance(got, Egress):
                 return got
             if got is None:
                 raise UpstreamError(f"no egress address left to try for {host}")
         lock = self._queues.setdefault(host, asyncio.Lock())
+        self._queued[host] = self._queued.get(host, 0) + 1
         queued = loop.time()
         wait = 0.0
         rule = scheduler.rules.match(host) if scheduler.rules else None
@@ -281,8 +282,10 @@ class Forwarder:
             ) from None
         finally:
             self._metrics.queued(label, -1)
-            if not lock.locked() and not getattr(lock, "_waiters", None):
-                self._queues.pop(host, None)
+            self._queued[host] -= 1
+            if not self._queued[host]:  # the last one out takes the queue away
+                del self._queued[host]
+                del self._queues[host]
 
     # --- upstream side -------------------------------------------------------------
 
