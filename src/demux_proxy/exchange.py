@@ -8,7 +8,6 @@ connection can carry another request.
 from __future__ import annotations
 
 import asyncio
-import math
 import socket
 import ssl
 import time
@@ -17,8 +16,8 @@ from dataclasses import dataclass
 from itertools import count
 
 from demux_proxy import log
-from demux_proxy.auth import session_of
 from demux_proxy.config import Config
+from demux_proxy.dispatch import Dispatcher
 from demux_proxy.egress import Egress
 from demux_proxy.errors import (
     EgressFailure,
@@ -46,7 +45,6 @@ from demux_proxy.http1.parser import (
     parse_response_head,
     response_has_body,
 )
-from demux_proxy.limits import parse_retry_after, session_egress
 from demux_proxy.metrics import NoMetrics, Recorder
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
@@ -107,10 +105,7 @@ class Forwarder:
     ) -> None:
         self._policy = policy
         self._metrics: Recorder = recorder if recorder is not None else NoMetrics()
-        self._queues: dict[str, asyncio.Lock] = {}  # per host: FIFO for budget
-        self._queued: dict[str, int] = {}  # per host: requests in that queue
-        self._retries = config.retries
-        self._cooling_statuses = frozenset({429, 503, *config.ban_status})
+        self._dispatch = Dispatcher(config, scheduler, events, self._metrics)
         self._config = config
         self._scheduler = scheduler
         self._pool = pool
@@ -134,7 +129,7 @@ class Forwarder:
         replayable = body.done and req.method in _IDEMPOTENT and not req.upgrade
         tried: list[str] = []
         try:
-            only = self._affinity(req, route)
+            only = self._dispatch.affinity(req, route)
             while True:
                 try:
                     conn, egress = await self._attempt(
@@ -145,8 +140,8 @@ class Forwarder:
                     failed = out.egress
                     if failed is None:
                         raise
-                    self._rest(failed, exc)
-                    if len(tried) >= self._retries or only is not None:
+                    self._dispatch.rest(failed, exc)
+                    if len(tried) >= self._dispatch.retries or only is not None:
                         raise
                     tried.append(failed.address)
                     self._scheduler.in_flight[failed.address] -= 1
@@ -154,7 +149,13 @@ class Forwarder:
                     continue
                 out.egress = egress
                 result = await self._respond(
-                    client, conn, req, route, body, out, replayable and len(tried) < self._retries
+                    client,
+                    conn,
+                    req,
+                    route,
+                    body,
+                    out,
+                    replayable and len(tried) < self._dispatch.retries,
                 )
                 if result is not _RETRY:
                     keep = result is True
@@ -218,75 +219,6 @@ class Forwarder:
                 self._metrics.error(kind)
         return keep
 
-    def _affinity(self, req: RequestHead, route: Route) -> str | None:
-        """The address this request must use: X-Demux-Egress, else its sticky session."""
-        pinned = get(req.headers, b"x-demux-egress")
-        if pinned is not None:
-            address = pinned.decode("latin-1").strip()
-            if address not in self._scheduler.in_flight:
-                raise ProtocolError(f"X-Demux-Egress {address!r} is not an egress address")
-            return address
-        session = get(req.headers, b"x-demux-session")
-        name = session.decode("latin-1").strip() if session is not None else route.session
-        if not name:
-            name = session_of(req.headers)
-        if not name:
-            return None
-        scheduler = self._scheduler
-        everyone = scheduler.addresses()
-        now = asyncio.get_running_loop().time()
-        healthy = [a for a in everyone if not scheduler.health.cooling(a, "", now)]
-        chosen = session_egress(name, healthy or everyone)
-        home = session_egress(name, everyone)
-        if chosen != home:
-            self._events.warning(
-                "session moved: its address is resting", session=name, home=home, now=chosen
-            )
-        return chosen
-
-    async def _acquire(
-        self, route: Route, out: _Outcome, exclude: list[str], only: str | None
-    ) -> Egress:
-        """An egress with budget for the host now, else wait in the host's FIFO queue."""
-        scheduler, host = self._scheduler, route.host
-        loop = asyncio.get_running_loop()
-        if host not in self._queued:  # nobody queued: no one to overtake
-            got = scheduler.acquire(host, loop.time(), exclude=exclude, only=only)
-            if isinstance(got, Egress):
-                return got
-            if got is None:
-                raise UpstreamError(f"no egress address left to try for {host}")
-        lock = self._queues.setdefault(host, asyncio.Lock())
-        self._queued[host] = self._queued.get(host, 0) + 1
-        queued = loop.time()
-        wait = 0.0
-        rule = scheduler.rules.match(host) if scheduler.rules else None
-        label = rule.pattern if rule is not None else "cooldown"
-        self._metrics.queued(label, 1)
-        try:
-            async with asyncio.timeout(self._config.queue_timeout_s), lock:
-                while True:
-                    got = scheduler.acquire(host, loop.time(), exclude=exclude, only=only)
-                    if isinstance(got, Egress):
-                        out.queued_ms = round((loop.time() - queued) * 1000, 1)
-                        return got
-                    if got is None:
-                        raise UpstreamError(f"no egress address left to try for {host}")
-                    wait = got
-                    await asyncio.sleep(got)
-        except TimeoutError:
-            raise Unavailable(
-                f"no egress address may send to {host} within "
-                f"{self._config.queue_timeout_s:g} s (--host-rate budgets or cooldowns)",
-                retry_after_s=max(1, math.ceil(wait)),
-            ) from None
-        finally:
-            self._metrics.queued(label, -1)
-            self._queued[host] -= 1
-            if not self._queued[host]:  # the last one out takes the queue away
-                del self._queued[host]
-                del self._queues[host]
-
     # --- upstream side -------------------------------------------------------------
 
     async def _attempt(
@@ -302,7 +234,8 @@ class Forwarder:
         only: str | None,
     ) -> tuple[UpstreamConnection, Egress]:
         """Pick the egress and a connection, send the head. One retry on a stale pooled one."""
-        egress = out.egress = await self._acquire(route, out, tried, only)
+        egress, out.queued_ms = await self._dispatch.acquire(route, tried, only)
+        out.egress = egress
         self._scheduler.in_flight[egress.address] += 1
         key = (egress.address, route.scheme, route.host, route.port)
         conn = self._pool.checkout(key)
@@ -379,35 +312,6 @@ class Forwarder:
         self._metrics.upstream_connection(egress.address, reused=False)
         return conn, egress
 
-    def _rest(self, egress: Egress, exc: EgressFailure) -> None:
-        now = asyncio.get_running_loop().time()
-        seconds = self._scheduler.rest(egress.address, now)
-        self._events.warning(
-            "egress address resting",
-            interface=egress.address,
-            device=egress.interface,
-            error=exc.reason,
-            rest_s=round(seconds, 3),
-        )
-
-    def _learn(self, address: str, host: str, resp: ResponseHead, out: _Outcome) -> int | None:
-        """Cool (address, host) down on 429/503/--ban-status; the Retry-After to relay."""
-        cooldowns = self._scheduler.cooldowns
-        if resp.status not in self._cooling_statuses:
-            if resp.status < 400:
-                cooldowns.ok(address, host)
-            return None
-        now = asyncio.get_running_loop().time()
-        told = parse_retry_after(get(resp.headers, b"retry-after"), time.time())
-        out.cooldown_s = cooldowns.cool(address, host, now, told)
-        soonest = cooldowns.soonest(self._scheduler.addresses(), host, now)
-        return max(1, math.ceil(soonest))
-
-    def _another_address_free(self, host: str, address: str) -> bool:
-        now = asyncio.get_running_loop().time()
-        others = [a for a in self._scheduler.addresses() if a != address]
-        return bool(others) and self._scheduler.cooldowns.soonest(others, host, now) == 0
-
     async def _await_first_byte(self, conn: UpstreamConnection) -> None:
         up = conn.stream
         try:
@@ -461,12 +365,14 @@ class Forwarder:
             out.status = resp.status
             if resp.status == 101:
                 return await self._switch(client, conn, req, resp, out)
-            retry_after = self._learn(conn.egress.address, route.host, resp, out)
+            retry_after, cooled = self._dispatch.learn(conn.egress.address, route.host, resp)
+            if cooled is not None:  # kept across a retry: the log says what happened
+                out.cooldown_s = cooled
             if (
                 retry_after is not None
                 and may_retry
                 and upload is None
-                and self._another_address_free(route.host, conn.egress.address)
+                and self._dispatch.another_address_free(route.host, conn.egress.address)
             ):
                 conn.close()  # its body is unread: the connection is not reusable
                 return _RETRY

@@ -1,0 +1,138 @@
+"""Which address a request goes from, and when: the scheduler's decisions put to work.
+
+`Dispatcher` turns a request into an egress address: the pin or sticky session it
+names, a wait in the host's FIFO queue when no address has budget (`--queue-timeout`),
+and what the server's answer teaches (cooldowns, resting a failing address). The
+bytes themselves move in exchange.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+from demux_proxy import log
+from demux_proxy.auth import session_of
+from demux_proxy.config import Config
+from demux_proxy.egress import Egress
+from demux_proxy.errors import EgressFailure, ProtocolError, Unavailable, UpstreamError
+from demux_proxy.http1.headers import get
+from demux_proxy.http1.parser import RequestHead, ResponseHead
+from demux_proxy.limits import parse_retry_after, session_egress
+from demux_proxy.metrics import Recorder
+from demux_proxy.route import Route
+from demux_proxy.scheduler import Scheduler
+
+
+class Dispatcher:
+    def __init__(
+        self, config: Config, scheduler: Scheduler, events: log.EventLog, metrics: Recorder
+    ) -> None:
+        self._config = config
+        self.scheduler = scheduler
+        self._events = events
+        self._metrics = metrics
+        self._queues: dict[str, asyncio.Lock] = {}  # per host: FIFO for budget
+        self._queued: dict[str, int] = {}  # per host: requests in that queue
+        self.retries = config.retries
+        self._cooling_statuses = frozenset({429, 503, *config.ban_status})
+
+    def affinity(self, req: RequestHead, route: Route) -> str | None:
+        """The address this request must use: X-Demux-Egress, else its sticky session."""
+        pinned = get(req.headers, b"x-demux-egress")
+        if pinned is not None:
+            address = pinned.decode("latin-1").strip()
+            if address not in self.scheduler.in_flight:
+                raise ProtocolError(f"X-Demux-Egress {address!r} is not an egress address")
+            return address
+        session = get(req.headers, b"x-demux-session")
+        name = session.decode("latin-1").strip() if session is not None else route.session
+        if not name:
+            name = session_of(req.headers)
+        if not name:
+            return None
+        scheduler = self.scheduler
+        everyone = scheduler.addresses()
+        now = asyncio.get_running_loop().time()
+        healthy = [a for a in everyone if not scheduler.health.cooling(a, "", now)]
+        chosen = session_egress(name, healthy or everyone)
+        home = session_egress(name, everyone)
+        if chosen != home:
+            self._events.warning(
+                "session moved: its address is resting", session=name, home=home, now=chosen
+            )
+        return chosen
+
+    async def acquire(
+        self, route: Route, exclude: list[str], only: str | None
+    ) -> tuple[Egress, float]:
+        """(An egress with budget for the host now, ms queued), waiting in the host's FIFO
+        queue when none has."""
+        scheduler, host = self.scheduler, route.host
+        loop = asyncio.get_running_loop()
+        if host not in self._queued:  # nobody queued: no one to overtake
+            got = scheduler.acquire(host, loop.time(), exclude=exclude, only=only)
+            if isinstance(got, Egress):
+                return got, 0.0
+            if got is None:
+                raise UpstreamError(f"no egress address left to try for {host}")
+        lock = self._queues.setdefault(host, asyncio.Lock())
+        self._queued[host] = self._queued.get(host, 0) + 1
+        queued = loop.time()
+        wait = 0.0
+        rule = scheduler.rules.match(host) if scheduler.rules else None
+        label = rule.pattern if rule is not None else "cooldown"
+        self._metrics.queued(label, 1)
+        try:
+            async with asyncio.timeout(self._config.queue_timeout_s), lock:
+                while True:
+                    got = scheduler.acquire(host, loop.time(), exclude=exclude, only=only)
+                    if isinstance(got, Egress):
+                        return got, round((loop.time() - queued) * 1000, 1)
+                    if got is None:
+                        raise UpstreamError(f"no egress address left to try for {host}")
+                    wait = got
+                    await asyncio.sleep(got)
+        except TimeoutError:
+            raise Unavailable(
+                f"no egress address may send to {host} within "
+                f"{self._config.queue_timeout_s:g} s (--host-rate budgets or cooldowns)",
+                retry_after_s=max(1, math.ceil(wait)),
+            ) from None
+        finally:
+            self._metrics.queued(label, -1)
+            self._queued[host] -= 1
+            if not self._queued[host]:  # the last one out takes the queue away
+                del self._queued[host]
+                del self._queues[host]
+
+    def rest(self, egress: Egress, exc: EgressFailure) -> None:
+        now = asyncio.get_running_loop().time()
+        seconds = self.scheduler.rest(egress.address, now)
+        self._events.warning(
+            "egress address resting",
+            interface=egress.address,
+            device=egress.interface,
+            error=exc.reason,
+            rest_s=round(seconds, 3),
+        )
+
+    def learn(self, address: str, host: str, resp: ResponseHead) -> tuple[int | None, float | None]:
+        """Cool (address, host) down on 429/503/--ban-status: (the Retry-After to relay,
+        the cooldown applied), both None for other statuses."""
+        cooldowns = self.scheduler.cooldowns
+        if resp.status not in self._cooling_statuses:
+            if resp.status < 400:
+                cooldowns.ok(address, host)
+            return None, None
+        now = asyncio.get_running_loop().time()
+        told = parse_retry_after(get(resp.headers, b"retry-after"), time.time())
+        applied = cooldowns.cool(address, host, now, told)
+        soonest = cooldowns.soonest(self.scheduler.addresses(), host, now)
+        return max(1, math.ceil(soonest)), applied
+
+    def another_address_free(self, host: str, address: str) -> bool:
+        now = asyncio.get_running_loop().time()
+        others = [a for a in self.scheduler.addresses() if a != address]
+        return bool(others) and self.scheduler.cooldowns.soonest(others, host, now) == 0
