@@ -15,7 +15,7 @@ import ssl
 from typing import Any
 
 from demux_proxy import log
-from demux_proxy.auth import ClientPolicy, challenge_response
+from demux_proxy.auth import ClientPolicy, challenge_response, session_of
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.errors import Forbidden, ProtocolError, ProxyError
@@ -280,13 +280,15 @@ class ProxyServer:
         except ProxyError as exc:
             self._refuse(stream, exc)
             return
+        # A session named on CONNECT (proxy user name) holds for every request inside.
+        session = session_of(req.headers)
         stream.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         cfg = self._config
         if not stream.buffer and not await stream.fill(cfg.handshake_timeout_s):
             return
         if stream.buffer[0] != _TLS_HANDSHAKE:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
-            await self._serve(stream, Tunnel("http", host, port, host))
+            await self._serve(stream, Tunnel("http", host, port, host, session))
             return
         context = self._ca.server_context(host)
         context.sni_callback = self._on_sni
@@ -303,7 +305,7 @@ class ProxyServer:
             return
         finally:
             sni = self._sni.pop(id(stream.ssl_object), None)
-        await self._serve(stream, Tunnel("https", host, port, sni or host))
+        await self._serve(stream, Tunnel("https", host, port, sni or host, session))
 
     def _on_sni(self, sslobj: Any, server_name: str | None, context: ssl.SSLContext) -> None:
         """Serve a leaf for the name the client asked for (SNI), else the CONNECT host's.

@@ -20,6 +20,7 @@ import requests
 from aiohttp import web
 
 from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
+from tests.upstream import Upstream
 
 # Loopback delivery can reorder two requests by a fraction of a millisecond: the
 # upstream forgives that much, no more (a tenth of a token at 5/s).
@@ -210,3 +211,21 @@ def test_status_shows_cooldowns_and_queue_depth(tmp_path: Path, limited: Limited
             assert seen_queue and seen_cooling
             assert rows["127.0.0.2"]["cooling_hosts"] == 0
             assert waiting.result().status_code == 503
+
+
+def test_a_session_named_on_connect_holds_inside_the_tunnel(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    with running_proxy(tmp_path / "state", upstream_ca=upstream.ca_pem_path) as p:
+        proxy = f"http://session-xyz:x@127.0.0.1:{p.port}"
+        with requests.Session() as s:
+            peers = {
+                s.get(
+                    upstream.https_url("/ip"),
+                    proxies={"https": proxy},
+                    verify=str(p.ca_path),
+                    timeout=30,
+                ).json()["peer"]
+                for _ in range(6)
+            }
+        assert len(peers) == 1  # one tunnel, one session, one address
