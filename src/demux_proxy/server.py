@@ -27,11 +27,8 @@ from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
 from demux_proxy.stream import Stream, StreamClosed
 
 _internal = logging.getLogger(log.LOGGER_NAME)
-_TLS_HANDSHAKE = 0x16  # first byte of a TLS record carrying a ClientHello
-LISTEN_BACKLOG = 4096
-# Where the SNI callback leaves the name the client asked for, on that connection's
-# SSLObject: it lives and dies with the handshake, whichever TLS implementation ran it.
-_SNI_ATTR = "_demux_sni"
+_TLS_HANDSHAKE = 0x16
+LISTEN_BACKLOG = 4096  # first byte of a TLS record carrying a ClientHello
 
 
 class ProxyServer:
@@ -52,6 +49,7 @@ class ProxyServer:
         self._events = events
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: set[Stream] = set()  # waiting for a next request: closed at shutdown
+        self._sni: dict[int, str] = {}  # id(SSLObject) -> server name, during handshakes
         self._closing = False
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -284,35 +282,19 @@ class ProxyServer:
             return
         # A session named on CONNECT (proxy user name) holds for every request inside.
         session = session_of(req.headers)
-        cfg = self._config
-        # Hold the client's next bytes in the kernel: a ClientHello then goes to uvloop's
-        # native TLS (faster than ours); anything already read takes our memory-BIO path.
-        native = not stream.buffer
-        if native:
-            stream.hold()
         stream.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        if native:
-            first = await stream.peek_first_byte(cfg.handshake_timeout_s)
-            if first is None:
-                return
-        else:
-            if not await stream.fill(cfg.handshake_timeout_s):
-                return
-            first = stream.buffer[0]
-        if first != _TLS_HANDSHAKE:
+        cfg = self._config
+        if not stream.buffer and not await stream.fill(cfg.handshake_timeout_s):
+            return
+        if stream.buffer[0] != _TLS_HANDSHAKE:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
-            stream.release()
             await self._serve(stream, Tunnel("http", host, port, host, session))
             return
         context = self._ca.server_context(host)
         context.sni_callback = self._on_sni
-        sslobj: ssl.SSLObject | None = None
         try:
-            if native:
-                sslobj = await stream.start_tls_native(context, cfg.handshake_timeout_s)
-            else:
-                async with asyncio.timeout(cfg.handshake_timeout_s):
-                    sslobj = await stream.start_tls_server(context)
+            async with asyncio.timeout(cfg.handshake_timeout_s):
+                await stream.start_tls_server(context)
         except ssl.SSLError as exc:
             self._events.warning(
                 "TLS handshake with client failed",
@@ -321,7 +303,8 @@ class ProxyServer:
                 error=exc.reason or str(exc),
             )
             return
-        sni = getattr(sslobj, _SNI_ATTR, None)
+        finally:
+            sni = self._sni.pop(id(stream.ssl_object), None)
         await self._serve(stream, Tunnel("https", host, port, sni or host, session))
 
     def _on_sni(self, sslobj: Any, server_name: str | None, context: ssl.SSLContext) -> None:
@@ -337,4 +320,4 @@ class ProxyServer:
             return  # not a host name we can mint for: the CONNECT host's leaf stays
         leaf.sni_callback = self._on_sni
         sslobj.context = leaf
-        setattr(sslobj, _SNI_ATTR, server_name)
+        self._sni[id(sslobj)] = server_name

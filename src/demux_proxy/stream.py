@@ -16,8 +16,6 @@ holds more than `READ_HIGH` bytes and resumes when the consumer asks for more wi
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import ssl
 from collections.abc import Callable, Iterable
 from typing import cast
@@ -29,11 +27,6 @@ WRITE_HIGH = 512 * 1024
 _RECORD = 16 * 1024 + 256
 _RECORD_BUF = bytearray(_RECORD)
 _RECORD_VIEW = memoryview(_RECORD_BUF)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:
@@ -202,62 +195,7 @@ class Stream(asyncio.Protocol):
         if not self.closed:
             self.transport.abort()
 
-    # --- TLS towards the client --------------------------------------------------------
-
-    def hold(self) -> None:
-        """Stop reading (before answering CONNECT), so the client's first bytes stay in
-        the kernel where `peek_first_byte` can look at them without taking them."""
-        if not self._read_paused:
-            self._read_paused = True
-            self.transport.pause_reading()
-
-    async def peek_first_byte(self, timeout: float) -> int | None:
-        """The next byte the peer will send, left unread; None when it closed instead.
-
-        Lets uvloop's own TLS take over the connection when the byte starts a handshake:
-        `loop.start_tls` cannot be handed bytes that were already read.
-        """
-        loop = asyncio.get_running_loop()
-        raw = self.transport.get_extra_info("socket")
-        dup = socket.socket(fileno=os.dup(raw.fileno()))
-        try:
-            dup.setblocking(False)
-            ready = loop.create_future()
-            loop.add_reader(dup.fileno(), _wake, ready)
-            try:
-                async with asyncio.timeout(timeout):
-                    await ready
-            finally:
-                loop.remove_reader(dup.fileno())
-            try:
-                data = dup.recv(1, socket.MSG_PEEK)
-            except OSError:
-                return None
-            return data[0] if data else None
-        finally:
-            dup.close()
-
-    async def start_tls_native(
-        self, context: ssl.SSLContext, timeout: float
-    ) -> ssl.SSLObject | None:
-        """Hand the connection to uvloop's TLS; our protocol then sees plaintext."""
-        loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(
-            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
-        )
-        if transport is None:
-            raise StreamClosed("connection closed during TLS handshake")
-        self.transport = transport
-        self._native_tls = True
-        self._read_paused = False
-        obj = transport.get_extra_info("ssl_object")
-        return obj if isinstance(obj, ssl.SSLObject) else None
-
-    def release(self) -> None:
-        """Undo `hold`: read again (plain HTTP in the tunnel)."""
-        if self._read_paused:
-            self._read_paused = False
-            self.transport.resume_reading()
+    # --- TLS towards the client (memory BIOs) ------------------------------------------
 
     @property
     def ssl_object(self) -> ssl.SSLObject | None:
