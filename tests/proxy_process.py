@@ -7,6 +7,7 @@ stdout line is kept, parsed, for assertions on the JSON logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 EGRESS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 START_TIMEOUT_S = 20.0
@@ -63,6 +66,15 @@ class ProxyProcess:
 
 def _reader(p: ProxyProcess, ready: threading.Event, box: dict[str, Any]) -> None:
     assert p.proc.stdout is not None
+    try:
+        _read_lines(p, ready, box)
+    except ValueError:
+        pass  # teardown closed the pipe under us: the test is over
+    ready.set()
+
+
+def _read_lines(p: ProxyProcess, ready: threading.Event, box: dict[str, Any]) -> None:
+    assert p.proc.stdout is not None
     for raw in p.proc.stdout:
         raw = raw.rstrip("\n")
         with p._cond:
@@ -76,7 +88,6 @@ def _reader(p: ProxyProcess, ready: threading.Event, box: dict[str, Any]) -> Non
         if line.get("message") == "Starting Proxy" and not ready.is_set():
             box["listen"] = line["fields"]["listen"]
             ready.set()
-    ready.set()
 
 
 def proxy_command(args: Sequence[str]) -> list[str]:
@@ -121,12 +132,16 @@ def running_proxy(
         yield p
     finally:
         if proc.poll() is None:
+            workers = psutil.Process(proc.pid).children()
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+                for worker in workers:  # they hold our stdout pipe: they go too
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        worker.kill()
         reader.join(timeout=5)
         if proc.stderr is not None:
             proc.stderr.close()

@@ -10,6 +10,8 @@ certificate cache (a name may be minted once per worker).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
 import signal
@@ -30,6 +32,7 @@ from demux_proxy.errors import ConfigError
 from demux_proxy.scheduler import SharedCursor
 
 READY_TIMEOUT_S = 30.0
+_PR_SET_PDEATHSIG = 1
 # A worker that keeps dying is a bug, not bad luck: stop restarting after this many a minute.
 MAX_RESTARTS_PER_MINUTE = 5
 
@@ -53,11 +56,24 @@ def _worker(shared: Shared, cursor: SharedCursor, index: int, conn: Connection) 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    _die_with_parent()
     try:
         uvloop.run(serve(shared, cursor, worker=index, ready=lambda port: conn.send(port)))
     except ConfigError as exc:
         conn.send(str(exc))
         sys.exit(2)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the supervisor dies, however it dies (even by
+    SIGKILL), so no orphaned worker keeps the port and the log pipe."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the supervisor's own shutdown still stops every worker
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _Supervisor:

@@ -52,3 +52,13 @@ def test_a_killed_worker_is_replaced(tmp_path: Path, upstream: Upstream) -> None
             assert _peer(p.url, upstream) in EGRESS
         p.proc.send_signal(signal.SIGTERM)
         assert p.proc.wait(timeout=20) == 0
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path, upstream: Upstream) -> None:
+    with running_proxy(tmp_path / "state", "--workers", "2", upstream_ca=upstream.ca_pem_path) as p:
+        children = psutil.Process(p.proc.pid).children()
+        assert len(children) == 2
+        p.proc.kill()  # no chance to forward anything
+        p.proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, f"orphaned workers: {[c.pid for c in alive]}"
