@@ -22,7 +22,13 @@ from demux_proxy import __version__, config_file
 from demux_proxy.config import Config, default_state_dir, parse_listen
 from demux_proxy.egress import parse_addresses, resolve_egress
 from demux_proxy.errors import ConfigError
-from demux_proxy.options import START_OPTIONS, egress_options, state_dir_option
+from demux_proxy.options import (
+    START_OPTIONS,
+    egress_options,
+    insecure_upstream_option,
+    state_dir_option,
+    upstream_ca_option,
+)
 from demux_proxy.options import env_name as _env
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -325,21 +331,8 @@ def addresses(egress: tuple[str, ...], egress_interfaces: tuple[str, ...]) -> No
     "Your own probe: the private-destination guard does not apply to it.",
 )
 @egress_options
-@click.option(
-    "--upstream-ca",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar=_env("upstream-ca"),
-    show_envvar=True,
-    metavar="PEM",
-    help="Also trust this CA for the --url server (on top of the system store or certifi).",
-)
-@click.option(
-    "--insecure-upstream",
-    is_flag=True,
-    envvar=_env("insecure-upstream"),
-    show_envvar=True,
-    help="Do not verify the --url server's certificate. For testing only.",
-)
+@upstream_ca_option("the --url server")
+@insecure_upstream_option("the --url server's certificate")
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0.1),

@@ -58,6 +58,27 @@ def egress_options(f: F) -> F:
     )(f)
 
 
+def upstream_ca_option(what: str) -> _Decorator:
+    return click.option(
+        "--upstream-ca",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("upstream-ca"),
+        show_envvar=True,
+        metavar="PEM",
+        help=f"Also trust this CA for {what} (on top of the system store or certifi).",
+    )
+
+
+def insecure_upstream_option(what: str) -> _Decorator:
+    return click.option(
+        "--insecure-upstream",
+        is_flag=True,
+        envvar=_env("insecure-upstream"),
+        show_envvar=True,
+        help=f"Do not verify {what}. Dangerous: for testing only.",
+    )
+
+
 START_OPTIONS: tuple[_Decorator, ...] = (
     click.option(
         "--listen",
@@ -122,21 +143,8 @@ START_OPTIONS: tuple[_Decorator, ...] = (
         metavar="CIDR",
         help="Only accept clients from these networks (repeatable).",
     ),
-    click.option(
-        "--upstream-ca",
-        type=click.Path(dir_okay=False, path_type=Path),
-        envvar=_env("upstream-ca"),
-        show_envvar=True,
-        metavar="PEM",
-        help="Also trust this CA for upstream servers (on top of the system store or certifi).",
-    ),
-    click.option(
-        "--insecure-upstream",
-        is_flag=True,
-        envvar=_env("insecure-upstream"),
-        show_envvar=True,
-        help="Do not verify upstream certificates. Dangerous: for testing only.",
-    ),
+    upstream_ca_option("upstream servers"),
+    insecure_upstream_option("upstream certificates"),
     state_dir_option,
     click.option(
         "--ca-cert",
