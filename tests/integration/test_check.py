@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 import trustme
 
+from tests.netns import ip, must
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 RUN_TIMEOUT_S = 60
 
@@ -323,16 +325,6 @@ server.serve_forever(poll_interval=0.05)
 )
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
-
-
-def _must(*args: str) -> None:
-    proc = _ip(*args)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
-
-
 def _no_rp_filter(ns: str) -> None:
     # Strict reverse-path filtering (inherited from the host on some systems) would drop the
     # misrouted address's packets; the test wants to see them arrive and be flagged anyway.
@@ -357,15 +349,15 @@ def two_homed() -> Iterator[str]:
         pytest.skip("creating network namespaces needs root")
     tag = secrets.token_hex(3)
     host, inet = f"dpchk-h-{tag}", f"dpchk-i-{tag}"
-    proc = _ip("netns", "add", host)
+    proc = ip("netns", "add", host)
     if proc.returncode != 0:
         pytest.skip(f"`ip netns add` failed (no permission?): {proc.stderr.strip()}")
     created = [host]
     server: subprocess.Popen[str] | None = None
     try:
-        _must("netns", "add", inet)
+        must("netns", "add", inet)
         created.append(inet)
-        _must(
+        must(
             "-n",
             host,
             "link",
@@ -379,7 +371,7 @@ def two_homed() -> Iterator[str]:
             "netns",
             inet,
         )
-        _must(
+        must(
             "-n",
             host,
             "link",
@@ -398,19 +390,19 @@ def two_homed() -> Iterator[str]:
             ("10.10.1.3/24", "eth-a"),
             ("10.10.2.2/24", "eth-b"),
         ]:
-            _must("-n", host, "addr", "add", cidr, "dev", dev)
+            must("-n", host, "addr", "add", cidr, "dev", dev)
         for cidr, dev in [
             ("10.10.1.1/24", "peer-a"),
             ("10.10.2.1/24", "peer-b"),
             (f"{SERVER_ADDRESS}/32", "lo"),
         ]:
-            _must("-n", inet, "addr", "add", cidr, "dev", dev)
+            must("-n", inet, "addr", "add", cidr, "dev", dev)
         for ns, links in [(host, ["lo", "eth-a", "eth-b"]), (inet, ["lo", "peer-a", "peer-b"])]:
             for link in links:
-                _must("-n", ns, "link", "set", link, "up")
+                must("-n", ns, "link", "set", link, "up")
             _no_rp_filter(ns)
         # Only the primary interface has a default route: eth-b has no policy routing yet.
-        _must("-n", host, "route", "add", "default", "via", "10.10.1.1", "dev", "eth-a")
+        must("-n", host, "route", "add", "default", "via", "10.10.1.1", "dev", "eth-a")
 
         server = subprocess.Popen(
             [
@@ -442,7 +434,7 @@ def two_homed() -> Iterator[str]:
                 server.kill()
                 server.communicate(timeout=10)
         for ns in created:
-            _ip("netns", "delete", ns)
+            ip("netns", "delete", ns)
 
 
 def _readline_within(stream: Any, timeout: float) -> str:
@@ -494,7 +486,7 @@ def test_policy_routing_in_namespaces(two_homed: str) -> None:
 
     # 2. A table that routes through eth-b exists, but no rule sends 10.10.2.2 to it: the
     #    fix reuses the table and only adds the rule.
-    _must("-n", host, "route", "add", "default", "via", "10.10.2.1", "dev", "eth-b", "table", "102")
+    must("-n", host, "route", "add", "default", "via", "10.10.2.1", "dev", "eth-b", "table", "102")
     code, doc = run_json(*NETNS_ARGS, netns=host)
     assert code == 1
     assert by_address(doc)["10.10.2.2"]["flags"] == ["wrong-route"]
@@ -503,7 +495,7 @@ def test_policy_routing_in_namespaces(two_homed: str) -> None:
     ]
 
     # 3. With the rule, every address leaves by its own interface.
-    _must("-n", host, "rule", "add", "from", "10.10.2.2", "lookup", "102")
+    must("-n", host, "rule", "add", "from", "10.10.2.2", "lookup", "102")
     code, doc = run_json(*NETNS_ARGS, netns=host)
     rows = by_address(doc)
     assert code == 0, doc

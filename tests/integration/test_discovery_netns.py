@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from tests.netns import ip, ns_ip
+
 pytestmark = pytest.mark.netns
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -65,16 +67,6 @@ print(json.dumps(out))
 """
 
 
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
-
-
-def _ns_ip(ns: str, *args: str) -> None:
-    proc = _ip("-n", ns, *args)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip -n {ns} {' '.join(args)} failed: {proc.stderr.strip()}")
-
-
 def _add_links(ns: str) -> list[str]:
     """Create dummy0 (to be brought up) and down0 (left down) inside the namespace.
 
@@ -83,12 +75,12 @@ def _add_links(ns: str) -> list[str]:
     only when it is RUNNING (up with carrier), and a veth end has carrier only when its peer is
     up too, so dummy0's peer is brought up (it carries no usable address) and down0's is not.
     """
-    proc = _ip("-n", ns, "link", "add", "dummy0", "type", "dummy")
+    proc = ip("-n", ns, "link", "add", "dummy0", "type", "dummy")
     if proc.returncode == 0:
-        _ns_ip(ns, "link", "add", "down0", "type", "dummy")
+        ns_ip(ns, "link", "add", "down0", "type", "dummy")
         return []
-    _ns_ip(ns, "link", "add", "dummy0", "type", "veth", "peer", "name", "dummy0p")
-    _ns_ip(ns, "link", "add", "down0", "type", "veth", "peer", "name", "down0p")
+    ns_ip(ns, "link", "add", "dummy0", "type", "veth", "peer", "name", "dummy0p")
+    ns_ip(ns, "link", "add", "down0", "type", "veth", "peer", "name", "down0p")
     return ["dummy0p"]
 
 
@@ -99,20 +91,20 @@ def netns() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.skip("creating network namespaces needs root")
     name = f"demuxtest-{secrets.token_hex(4)}"
-    proc = _ip("netns", "add", name)
+    proc = ip("netns", "add", name)
     if proc.returncode != 0:
         pytest.skip(f"`ip netns add` failed (no permission?): {proc.stderr.strip()}")
     try:
         extra_up = _add_links(name)
         for cidr, flags in DUMMY_ADDRS:
-            _ns_ip(name, "addr", "add", cidr, "dev", "dummy0", *flags)
-        _ns_ip(name, "addr", "add", "203.0.113.9/24", "dev", "down0")
+            ns_ip(name, "addr", "add", cidr, "dev", "dummy0", *flags)
+        ns_ip(name, "addr", "add", "203.0.113.9/24", "dev", "down0")
         for link in ["dummy0", *extra_up]:
-            _ns_ip(name, "link", "set", link, "up")
-        _ns_ip(name, "link", "set", "lo", "up")
+            ns_ip(name, "link", "set", link, "up")
+        ns_ip(name, "link", "set", "lo", "up")
         yield name
     finally:
-        _ip("netns", "delete", name)
+        ip("netns", "delete", name)
 
 
 def _probe(ns: str, *bind_addrs: str) -> dict[str, Any]:

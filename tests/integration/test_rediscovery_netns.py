@@ -25,6 +25,8 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.netns import ip, ns_ip, ns_sh
+
 pytestmark = pytest.mark.netns
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -58,28 +60,6 @@ server.daemon_threads = True
 print("READY", flush=True)
 server.serve_forever(poll_interval=0.05)
 """
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
-
-
-def _ns_ip(ns: str, *args: str) -> None:
-    proc = _ip("-n", ns, *args)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ip -n {ns} {' '.join(args)} failed: {proc.stderr.strip()}")
-
-
-def _ns_sh(ns: str, script: str) -> None:
-    proc = subprocess.run(
-        ["ip", "netns", "exec", ns, "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{script!r} in {ns} failed: {proc.stderr.strip()}")
 
 
 def _env() -> dict[str, str]:
@@ -166,26 +146,26 @@ def netns() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.skip("creating network namespaces needs root")
     name = f"demuxre-{secrets.token_hex(4)}"
-    proc = _ip("netns", "add", name)
+    proc = ip("netns", "add", name)
     if proc.returncode != 0:
         pytest.skip(f"`ip netns add` failed (no permission?): {proc.stderr.strip()}")
     upstream: subprocess.Popen[str] | None = None
     lines: Lines | None = None
     try:
-        _ns_ip(name, "link", "set", "lo", "up")
-        _ns_ip(name, "link", "add", "eg0", "type", "veth", "peer", "name", "eg0p")
+        ns_ip(name, "link", "set", "lo", "up")
+        ns_ip(name, "link", "add", "eg0", "type", "veth", "peer", "name", "eg0p")
         # Deleting the primary address of a subnet deletes its secondaries too, unless
         # they are promoted: the test removes 10.77.0.2 and wants 10.77.0.3/.4 to stay.
-        _ns_sh(
+        ns_sh(
             name,
             "for c in all default eg0; do "
             "echo 1 > /proc/sys/net/ipv4/conf/$c/promote_secondaries; done",
         )
         for cidr in ("10.77.0.2/24", "10.77.0.3/24"):
-            _ns_ip(name, "addr", "add", cidr, "dev", "eg0")
-        _ns_ip(name, "addr", "add", f"{UPSTREAM}/24", "dev", "eg0p")
+            ns_ip(name, "addr", "add", cidr, "dev", "eg0")
+        ns_ip(name, "addr", "add", f"{UPSTREAM}/24", "dev", "eg0p")
         for link in ("eg0", "eg0p"):
-            _ns_ip(name, "link", "set", link, "up")
+            ns_ip(name, "link", "set", link, "up")
         upstream = subprocess.Popen(
             [
                 "ip",
@@ -215,7 +195,7 @@ def netns() -> Iterator[str]:
             _stop(upstream)
         if lines is not None:
             lines.close()
-        _ip("netns", "delete", name)
+        ip("netns", "delete", name)
 
 
 class Proxy:
@@ -313,7 +293,7 @@ def test_rediscovery_adds_and_removes_addresses(netns: str, tmp_path: Path) -> N
         # Added: picked up by the periodic re-discovery. s1 stays on A (rendezvous
         # hashing: for "s1" the new address does not outweigh A).
         mark = len(proxy.lines.events())
-        _ns_ip(netns, "addr", "add", "10.77.0.4/24", "dev", "eg0")
+        ns_ip(netns, "addr", "add", "10.77.0.4/24", "dev", "eg0")
         proxy.changed(mark, added=["10.77.0.4"], removed=[])
         seen = [proxy.get() for _ in range(6)]
         assert set(seen) == {"10.77.0.2", "10.77.0.3", "10.77.0.4"}, seen
@@ -322,7 +302,7 @@ def test_rediscovery_adds_and_removes_addresses(netns: str, tmp_path: Path) -> N
         # Removed: never used again; s1 moves (only because its address went away) and
         # sticks to its new address.
         mark = len(proxy.lines.events())
-        _ns_ip(netns, "addr", "del", f"{a}/24", "dev", "eg0")
+        ns_ip(netns, "addr", "del", f"{a}/24", "dev", "eg0")
         proxy.changed(mark, added=[], removed=[a])
         remaining = {"10.77.0.2", "10.77.0.3", "10.77.0.4"} - {a}
         seen = [proxy.get() for _ in range(6)]
@@ -352,7 +332,7 @@ def test_sighup_rediscovers(netns: str, tmp_path: Path) -> None:
         assert "10.77.0.5" not in before
 
         mark = len(proxy.lines.events())
-        _ns_ip(netns, "addr", "add", "10.77.0.5/24", "dev", "eg0")
+        ns_ip(netns, "addr", "add", "10.77.0.5/24", "dev", "eg0")
         # Without --rediscover nothing changes by itself.
         seen = {proxy.get() for _ in range(len(before) + 1)}
         assert "10.77.0.5" not in seen

@@ -1,0 +1,35 @@
+"""Small helpers for the tests that build their own network namespaces (iproute2)."""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def ip(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `ip ARGS`; the caller looks at the result."""
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+
+
+def must(*args: str) -> None:
+    """Run `ip ARGS`; fail loudly with ip's own message."""
+    proc = ip(*args)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
+
+
+def ns_ip(ns: str, *args: str) -> None:
+    """`ip -n NS ARGS`, failing loudly."""
+    must("-n", ns, *args)
+
+
+def ns_sh(ns: str, script: str) -> None:
+    """A shell script inside the namespace, failing loudly."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", ns, "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script!r} in {ns} failed: {proc.stderr.strip()}")
