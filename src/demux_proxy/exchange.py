@@ -37,7 +37,7 @@ from demux_proxy.http1.framing import (
     request_decoder,
     response_decoder,
 )
-from demux_proxy.http1.headers import Headers, connection_tokens, end_to_end, get, replace
+from demux_proxy.http1.headers import Headers, end_to_end, get, replace
 from demux_proxy.http1.parser import (
     RequestHead,
     ResponseHead,
@@ -323,8 +323,7 @@ class Forwarder:
             raise UpstreamTimeout("no response from upstream in time") from exc
 
     def _request_head(self, req: RequestHead, route: Route) -> bytes:
-        tokens = connection_tokens(req.headers)
-        headers = end_to_end(req.headers, tokens, drop_length=False)
+        headers = end_to_end(req.headers, req.connection, drop_length=False)
         if route.host_header is not None:
             # RFC 9112 3.2.2: a proxy replaces Host with the absolute-form's authority.
             headers = replace(headers, b"host", b"Host", route.host_header)
@@ -357,9 +356,7 @@ class Forwarder:
             while 100 <= resp.status < 200 and resp.status != 101:
                 # Interim responses (100 Continue, 103) go to 1.1 clients (RFC 9110 15.2).
                 if req.version == b"1.1":
-                    headers = end_to_end(
-                        resp.headers, connection_tokens(resp.headers), drop_length=True
-                    )
+                    headers = end_to_end(resp.headers, resp.connection, drop_length=True)
                     client.write(writer.response_head(resp.status, resp.reason, headers))
                 resp = await self._read_head(up, upload)
             out.status = resp.status
@@ -451,7 +448,7 @@ class Forwarder:
     ) -> bool:
         has_body = response_has_body(req.method, resp.status)
         decoder = response_decoder(has_body, resp.content_length, resp.chunked)
-        headers = end_to_end(resp.headers, connection_tokens(resp.headers), drop_length=False)
+        headers = end_to_end(resp.headers, resp.connection, drop_length=False)
         if retry_after is not None:
             # Every address is cooling for this host: the client hears when one is free.
             headers = replace(headers, b"retry-after", b"Retry-After", b"%d" % retry_after)
@@ -540,9 +537,7 @@ class Forwarder:
         """101 Switching Protocols: from here on, bytes both ways until either side closes."""
         if not req.upgrade:
             raise UpstreamError("upstream switched protocols without being asked")
-        headers: Headers = end_to_end(
-            resp.headers, connection_tokens(resp.headers), drop_length=False
-        )
+        headers: Headers = end_to_end(resp.headers, resp.connection, drop_length=False)
         headers.append((b"Connection", b"upgrade"))
         headers.append((b"Upgrade", get(resp.headers, b"upgrade") or b""))
         client.write(writer.response_head(101, resp.reason, headers))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httptools
 
@@ -33,11 +33,13 @@ class Route:
     host_header: bytes | None  # replaces Host (absolute-form, RFC 9112 3.2.2), else None
     tls_name: str  # server name to verify upstream
     session: str | None = None  # sticky session inherited from the tunnel
+    # For the two log lines of every request: formatted once, here.
+    url: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def url(self) -> str:
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}{self.target.decode('latin-1')}"
+        url = f"{self.scheme}://{host}:{self.port}{self.target.decode('latin-1')}"
+        object.__setattr__(self, "url", url)
 
 
 def _host(raw: bytes) -> str:

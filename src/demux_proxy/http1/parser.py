@@ -38,6 +38,7 @@ class RequestHead:
     keep_alive: bool
     upgrade: bool  # carries Upgrade and Connection: upgrade
     expect_continue: bool
+    connection: frozenset[bytes]  # Connection tokens: fields the forwarder must drop
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class ResponseHead:
     chunked: bool
     keep_alive: bool
     codings: list[bytes]  # transfer codings other than chunked (gzip...), passed on
+    connection: frozenset[bytes]  # Connection tokens: fields the forwarder must drop
 
 
 class _Collector:
@@ -193,6 +195,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         keep_alive=keep_alive,
         upgrade=upgrade,
         expect_continue=expect,
+        connection=tokens,
     )
 
 
@@ -221,6 +224,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
         chunked=chunked,
         keep_alive=keep_alive,
         codings=codings,
+        connection=tokens,
     )
 
 
