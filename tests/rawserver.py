@@ -6,6 +6,11 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import trustme
 
 
 class RawServer:
@@ -54,3 +59,20 @@ class RawServer:
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
         """Read the request from `sock` and misbehave; `raw` is the TCP socket under TLS."""
         raise NotImplementedError
+
+
+S = TypeVar("S", bound=RawServer)
+
+
+@contextmanager
+def plain_and_tls(cls: type[S], ca: trustme.CA) -> Iterator[dict[str, S]]:
+    """One `cls` server for "http" and one over TLS for "https", with a leaf from `ca`
+    (the CA the proxy under test trusts through --upstream-ca)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    servers = {"http": cls(None), "https": cls(ctx)}
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.close()

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.netns import ip, must
+from tests.netns import ip, must, ns_sh
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 RUN_TIMEOUT_S = 60
@@ -328,16 +328,7 @@ server.serve_forever(poll_interval=0.05)
 def _no_rp_filter(ns: str) -> None:
     # Strict reverse-path filtering (inherited from the host on some systems) would drop the
     # misrouted address's packets; the test wants to see them arrive and be flagged anyway.
-    script = "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done"
-    proc = subprocess.run(
-        ["ip", "netns", "exec", ns, "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"cannot turn off rp_filter in {ns}: {proc.stderr.strip()}")
+    ns_sh(ns, "for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done")
 
 
 @pytest.fixture(scope="module")

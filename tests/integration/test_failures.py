@@ -23,10 +23,9 @@ from typing import Any
 
 import pytest
 import requests
-import trustme
 
 from tests.proxy_process import EGRESS, ProxyProcess
-from tests.rawserver import RawServer
+from tests.rawserver import RawServer, plain_and_tls
 from tests.upstream import Upstream, expected_sha256
 
 pytestmark = pytest.mark.timeout(60)
@@ -209,15 +208,9 @@ class ResettingUpstream(RawServer):
 
 @pytest.fixture(scope="module")
 def resetting_upstreams(upstream: Upstream) -> Iterator[dict[str, ResettingUpstream]]:
-    ca: trustme.CA = upstream.ca  # the proxy trusts it (--upstream-ca)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    servers = {"http": ResettingUpstream(None), "https": ResettingUpstream(ctx)}
-    try:
+    # The proxy trusts upstream.ca (--upstream-ca): a leaf from it makes a valid TLS server.
+    with plain_and_tls(ResettingUpstream, upstream.ca) as servers:
         yield servers
-    finally:
-        for server in servers.values():
-            server.close()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

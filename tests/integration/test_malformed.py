@@ -31,12 +31,11 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-import trustme
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.proxy_process import EGRESS, ProxyProcess
-from tests.rawserver import RawServer
+from tests.rawserver import RawServer, plain_and_tls
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.timeout(90)
@@ -591,15 +590,8 @@ class BadUpstream(RawServer):
 @pytest.fixture(scope="module")
 def bad_upstreams(upstream: Upstream) -> Iterator[dict[str, BadUpstream]]:
     # The proxy trusts upstream.ca (--upstream-ca): a leaf from it makes a valid TLS server.
-    ca: trustme.CA = upstream.ca
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    servers = {"http": BadUpstream(None), "https": BadUpstream(ctx)}
-    try:
+    with plain_and_tls(BadUpstream, upstream.ca) as servers:
         yield servers
-    finally:
-        for server in servers.values():
-            server.close()
 
 
 def _bad_url(servers: dict[str, BadUpstream], scheme: str, path: str) -> str:
