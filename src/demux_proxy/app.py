@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import resource
 import shutil
@@ -65,6 +66,7 @@ def run(config: Config) -> None:
         )
     events = log.setup(config.log_level, config.log_format)
     _raise_fd_limit()
+    tune_allocator()
     metrics_dir = metrics.enable() if config.admin is not None else None
     ca = load_ca(config)
     try:
@@ -94,6 +96,28 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# glibc's malloc serves blocks of 128 KiB and more with mmap: a fresh mapping that is
+# page-faulted in and unmapped on free, until its adaptive threshold has seen enough
+# frees. Large bodies move in 64-512 KiB pieces, so a fresh process paid that on every
+# read (a first 100 MB download: 686 MB/s, against 1253 MB/s with these settings).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20  # body buffers come from the heap
+TRIM_THRESHOLD = 4 << 20  # free heap above this goes back to the system
+
+
+def tune_allocator() -> bool:
+    """Fix glibc's malloc thresholds for body-sized buffers; False where there is no glibc."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
 
 
 def announce(events: log.EventLog, config: Config, ca: CertificateAuthority, port: int) -> None:
