@@ -29,9 +29,7 @@ _RECORD_BUF = bytearray(_RECORD)
 _RECORD_VIEW = memoryview(_RECORD_BUF)
 
 
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
+_NEVER = float("inf")
 
 
 class StreamClosed(ConnectionError):
@@ -57,6 +55,10 @@ class Stream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = False
         self._write_paused = False
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # connection_made
+        self._deadline = _NEVER  # of the wait in progress
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _NEVER
         # Memory-BIO TLS (towards clients); `_tls_ready` False while the handshake runs.
         self._sslobj: ssl.SSLObject | None = None  # also public as `ssl_object`
         self._incoming: ssl.MemoryBIO | None = None
@@ -69,6 +71,7 @@ class Stream(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH)
+        self._loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (peer[0], peer[1])
@@ -95,6 +98,9 @@ class Stream(asyncio.Protocol):
         return None if self._native_tls else True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.closed = True
         self.eof = True
         if exc is not None and self._exc is None:
@@ -131,16 +137,39 @@ class Stream(asyncio.Protocol):
             if self._read_paused:
                 self._read_paused = False
                 self.transport.resume_reading()
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+            waiter = self._waiter = self._loop.create_future()
+            if timeout is not None:
+                self._set_deadline(self._loop.time() + timeout)
             try:
                 await waiter
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+                self._deadline = _NEVER
         return True
+
+    # A timer per wait would cost a uvloop timer start and cancel (~2 us) on every read
+    # of every request. Instead each stream keeps at most one timer and a deadline: a
+    # wait moves the deadline (a float store); the timer, when it fires, either expires
+    # the wait or re-arms itself for the deadline now in force.
+
+    def _set_deadline(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._deadline == _NEVER:
+            return  # not waiting now: the next wait arms a timer again
+        if self._loop.time() >= self._deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer_at = self._deadline
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
     # --- writing --------------------------------------------------------------------
 
@@ -170,7 +199,7 @@ class Stream(asyncio.Protocol):
         if self.closed:
             raise StreamClosed("connection closed by peer")
         while self._write_paused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = self._loop.create_future()
             try:
                 await self._drain_waiter
             finally:
@@ -226,7 +255,7 @@ class Stream(asyncio.Protocol):
                 if self._read_paused:
                     self._read_paused = False
                     self.transport.resume_reading()
-                self._waiter = asyncio.get_running_loop().create_future()
+                self._waiter = self._loop.create_future()
                 try:
                     await self._waiter
                 finally:
