@@ -38,9 +38,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-import argon2
-import bcrypt
-
 from demux_proxy.errors import ConfigError
 from demux_proxy.http1.headers import Headers
 from demux_proxy.http1.writer import response_head
@@ -63,8 +60,6 @@ _ARGON2_PREFIXES = ("$argon2id$", "$argon2i$", "$argon2d$")
 # refused rather than silently taken as a literal password.
 _OTHER_HASH = re.compile(r"^(?:\$[0-9A-Za-z-]{1,16}\$|\{[A-Z0-9-]{2,16}\})")
 
-_ARGON2 = argon2.PasswordHasher()  # verify() reads the parameters from each hash
-_ARGON2_FAILURES = (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError)
 _BASIC = b"basic"
 _PROXY_AUTHORIZATION = b"proxy-authorization"
 _DUMMY_DIGEST = hashlib.sha256(b"demux-proxy: no such user").digest()
@@ -397,6 +392,8 @@ def _file_verifier(secret: str, where: str) -> Verifier:
             raise ConfigError(f"{where}: malformed bcrypt hash")
         return Verifier("bcrypt", candidate.encode("ascii"))
     if candidate.startswith(_ARGON2_PREFIXES):
+        import argon2  # imported only where an auth file holds such hashes (1.3 MB of RSS)
+
         try:
             argon2.extract_parameters(candidate)
         except argon2.exceptions.InvalidHashError:
@@ -411,13 +408,18 @@ def _file_verifier(secret: str, where: str) -> Verifier:
 
 def _verify_hash(verifier: Verifier, secret: bytes) -> bool:
     if verifier.kind == "bcrypt":
+        import bcrypt
+
         try:
             return bcrypt.checkpw(secret, verifier.secret)
         except ValueError:  # longer than bcrypt's 72 bytes: refused, never truncated
             return False
+    import argon2
+
     try:
-        return _ARGON2.verify(verifier.secret, secret)
-    except _ARGON2_FAILURES:
+        # verify() reads the parameters from each hash: a default hasher does for all.
+        return argon2.PasswordHasher().verify(verifier.secret, secret)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
 
 
