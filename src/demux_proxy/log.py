@@ -31,6 +31,15 @@ DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logg
 _LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", 50: "critical"}
 
 
+# The constant parts of a JSON line, encoded once: per level, and per message text (our
+# messages are a few constants; others, from stdlib logging, are encoded each time).
+_LEVEL_JSON = {
+    level: b',"level":"' + name.encode() + b'","timestamp":"'
+    for level, name in _LEVEL_NAMES.items()
+}
+_MESSAGE_CACHE_MAX = 256
+
+
 class _Clock:
     """RFC 3339 timestamps with nanoseconds, the strftime part cached per second."""
 
@@ -38,14 +47,19 @@ class _Clock:
 
     def __init__(self) -> None:
         self._second = -1
-        self._prefix = ""
+        self._prefix = b""
 
-    def stamp(self, ns: int) -> str:
+    def split(self, ns: int) -> tuple[bytes, int]:
+        """(b"YYYY-MM-DDTHH:MM:SS", nanoseconds): the caller appends ".%09dZ"."""
         second, frac = divmod(ns, 1_000_000_000)
         if second != self._second:
             self._second = second
-            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{frac:09d}Z"
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+        return self._prefix, frac
+
+    def stamp(self, ns: int) -> str:
+        prefix, frac = self.split(ns)
+        return f"{prefix.decode()}.{frac:09d}Z"
 
 
 class EventLog:
@@ -57,6 +71,7 @@ class EventLog:
         self._scheduled = False
         self._clock = _Clock()
         self._broken = False
+        self._tails: dict[str, bytes] = {}  # message -> b'Z","message":"...","}\n'
 
     def enabled(self, level: int) -> bool:
         return level >= self.level
@@ -64,24 +79,25 @@ class EventLog:
     def emit(self, level: int, message: str, fields: dict[str, Any]) -> None:
         if level < self.level or self._broken:
             return
-        stamp = self._clock.stamp(time.time_ns())
-        name = _LEVEL_NAMES.get(level, "info")
         if self._json:
-            # Spliced by hand: fields sorted, the top level in the original's order.
-            line = b"".join(
-                (
-                    b'{"fields":',
-                    orjson.dumps(fields, option=orjson.OPT_SORT_KEYS, default=str),
-                    b',"level":"',
-                    name.encode(),
-                    b'","timestamp":"',
-                    stamp.encode(),
-                    b'","message":',
-                    orjson.dumps(message),
-                    b"}\n",
-                )
+            # Spliced by hand: fields sorted, the top level in the original's order, the
+            # constant parts encoded once (two lines per request: this is the hot path).
+            prefix, frac = self._clock.split(time.time_ns())
+            tail = self._tails.get(message)
+            if tail is None:
+                tail = b'Z","message":' + orjson.dumps(message) + b"}\n"
+                if len(self._tails) < _MESSAGE_CACHE_MAX:
+                    self._tails[message] = tail
+            line = b'{"fields":%b%b%b.%09d%b' % (
+                orjson.dumps(fields, option=orjson.OPT_SORT_KEYS, default=str),
+                _LEVEL_JSON.get(level, _LEVEL_JSON[INFO]),
+                prefix,
+                frac,
+                tail,
             )
         else:
+            stamp = self._clock.stamp(time.time_ns())
+            name = _LEVEL_NAMES.get(level, "info")
             pairs = " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
             line = f"{stamp} {name:7} {message} {pairs}".rstrip().encode() + b"\n"
         self._pending.append(line)
