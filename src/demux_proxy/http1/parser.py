@@ -27,7 +27,9 @@ _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _DIGITS = re.compile(rb"^[0-9]{1,18}$")
 
 
-@dataclass(frozen=True, slots=True)
+# Heads are values, but not frozen dataclasses: frozen pays an object.__setattr__ per
+# field (1.2 us for ten fields), twice per request. Nothing changes a head once parsed.
+@dataclass(slots=True)
 class RequestHead:
     method: bytes
     target: bytes
@@ -41,7 +43,7 @@ class RequestHead:
     connection: frozenset[bytes]  # Connection tokens: fields the forwarder must drop
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseHead:
     status: int
     reason: bytes
