@@ -24,6 +24,9 @@ from demux_proxy.metrics import Recorder
 from demux_proxy.route import Route
 from demux_proxy.scheduler import Scheduler
 
+_PIN, _SESSION, _CREDENTIALS = b"x-demux-egress", b"x-demux-session", b"proxy-authorization"
+_PIN_LEN, _SESSION_LEN, _CREDENTIALS_LEN = len(_PIN), len(_SESSION), len(_CREDENTIALS)
+
 
 class Dispatcher:
     def __init__(
@@ -40,15 +43,25 @@ class Dispatcher:
 
     def affinity(self, req: RequestHead, route: Route) -> str | None:
         """The address this request must use: X-Demux-Egress, else its sticky session."""
-        pinned = get(req.headers, b"x-demux-egress")
+        pinned = session = None
+        credentials = False
+        # One pass for the three fields that may name an address; a length check first
+        # spares a lower() for every other field (this runs on every request).
+        for field, value in req.headers:
+            size = len(field)
+            if size == _PIN_LEN and pinned is None and field.lower() == _PIN:
+                pinned = value
+            elif size == _SESSION_LEN and session is None and field.lower() == _SESSION:
+                session = value
+            elif size == _CREDENTIALS_LEN and field.lower() == _CREDENTIALS:
+                credentials = True
         if pinned is not None:
             address = pinned.decode("latin-1").strip()
             if address not in self.scheduler.in_flight:
                 raise ProtocolError(f"X-Demux-Egress {address!r} is not an egress address")
             return address
-        session = get(req.headers, b"x-demux-session")
         name = session.decode("latin-1").strip() if session is not None else route.session
-        if not name:
+        if not name and credentials:
             name = session_of(req.headers)
         if not name:
             return None

@@ -216,12 +216,16 @@ class Cooldowns:
 
     def ok(self, egress: str, host: str) -> None:
         """A success resets the strikes (a cooldown the server asked for still runs out)."""
+        if not self._pairs:
+            return  # the common case, asked on every response
         key = (egress, _norm(host))
         old = self._pairs.get(key)
         if old is not None:
             self._pairs[key] = _Cool(old.until, 0)
 
     def remaining(self, egress: str, host: str, now: float) -> float:
+        if not self._pairs:
+            return 0.0  # the common case, asked per address on every request
         entry = self._pairs.get((egress, _norm(host)))
         return 0.0 if entry is None else max(entry.until - now, 0.0)
 
