@@ -60,25 +60,25 @@ async def test_fill_times_out(pair: Pair) -> None:
     assert 0.15 <= await _timed_out_after(stream, 0.2) < 2.0
 
 
-@on_uvloop
-async def test_a_shorter_wait_after_a_longer_one_keeps_its_own_deadline(
-    pair: Pair,
-) -> None:
+async def _answered_then_timed_out(pair: Pair, first: float, then: float) -> float:
+    """A wait of `first` seconds that data ends, then one of `then` seconds that expires."""
     stream, peer = pair
     asyncio.get_running_loop().call_later(0.05, peer.send, b"x")
-    assert await stream.fill(30.0)  # arms the stream's timer 30 s out
-    assert 0.15 <= await _timed_out_after(stream, 0.2) < 2.0
+    assert await stream.fill(first)  # leaves the stream's timer armed `first` s out
+    return await _timed_out_after(stream, then)
+
+
+@on_uvloop
+async def test_a_shorter_wait_after_a_longer_one_keeps_its_own_deadline(pair: Pair) -> None:
+    assert 0.15 <= await _answered_then_timed_out(pair, 30.0, 0.2) < 2.0
 
 
 @on_uvloop
 async def test_a_longer_wait_after_a_shorter_one_is_not_cut_at_the_old_deadline(
     pair: Pair,
 ) -> None:
-    stream, peer = pair
-    asyncio.get_running_loop().call_later(0.05, peer.send, b"x")
-    assert await stream.fill(0.3)  # leaves the timer armed for ~0.3 s from the start
-    # That timer fires mid-wait: it must re-arm for this wait's deadline, not expire it.
-    assert 0.65 <= await _timed_out_after(stream, 0.7) < 3.0
+    # The first wait's timer fires mid-wait: it must re-arm for this wait's deadline.
+    assert 0.65 <= await _answered_then_timed_out(pair, 0.3, 0.7) < 3.0
 
 
 @on_uvloop
