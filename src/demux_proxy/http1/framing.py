@@ -168,18 +168,23 @@ class ChunkedDecoder(BodyDecoder):
         return line
 
 
+# NoBody holds no state: one each way serves every message without a body (most requests).
+_NO_REQUEST_BODY = NoBody(upstream=False)
+_NO_RESPONSE_BODY = NoBody(upstream=True)
+
+
 def request_decoder(content_length: int | None, chunked: bool) -> BodyDecoder:
     """RFC 9112 6.3: a request without Content-Length or chunked has no body."""
     if chunked:
         return ChunkedDecoder(upstream=False)
     if content_length:
         return LengthDecoder(content_length, upstream=False)
-    return NoBody(upstream=False)
+    return _NO_REQUEST_BODY
 
 
 def response_decoder(has_body: bool, content_length: int | None, chunked: bool) -> BodyDecoder:
     if not has_body:
-        return NoBody(upstream=True)
+        return _NO_RESPONSE_BODY
     if chunked:
         return ChunkedDecoder(upstream=True)
     if content_length is not None:
