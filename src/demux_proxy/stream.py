@@ -30,6 +30,7 @@ _RECORD_VIEW = memoryview(_RECORD_BUF)
 
 
 _NEVER = float("inf")
+_TIMER_SLACK_S = 0.001
 
 
 class StreamClosed(ConnectionError):
@@ -165,7 +166,8 @@ class Stream(asyncio.Protocol):
         waiter = self._waiter
         if waiter is None or waiter.done() or self._deadline == _NEVER:
             return  # not waiting now: the next wait arms a timer again
-        if self._loop.time() >= self._deadline:
+        # libuv counts timers in whole milliseconds: one may fire a hair early.
+        if self._loop.time() + _TIMER_SLACK_S >= self._deadline:
             waiter.set_exception(TimeoutError())
         else:
             self._timer_at = self._deadline
