@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import requests
 
 EGRESS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+STOP_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 20.0
 
 
@@ -94,6 +96,33 @@ def proxy_command(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "demux_proxy", *args]
 
 
+def requests_session(proxy: ProxyProcess, proxy_url: str | None = None) -> requests.Session:
+    """A requests Session through `proxy`, trusting its CA and nothing from the environment
+    (no environment proxy, netrc or CA bundle interferes). A context manager itself."""
+    s = requests.Session()
+    s.trust_env = False
+    url = proxy_url or proxy.url
+    s.proxies = {"http": url, "https": url}
+    s.verify = str(proxy.ca_path)
+    return s
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL for it and its workers if it lingers."""
+    if proc.poll() is not None:
+        return
+    workers = psutil.Process(proc.pid).children()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        for worker in workers:  # they hold our stdout pipe: they go too
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+
+
 @contextmanager
 def running_proxy(
     state_dir: Path,
@@ -131,17 +160,7 @@ def running_proxy(
         p.port = int(box["listen"].rsplit(":", 1)[1])
         yield p
     finally:
-        if proc.poll() is None:
-            workers = psutil.Process(proc.pid).children()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                for worker in workers:  # they hold our stdout pipe: they go too
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        worker.kill()
+        stop(proc)
         reader.join(timeout=5)
         if proc.stderr is not None:
             proc.stderr.close()

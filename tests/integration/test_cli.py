@@ -6,7 +6,6 @@ import json
 import os
 import queue
 import re
-import signal
 import socket
 import stat
 import subprocess
@@ -21,7 +20,7 @@ import requests
 from cryptography import x509
 
 from demux_proxy import __version__
-from tests.proxy_process import ProxyProcess, proxy_command, running_proxy
+from tests.proxy_process import ProxyProcess, proxy_command, running_proxy, stop
 from tests.upstream import Upstream
 
 START_OPTIONS = [
@@ -339,13 +338,7 @@ def _started(args: list[str], env: dict[str, str]) -> Iterator[dict[str, Any]]:
                 break
         yield line
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         reader.join(timeout=5)
         for pipe in (proc.stdout, proc.stderr):
             if pipe is not None:

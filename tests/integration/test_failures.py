@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.proxy_process import EGRESS, ProxyProcess
+from tests.proxy_process import EGRESS, ProxyProcess, requests_session
 from tests.rawserver import RawServer, plain_and_tls
 from tests.upstream import Upstream, expected_sha256
 
@@ -39,17 +39,8 @@ LINGER_0 = struct.pack("ii", 1, 0)  # close() then sends a RST
 # --------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def _session(proxy: ProxyProcess) -> Iterator[requests.Session]:
-    with requests.Session() as s:
-        s.trust_env = False
-        s.proxies = {"http": proxy.url, "https": proxy.url}
-        s.verify = str(proxy.ca_path)
-        yield s
-
-
 def _assert_serving(proxy: ProxyProcess, upstream: Upstream) -> None:
-    with _session(proxy) as s:
+    with requests_session(proxy) as s:
         for url in (upstream.http_url("/ip"), upstream.https_url("/ip")):
             with s.get(url, timeout=SOCK_TIMEOUT) as r:
                 assert r.status_code == 200, (url, r.status_code, r.text)
@@ -223,7 +214,7 @@ def test_upstream_reset_mid_download_is_an_error_for_the_client(
     server = resetting_upstreams[scheme]
     path = f"/download?case={RUN}-upstream-reset-{scheme}"
     received = 0
-    with _session(proxy) as s:
+    with requests_session(proxy) as s:
         with (
             pytest.raises(
                 (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)
@@ -285,7 +276,7 @@ def test_client_reset_mid_download_is_logged_and_contained(
     internal = [ln for ln in proxy.lines[first_line:] if ln.get("message") == "internal error"]
     assert internal == [], internal[0]["fields"].get("error")
     # Everyone else is served, byte-exact.
-    with _session(proxy) as s, s.get(upstream.https_url("/bytes/100000"), timeout=10) as r:
+    with requests_session(proxy) as s, s.get(upstream.https_url("/bytes/100000"), timeout=10) as r:
         assert r.status_code == 200
         assert hashlib.sha256(r.content).hexdigest() == expected_sha256(100000)
     _assert_serving(proxy, upstream)

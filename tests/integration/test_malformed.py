@@ -34,7 +34,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.proxy_process import EGRESS, ProxyProcess
+from tests.proxy_process import EGRESS, ProxyProcess, requests_session
 from tests.rawserver import RawServer, plain_and_tls
 from tests.upstream import Upstream
 
@@ -155,15 +155,6 @@ def _sync_request(proxy: ProxyProcess, upstream: Upstream, scheme: str) -> None:
         answer = _answer(sock, SOCK_TIMEOUT)
     assert answer.status == 200, answer.data[:300]
     assert b'"peer"' in answer.data
-
-
-@contextlib.contextmanager
-def _session(proxy: ProxyProcess) -> Iterator[requests.Session]:
-    with requests.Session() as s:
-        s.trust_env = False
-        s.proxies = {"http": proxy.url, "https": proxy.url}
-        s.verify = str(proxy.ca_path)
-        yield s
 
 
 # --------------------------------------------------------------------------- request corpus
@@ -510,7 +501,7 @@ def test_proxy_keeps_serving_after_the_corpus(
     proxy: ProxyProcess, upstream: Upstream, scheme: str
 ) -> None:
     url = (upstream.http_url if scheme == "http" else upstream.https_url)("/ip?after-corpus")
-    with _session(proxy) as s, s.get(url, timeout=SOCK_TIMEOUT) as r:
+    with requests_session(proxy) as s, s.get(url, timeout=SOCK_TIMEOUT) as r:
         assert r.status_code == 200
         assert r.json()["peer"] in EGRESS
 
@@ -603,7 +594,7 @@ def _bad_url(servers: dict[str, BadUpstream], scheme: str, path: str) -> str:
 def test_malformed_response_is_a_plain_502(
     proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str, path: str
 ) -> None:
-    with _session(proxy) as s:
+    with requests_session(proxy) as s:
         try:
             r = s.get(_bad_url(bad_upstreams, scheme, path), timeout=20)
         except requests.exceptions.ConnectionError as exc:
@@ -635,7 +626,7 @@ def test_response_broken_mid_body_is_aborted_requests(
     proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str, path: str
 ) -> None:
     url = _bad_url(bad_upstreams, scheme, path)
-    with _session(proxy) as s:
+    with requests_session(proxy) as s:
         _assert_aborted(lambda: s.get(url, timeout=20))
         # The client's next request, on a fresh connection, is served.
         with s.get(url.rsplit("/", 1)[0] + "/two-content-lengths", timeout=20) as r:

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 
-from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
+from tests.proxy_process import EGRESS, ProxyProcess, requests_session, running_proxy
 from tests.upstream import Upstream, expected_bytes, expected_sha256, iter_expected_bytes
 
 pytestmark = pytest.mark.timeout(60)
@@ -70,16 +69,6 @@ def _rotation(peers: Sequence[str]) -> list[str]:
     """The peers a strict round-robin over EGRESS would give, starting where `peers` does."""
     start = EGRESS.index(peers[0])
     return [EGRESS[(start + i) % len(EGRESS)] for i in range(len(peers))]
-
-
-@contextmanager
-def _session(proxy: ProxyProcess, proxy_url: str | None = None) -> Iterator[requests.Session]:
-    with requests.Session() as s:
-        s.trust_env = False  # no environment proxy / netrc / CA bundle interferes
-        url = proxy_url or proxy.url
-        s.proxies = {"http": url, "https": url}
-        s.verify = str(proxy.ca_path)
-        yield s
 
 
 def _curl(proxy: ProxyProcess, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -340,7 +329,10 @@ def test_download_byte_exact_requests(
 ) -> None:
     digest = hashlib.sha256()
     received = 0
-    with _session(proxy) as s, s.get(_url(upstream, scheme, f"/bytes/{size}"), stream=True) as r:
+    with (
+        requests_session(proxy) as s,
+        s.get(_url(upstream, scheme, f"/bytes/{size}"), stream=True) as r,
+    ):
         assert r.status_code == 200
         for data in r.iter_content(256 * 1024):
             digest.update(data)
@@ -357,7 +349,7 @@ def test_download_byte_exact_requests(
 def test_chunked_download_byte_exact(
     proxy: ProxyProcess, upstream: Upstream, scheme: str, size: int
 ) -> None:
-    with _session(proxy) as s, s.get(_url(upstream, scheme, f"/chunked/{size}")) as r:
+    with requests_session(proxy) as s, s.get(_url(upstream, scheme, f"/chunked/{size}")) as r:
         assert r.status_code == 200
         body = r.content
         assert r.headers["X-Sha256"] == expected_sha256(size)
@@ -375,7 +367,7 @@ def test_upload_5mib_byte_exact(
     data: Any = (
         expected_bytes(size) if mode == "content-length" else iter_expected_bytes(size, 100_000)
     )
-    with _session(proxy) as s, s.post(_url(upstream, scheme, "/upload"), data=data) as r:
+    with requests_session(proxy) as s, s.post(_url(upstream, scheme, "/upload"), data=data) as r:
         assert r.status_code == 200, r.text
         info = r.json()
     assert info == {
@@ -428,7 +420,7 @@ def test_head_then_next_request_on_same_connection(
         nxt = c.roundtrip("GET", "/ip")
         assert nxt.status == 200
         assert json.loads(nxt.body)["peer"] in EGRESS
-    with _session(proxy) as s:
+    with requests_session(proxy) as s:
         with s.head(_url(upstream, scheme, "/head")) as r:
             assert r.status_code == 200
             assert r.headers["Content-Length"] == "1234"
@@ -487,7 +479,7 @@ def test_expect_100_continue_upload_curl(
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_refused_upstream_is_502_plain_text(proxy: ProxyProcess, scheme: str) -> None:
     port = _dead_port()
-    with _session(proxy) as s, s.get(f"{scheme}://127.0.0.1:{port}/") as r:
+    with requests_session(proxy) as s, s.get(f"{scheme}://127.0.0.1:{port}/") as r:
         assert r.status_code == 502
         assert r.headers["Content-Type"].startswith("text/plain")
         assert "refused" in r.text.lower()
@@ -507,7 +499,7 @@ def test_untrusted_upstream_certificate_is_502_without_upstream_data(
 ) -> None:
     size = 4321
     path = f"/bytes/{size}"
-    with _session(proxy) as s, s.get(untrusted_upstream.https_url(path)) as r:
+    with requests_session(proxy) as s, s.get(untrusted_upstream.https_url(path)) as r:
         assert r.status_code == 502
         assert r.headers["Content-Type"].startswith("text/plain")
         assert "X-Sha256" not in r.headers
@@ -519,7 +511,7 @@ def test_untrusted_upstream_certificate_is_502_without_upstream_data(
 
 def test_private_destination_refused_http(strict_proxy: ProxyProcess, upstream: Upstream) -> None:
     paths = ["/ip?probe=strict-literal", "/ip?probe=strict-localhost"]
-    with _session(strict_proxy) as s:
+    with requests_session(strict_proxy) as s:
         for path, host in zip(paths, ["127.0.0.1", "localhost"], strict=True):
             with s.get(upstream.http_url(path, host)) as r:
                 assert r.status_code == 403, (host, r.status_code, r.text)
@@ -565,7 +557,7 @@ def test_tunnel_serves_next_request_after_502_https(proxy: ProxyProcess) -> None
 
 
 def test_requests_session_after_502(proxy: ProxyProcess, upstream: Upstream) -> None:
-    with _session(proxy) as s:
+    with requests_session(proxy) as s:
         with s.get(f"http://127.0.0.1:{_dead_port()}/") as r:
             assert r.status_code == 502
         with s.get(upstream.http_url("/ip")) as r:
@@ -611,7 +603,7 @@ def test_hop_by_hop_headers_do_not_reach_upstream(
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_one_session_rotates_egress(proxy: ProxyProcess, upstream: Upstream, scheme: str) -> None:
     peers = []
-    with _session(proxy) as s:
+    with requests_session(proxy) as s:
         for _ in range(8):
             with s.get(_url(upstream, scheme, "/ip")) as r:
                 assert r.status_code == 200
@@ -625,7 +617,7 @@ def test_upstream_connections_reused_per_egress(
     proxy: ProxyProcess, upstream: Upstream, scheme: str
 ) -> None:
     answers = []
-    with _session(proxy) as s:
+    with requests_session(proxy) as s:
         for _ in range(12):
             with s.get(_url(upstream, scheme, "/ip")) as r:
                 assert r.status_code == 200
@@ -749,7 +741,7 @@ def test_malformed_request_4xx_then_close(
     assert "/upload?probe=smuggle" not in _seen_paths(upstream)
     assert "/ip?probe=origin-form" not in _seen_paths(upstream)
     # The proxy keeps serving everyone else.
-    with _session(proxy) as s, s.get(upstream.http_url("/ip")) as r:
+    with requests_session(proxy) as s, s.get(upstream.http_url("/ip")) as r:
         assert r.status_code == 200
         assert r.json()["peer"] in EGRESS
 
@@ -762,7 +754,7 @@ def test_json_log_lines_per_request(
     fresh_proxy: ProxyProcess, upstream: Upstream, scheme: str
 ) -> None:
     peers = []
-    with _session(fresh_proxy) as s:
+    with requests_session(fresh_proxy) as s:
         for _ in range(2):
             with s.get(_url(upstream, scheme, "/ip")) as r:
                 assert r.status_code == 200
@@ -799,9 +791,9 @@ def test_json_log_lines_per_request(
 def test_every_log_line_is_json_with_the_four_keys(
     fresh_proxy: ProxyProcess, upstream: Upstream
 ) -> None:
-    with _session(fresh_proxy) as s, s.get(f"http://127.0.0.1:{_dead_port()}/") as r:
+    with requests_session(fresh_proxy) as s, s.get(f"http://127.0.0.1:{_dead_port()}/") as r:
         assert r.status_code == 502
-    with _session(fresh_proxy) as s, s.get(upstream.https_url("/ip")) as r:
+    with requests_session(fresh_proxy) as s, s.get(upstream.https_url("/ip")) as r:
         assert r.status_code == 200
     _wait_responses(fresh_proxy, 2)
     assert fresh_proxy.raw_lines
@@ -816,7 +808,7 @@ def test_proxy_credentials_never_logged(tmp_path: Path, upstream: Upstream) -> N
         tmp_path / "state", "--log-level", "debug", upstream_ca=upstream.ca_pem_path
     ) as p:
         authed = f"http://foo:bar@127.0.0.1:{p.port}"
-        with _session(p, proxy_url=authed) as s:
+        with requests_session(p, proxy_url=authed) as s:
             for url in (upstream.http_url("/ip"), upstream.https_url("/ip")):
                 with s.get(url) as r:
                     assert r.status_code == 200

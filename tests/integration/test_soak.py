@@ -32,7 +32,7 @@ import psutil
 import pytest
 import requests
 
-from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
+from tests.proxy_process import EGRESS, ProxyProcess, requests_session, running_proxy
 from tests.upstream import Upstream, expected_bytes, expected_sha256
 
 SOAK_S = float(os.environ.get("DEMUX_SOAK_SECONDS", "20"))
@@ -117,14 +117,6 @@ class Visible(Exception):
 def _check(cond: bool, what: str) -> None:
     if not cond:
         raise Corrupt(what)
-
-
-def _session(p: ProxyProcess) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    s.proxies = {"http": p.url, "https": p.url}
-    s.verify = str(p.ca_path)
-    return s
 
 
 def _origin(upstream: Upstream, scheme: str) -> Callable[[str], str]:
@@ -262,7 +254,7 @@ def _mixed(
     """Start the mixed traffic threads, running until `until` (monotonic)."""
 
     def loop(kind: str, scheme: str, op: Callable[[requests.Session, Upstream, str], None]) -> None:
-        with _session(p) as s:
+        with requests_session(p) as s:
             while time.monotonic() < until:
                 tally.run(f"{kind}-{scheme}", op, s, upstream, scheme)
 
@@ -370,7 +362,7 @@ def test_connection_storm_leaves_nothing_behind(
 ) -> None:
     p = single_worker
     pid = p.proc.pid
-    with _session(p) as s:  # warm-up: CA leaf, pools, log buffers
+    with requests_session(p) as s:  # warm-up: CA leaf, pools, log buffers
         for scheme in ("http", "https"):
             _small(s, upstream, scheme)
     time.sleep(1.0)  # let connections from the warm-up close
@@ -392,7 +384,7 @@ def test_connection_storm_leaves_nothing_behind(
     )
     assert rss1 <= rss0 + RSS_SLACK, f"RSS grew {(rss1 - rss0) / MiB:.1f} MiB"
     # Still serving.
-    with _session(p) as s, s.get(upstream.https_url("/ip"), timeout=SOCK_TIMEOUT) as r:
+    with requests_session(p) as s, s.get(upstream.https_url("/ip"), timeout=SOCK_TIMEOUT) as r:
         assert r.status_code == 200
         assert json.loads(r.content)["peer"] in EGRESS
     assert not p.logs("internal error"), p.logs("internal error")[0]
