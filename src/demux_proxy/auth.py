@@ -173,13 +173,10 @@ class ClientPolicy:
         """
         if not self.auth_required:
             return ""
-        basic = basic_credentials(headers)
-        if basic is None:
+        offered = self._offered(headers)
+        if offered is None:
             return None
-        username, password = basic
-        user = split_session(username)[0]
-        verifier = self.credentials.users.get(user)
-        secret = password.encode("utf-8")
+        user, secret, verifier = offered
         if verifier is None:
             # Same work as a plain user, so an unknown name is not told apart by timing.
             hmac.compare_digest(hashlib.sha256(secret).digest(), _DUMMY_DIGEST)
@@ -208,17 +205,25 @@ class ClientPolicy:
         """
         if not self.auth_required:
             return False
-        basic = basic_credentials(headers)
-        if basic is None:
+        offered = self._offered(headers)
+        if offered is None:
             return False
-        username, password = basic
-        user = split_session(username)[0]
-        verifier = self.credentials.users.get(user)
+        user, secret, verifier = offered
         if verifier is None or not verifier.slow:
             return False
-        key = self._key(user, password.encode("utf-8"))
+        key = self._key(user, secret)
         with self._lock:
             return key not in self._cache
+
+    def _offered(self, headers: Headers) -> tuple[str, bytes, Verifier | None] | None:
+        """(user, password bytes, that user's verifier or None) from the credentials the
+        request offers, or None when it offers no well-formed Basic credentials."""
+        basic = basic_credentials(headers)
+        if basic is None:
+            return None
+        username, password = basic
+        user = split_session(username)[0]
+        return user, password.encode("utf-8"), self.credentials.users.get(user)
 
     def _key(self, user: str, secret: bytes) -> bytes:
         message = user.encode("utf-8") + b":" + secret
