@@ -135,10 +135,7 @@ class Stream(asyncio.Protocol):
                 raise StreamClosed(str(self._exc) or type(self._exc).__name__) from self._exc
             if self.eof:
                 return False
-            if self._read_paused:
-                self._read_paused = False
-                self.transport.resume_reading()
-            waiter = self._waiter = self._loop.create_future()
+            waiter = self._arm_waiter()
             if timeout is not None:
                 self._set_deadline(self._loop.time() + timeout)
             try:
@@ -147,6 +144,14 @@ class Stream(asyncio.Protocol):
                 self._waiter = None
                 self._deadline = _NEVER
         return True
+
+    def _arm_waiter(self) -> asyncio.Future[None]:
+        """Read again if we had paused, and return the future the next event resolves."""
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        waiter = self._waiter = self._loop.create_future()
+        return waiter
 
     # A timer per wait would cost a uvloop timer start and cancel (~2 us) on every read
     # of every request. Instead each stream keeps at most one timer and a deadline: a
@@ -254,12 +259,9 @@ class Stream(asyncio.Protocol):
                     raise StreamClosed("connection lost during TLS handshake") from self._exc
                 if self.eof:
                     raise StreamClosed("client closed during TLS handshake") from None
-                if self._read_paused:
-                    self._read_paused = False
-                    self.transport.resume_reading()
-                self._waiter = self._loop.create_future()
+                waiter = self._arm_waiter()
                 try:
-                    await self._waiter
+                    await waiter
                 finally:
                     self._waiter = None
             except ssl.SSLError:
