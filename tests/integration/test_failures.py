@@ -70,6 +70,20 @@ def _tunnel(proxy: ProxyProcess, authority: str) -> socket.socket:
     return sock
 
 
+def _client(
+    stack: contextlib.ExitStack, proxy: ProxyProcess, scheme: str, authority: str
+) -> tuple[socket.socket, str]:
+    """A client socket whose requests reach `authority` through the proxy, and the prefix
+    its request targets take: plain HTTP in absolute form, HTTPS inside an intercepted
+    CONNECT tunnel in origin form. Closed with `stack`."""
+    if scheme == "http":
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT)
+        return stack.enter_context(sock), f"http://{authority}"
+    raw = stack.enter_context(_tunnel(proxy, authority))
+    ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+    return stack.enter_context(ctx.wrap_socket(raw, server_hostname="127.0.0.1")), ""
+
+
 def _response_line(proxy: ProxyProcess, marker: str, timeout: float = 10.0) -> dict[str, Any]:
     return proxy.wait_for_log(
         "inbound response",
@@ -135,16 +149,8 @@ def test_client_reset_mid_upload_never_completes_upstream(
     piece = b"u" * 65536
     chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
     with contextlib.ExitStack() as stack:
-        if scheme == "http":
-            sock = stack.enter_context(
-                socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT)
-            )
-            target = f"http://{authority}/upload?{marker}"
-        else:
-            raw = stack.enter_context(_tunnel(proxy, authority))
-            ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
-            sock = stack.enter_context(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
-            target = f"/upload?{marker}"
+        sock, prefix = _client(stack, proxy, scheme, authority)
+        target = f"{prefix}/upload?{marker}"
         sock.sendall(
             f"POST {target} HTTP/1.1\r\nHost: {authority}\r\n"
             "Transfer-Encoding: chunked\r\n\r\n".encode()
@@ -239,16 +245,8 @@ def _download_then_reset(proxy: ProxyProcess, upstream: Upstream, scheme: str, p
     port = upstream.http_port if scheme == "http" else upstream.https_port
     authority = f"127.0.0.1:{port}"
     with contextlib.ExitStack() as stack:
-        if scheme == "http":
-            sock = stack.enter_context(
-                socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT)
-            )
-            target = f"http://{authority}{path}"
-        else:
-            raw = stack.enter_context(_tunnel(proxy, authority))
-            ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
-            sock = stack.enter_context(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
-            target = path
+        sock, prefix = _client(stack, proxy, scheme, authority)
+        target = f"{prefix}{path}"
         sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
         got = b""
         while len(got) < 512 * 1024:
