@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+
+import pytest
 
 
 def ip(*args: str) -> subprocess.CompletedProcess[str]:
@@ -33,3 +37,14 @@ def ns_sh(ns: str, script: str) -> None:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{script!r} in {ns} failed: {proc.stderr.strip()}")
+
+
+def add_namespace_or_skip(name: str) -> None:
+    """`ip netns add NAME`, or skip the test with the reason this host cannot."""
+    if shutil.which("ip") is None:
+        pytest.skip("the `ip` command (iproute2) is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("creating network namespaces needs root")
+    proc = ip("netns", "add", name)
+    if proc.returncode != 0:
+        pytest.skip(f"`ip netns add` failed (no permission?): {proc.stderr.strip()}")

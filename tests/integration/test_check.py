@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import socket
 import ssl
 import subprocess
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.netns import ip, must, ns_sh
+from tests.netns import add_namespace_or_skip, ip, must, ns_sh
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 RUN_TIMEOUT_S = 60
@@ -334,15 +333,9 @@ def _no_rp_filter(ns: str) -> None:
 @pytest.fixture(scope="module")
 def two_homed() -> Iterator[str]:
     """The host namespace's name; its checkip server runs in a peer namespace."""
-    if shutil.which("ip") is None:
-        pytest.skip("the `ip` command (iproute2) is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("creating network namespaces needs root")
     tag = secrets.token_hex(3)
     host, inet = f"dpchk-h-{tag}", f"dpchk-i-{tag}"
-    proc = ip("netns", "add", host)
-    if proc.returncode != 0:
-        pytest.skip(f"`ip netns add` failed (no permission?): {proc.stderr.strip()}")
+    add_namespace_or_skip(host)
     created = [host]
     server: subprocess.Popen[str] | None = None
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.netns import ip, ns_ip
+from tests.netns import add_namespace_or_skip, ip, ns_ip
 
 pytestmark = pytest.mark.netns
 
@@ -86,14 +85,8 @@ def _add_links(ns: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
-    if shutil.which("ip") is None:
-        pytest.skip("the `ip` command (iproute2) is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("creating network namespaces needs root")
     name = f"demuxtest-{secrets.token_hex(4)}"
-    proc = ip("netns", "add", name)
-    if proc.returncode != 0:
-        pytest.skip(f"`ip netns add` failed (no permission?): {proc.stderr.strip()}")
+    add_namespace_or_skip(name)
     try:
         extra_up = _add_links(name)
         for cidr, flags in DUMMY_ADDRS:

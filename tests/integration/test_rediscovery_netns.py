@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.netns import ip, ns_ip, ns_sh
+from tests.netns import add_namespace_or_skip, ip, ns_ip, ns_sh
 
 pytestmark = pytest.mark.netns
 
@@ -139,16 +139,10 @@ class Lines:
 
 @pytest.fixture(scope="module")
 def netns() -> Iterator[str]:
-    if shutil.which("ip") is None:
-        pytest.skip("the `ip` command (iproute2) is not installed")
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("creating network namespaces needs root")
     name = f"demuxre-{secrets.token_hex(4)}"
-    proc = ip("netns", "add", name)
-    if proc.returncode != 0:
-        pytest.skip(f"`ip netns add` failed (no permission?): {proc.stderr.strip()}")
+    add_namespace_or_skip(name)
     upstream: subprocess.Popen[str] | None = None
     lines: Lines | None = None
     try:
