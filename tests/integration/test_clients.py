@@ -144,7 +144,9 @@ async def test_httpx_async_download_and_upload_exact(
 # (python/cpython#118960) asyncio may then leak the raw socket under a start_tls transport
 # (https:// through a proxy), a ResourceWarning here (aio-libs/aiohttp#1925). aiohttp's
 # remedy on those versions is enable_cleanup_closed (a DeprecationWarning on newer ones).
-_AIOHTTP_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (
+# Not on 3.11.2 (Debian 12's), whose _SSLProtocolTransport.abort() lacks the None check
+# that later 3.11 releases have: the cleanup's own abort() raises AttributeError there.
+_AIOHTTP_CLEANUP_CLOSED = (3, 11, 3) <= sys.version_info < (3, 12, 8) or (
     (3, 13, 0) <= sys.version_info < (3, 13, 1)
 )
 
