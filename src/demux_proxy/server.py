@@ -147,7 +147,7 @@ class ProxyServer:
             self._events.warning("client refused by --allow-client", client=stream.peer[0])
             stream.abort()
             return
-        task = asyncio.get_running_loop().create_task(self._client(stream))
+        task = stream.loop.create_task(self._client(stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._task_of[stream] = task
@@ -225,7 +225,7 @@ class ProxyServer:
         """The next request head, or None when the client is done (or must be dropped)."""
         cfg = self._config
         buf = stream.buffer
-        loop = asyncio.get_running_loop()
+        loop = stream.loop
         deadline: float | None = None  # the whole head, not each read, is bounded
         try:
             while (end := find_head_end(buf, cfg.max_head_bytes, request=True)) < 0:

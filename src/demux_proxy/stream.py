@@ -56,7 +56,9 @@ class Stream(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._read_paused = False
         self._write_paused = False
-        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # connection_made
+        # The loop this stream lives on (public: callers read its clock without
+        # asyncio.get_running_loop(), which on Python 3.11 is a getpid() syscall).
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # connection_made
         self._deadline = _NEVER  # of the wait in progress
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _NEVER
@@ -72,7 +74,7 @@ class Stream(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH)
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = (peer[0], peer[1])
@@ -137,7 +139,7 @@ class Stream(asyncio.Protocol):
                 return False
             waiter = self._arm_waiter()
             if timeout is not None:
-                self._set_deadline(self._loop.time() + timeout)
+                self._set_deadline(self.loop.time() + timeout)
             try:
                 await waiter
             finally:
@@ -150,7 +152,7 @@ class Stream(asyncio.Protocol):
         if self._read_paused:
             self._read_paused = False
             self.transport.resume_reading()
-        waiter = self._waiter = self._loop.create_future()
+        waiter = self._waiter = self.loop.create_future()
         return waiter
 
     # A timer per wait would cost a uvloop timer start and cancel (~2 us) on every read
@@ -164,7 +166,7 @@ class Stream(asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -172,11 +174,11 @@ class Stream(asyncio.Protocol):
         if waiter is None or waiter.done() or self._deadline == _NEVER:
             return  # not waiting now: the next wait arms a timer again
         # libuv counts timers in whole milliseconds: one may fire a hair early.
-        if self._loop.time() + _TIMER_SLACK_S >= self._deadline:
+        if self.loop.time() + _TIMER_SLACK_S >= self._deadline:
             waiter.set_exception(TimeoutError())
         else:
             self._timer_at = self._deadline
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
 
     # --- writing --------------------------------------------------------------------
 
@@ -206,7 +208,7 @@ class Stream(asyncio.Protocol):
         if self.closed:
             raise StreamClosed("connection closed by peer")
         while self._write_paused:
-            self._drain_waiter = self._loop.create_future()
+            self._drain_waiter = self.loop.create_future()
             try:
                 await self._drain_waiter
             finally:
