@@ -155,7 +155,9 @@ def start(
     shutdown_grace: float,
 ) -> None:
     """Start the proxy: each request leaves from the next egress address."""
-    from demux_proxy.app import run  # keeps `--help` and `ca` free of uvloop start-up
+    # Serves from a fresh interpreter without the command line's modules (launch.py);
+    # imported here, so `--help` and `ca` stay free of the serving code.
+    from demux_proxy.launch import serve_fresh
 
     try:
         host, port = parse_listen(listen)
@@ -196,7 +198,7 @@ def start(
             shutdown_grace_s=shutdown_grace,
             workers=workers,
         )
-        run(config)
+        serve_fresh(config)
     except ConfigError as exc:
         _fail(exc)
 
