@@ -12,19 +12,17 @@ import contextlib
 import ctypes
 import errno
 import resource
-import shutil
 import signal
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import count
+from typing import TYPE_CHECKING
 
-import psutil
 import uvloop
 
 from demux_proxy import __version__, log, metrics
-from demux_proxy.admin import AdminServer
 from demux_proxy.auth import ClientPolicy, is_loopback, public_listen_refusal
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
@@ -39,6 +37,9 @@ from demux_proxy.server import ProxyServer
 from demux_proxy.tls import upstream_context
 from demux_proxy.upstream import UpstreamConnection
 
+if TYPE_CHECKING:
+    from demux_proxy.admin import AdminServer
+
 
 def load_ca(config: Config) -> CertificateAuthority:
     if config.ca_cert is not None or config.ca_key is not None:
@@ -50,8 +51,6 @@ def load_ca(config: Config) -> CertificateAuthority:
 
 def run(config: Config) -> None:
     """Run until a signal; raises ConfigError for anything wrong at start."""
-    from demux_proxy.workers import supervise
-
     policy = ClientPolicy.from_options(config.auth, config.auth_file, config.allow_client)
     destinations = DestinationPolicy(
         allow_private=config.allow_private, deny=config.deny, allow_dest=config.allow_dest
@@ -73,12 +72,17 @@ def run(config: Config) -> None:
         tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
         shared = Shared(config, ca, tls, events, policy, destinations)
         if config.workers > 1:
+            # Imported only here: one process has no use for multiprocessing (1.2 MB).
+            from demux_proxy.workers import supervise
+
             supervise(shared)
         else:
             uvloop.run(serve(shared, LocalCursor()))
     finally:
         ca.close()
         if metrics_dir is not None:
+            import shutil
+
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
@@ -118,6 +122,17 @@ def tune_allocator() -> bool:
     return bool(
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+def release_start_up_memory() -> bool:
+    """Give back the heap that start-up freed (CA and key parsing, contexts): with the trim
+    threshold above, glibc would otherwise keep up to 4 MiB of it. False without glibc."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))
 
 
 def announce(events: log.EventLog, config: Config, ca: CertificateAuthority, port: int) -> None:
@@ -193,6 +208,8 @@ async def serve(
     destinations.set_self(_own_addresses(config.listen_host), port)
     admin: AdminServer | None = None
     if config.admin is not None:
+        from demux_proxy.admin import AdminServer  # with prometheus-client: only for --admin
+
         admin = AdminServer(
             config.egress,
             policy,
@@ -213,6 +230,7 @@ async def serve(
         announce(events, config, ca, port)
     else:
         ready(port)
+    release_start_up_memory()
     pruner = asyncio.create_task(_prune(pool, scheduler, config.pool_idle_s, recorder))
     try:
         await stop.wait()
@@ -236,6 +254,8 @@ def _own_addresses(listen_host: str) -> set[str]:
     """The addresses a request could reach this listener on (all of them for a wildcard)."""
     if listen_host not in ("0.0.0.0", "::"):
         return {listen_host}
+    import psutil  # only for a wildcard listener: the serving process does without it
+
     return {
         a.address.split("%", 1)[0]
         for addrs in psutil.net_if_addrs().values()

@@ -17,8 +17,6 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import psutil
-
 from demux_proxy.errors import ConfigError
 
 __all__ = [
@@ -115,6 +113,8 @@ def discover(interfaces: Sequence[str] = ()) -> list[Egress]:
     is a ConfigError because the user asked for it by name.  Interfaces are visited in name order
     (so the result is stable across runs) and addresses in the order psutil reports them.
     """
+    import psutil  # here, not at the top: the serving process needs it only to re-discover
+
     addrs = psutil.net_if_addrs()
     stats = psutil.net_if_stats()
     explicit = bool(interfaces)
@@ -147,6 +147,8 @@ def interface_of(address: str) -> str:
     loopback network contains it: Linux answers for all of 127.0.0.0/8 because ``lo`` carries
     127.0.0.1/8, although only 127.0.0.1 is listed.
     """
+    import psutil
+
     ip = _parse_one(address.strip())
     addrs = psutil.net_if_addrs()
     for name in sorted(addrs):

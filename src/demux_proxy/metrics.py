@@ -13,7 +13,6 @@ classes, directions and error kinds; destination hosts never become labels.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -24,6 +23,8 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 
 def enable() -> str:
     """Switch prometheus-client to multiprocess mode in a fresh private directory."""
+    import tempfile  # only with --admin
+
     path = tempfile.mkdtemp(prefix="demux-proxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     return path

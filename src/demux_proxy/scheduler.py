@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from multiprocessing.context import BaseContext
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from demux_proxy.egress import Egress
 from demux_proxy.limits import Cooldowns, HostRate, RateRules, TokenBucket
+
+if TYPE_CHECKING:  # only --workers N > 1 imports multiprocessing
+    from multiprocessing.context import BaseContext
 
 STRATEGIES = ("round-robin", "random", "least-busy")
 
