@@ -72,7 +72,7 @@ def run(config: Config) -> None:
         tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
         shared = Shared(config, ca, tls, events, policy, destinations)
         if config.workers > 1:
-            # Imported only here: one process has no use for multiprocessing (1.2 MB).
+            # Imported only here: one process has no use for multiprocessing.
             from demux_proxy.workers import supervise
 
             supervise(shared)

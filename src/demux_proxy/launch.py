@@ -5,7 +5,7 @@ address discovery, the `check` and `config` commands) have done their work, but 
 imported module stays resident for the life of a process. So `start` hands the Config
 to a new interpreter through an anonymous in-memory file and execs it: the same PID
 (systemd, signals and the benchmark harness see one process), the same stdout and stderr,
-and about 4 MB less resident memory in the serving process and in every worker forked
+and about 2 MB less resident memory in the serving process and in every worker forked
 from it (docs/performance.md). The original command line stays visible in `ps` after
 `--`. Where the exec cannot happen (no memfd, no interpreter path), `start` serves in
 its own process, as before.
