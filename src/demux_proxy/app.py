@@ -18,7 +18,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import count
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -112,11 +112,18 @@ MMAP_THRESHOLD = 1 << 20  # body buffers come from the heap
 TRIM_THRESHOLD = 4 << 20  # free heap above this goes back to the system
 
 
+def _libc(name: str) -> Any:
+    """A function of the C library this process runs on, or None where there is no glibc."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_allocator() -> bool:
     """Fix glibc's malloc thresholds for body-sized buffers; False where there is no glibc."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(
@@ -127,9 +134,8 @@ def tune_allocator() -> bool:
 def release_start_up_memory() -> bool:
     """Give back the heap that start-up freed (CA and key parsing, contexts): with the trim
     threshold above, glibc would otherwise keep up to 4 MiB of it. False without glibc."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _libc("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes = [ctypes.c_size_t]
     return bool(malloc_trim(0))

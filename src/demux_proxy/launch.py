@@ -25,15 +25,19 @@ MODULE = "demux_proxy.launch"
 
 
 def serve_fresh(config: Config) -> None:
-    """Exec a fresh interpreter that runs `config`; returns only where it cannot."""
+    """Exec a fresh interpreter that runs `config`; serve here only where that cannot be."""
+    _exec_fresh(config)
+    _run(config)
+
+
+def _exec_fresh(config: Config) -> None:
+    """Replace this process with `python -m demux_proxy.launch FD`; returns on failure."""
     if not sys.executable or not hasattr(os, "memfd_create"):
-        _run(config)
         return
     data = pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL)
     try:
         fd = os.memfd_create("demux-proxy-config", 0)  # no CLOEXEC: the new process reads it
     except OSError:
-        _run(config)
         return
     try:
         view = memoryview(data)
@@ -46,7 +50,6 @@ def serve_fresh(config: Config) -> None:
         os.execv(sys.executable, [sys.executable, "-m", MODULE, str(fd), "--", *sys.argv])
     except OSError:
         os.close(fd)
-        _run(config)
 
 
 def _run(config: Config) -> None:

@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import io
 import ssl
-import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
@@ -18,7 +17,7 @@ import aiohttp
 import httpx
 import pytest
 
-from tests.proxy_process import EGRESS, ProxyProcess
+from tests.proxy_process import AIOHTTP_CLEANUP_CLOSED, EGRESS, ProxyProcess
 from tests.upstream import Upstream, expected_bytes, expected_sha256
 
 DOWNLOAD = 1024 * 1024
@@ -140,20 +139,9 @@ async def test_httpx_async_download_and_upload_exact(
 # --------------------------------------------------------------------------- aiohttp
 
 
-# aiohttp closes TLS connections without waiting for their shutdown; before CPython 3.12.8
-# (python/cpython#118960) asyncio may then leak the raw socket under a start_tls transport
-# (https:// through a proxy), a ResourceWarning here (aio-libs/aiohttp#1925). aiohttp's
-# remedy on those versions is enable_cleanup_closed (a DeprecationWarning on newer ones).
-# Not on 3.11.2 (Debian 12's), whose _SSLProtocolTransport.abort() lacks the None check
-# that later 3.11 releases have: the cleanup's own abort() raises AttributeError there.
-_AIOHTTP_CLEANUP_CLOSED = (3, 11, 3) <= sys.version_info < (3, 12, 8) or (
-    (3, 13, 0) <= sys.version_info < (3, 13, 1)
-)
-
-
 def _aiohttp_session(limit: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=_AIOHTTP_CLEANUP_CLOSED),
+        connector=aiohttp.TCPConnector(limit=limit, enable_cleanup_closed=AIOHTTP_CLEANUP_CLOSED),
         timeout=aiohttp.ClientTimeout(total=30),
     )
 

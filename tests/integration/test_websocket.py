@@ -8,7 +8,6 @@ case is plain HTTP inside the tunnel.
 from __future__ import annotations
 
 import ssl
-import sys
 import uuid
 
 import aiohttp
@@ -16,7 +15,7 @@ import pytest
 import websockets.asyncio.client
 import websockets.sync.client
 
-from tests.proxy_process import EGRESS, ProxyProcess
+from tests.proxy_process import AIOHTTP_CLEANUP_CLOSED, EGRESS, ProxyProcess
 from tests.upstream import Upstream
 
 SCHEMES = ["ws", "wss"]
@@ -30,18 +29,6 @@ MESSAGES: list[str | bytes] = [
     bytes(range(256)) * 300,
     "last",
 ]
-
-
-# aiohttp closes a TLS connection without waiting for its shutdown; before CPython 3.12.8
-# (python/cpython#118960) asyncio then leaks the raw socket under a start_tls transport,
-# i.e. every wss:// through a proxy: a ResourceWarning in this process on some runs, with a
-# dumb TCP relay as much as with demux-proxy (aio-libs/aiohttp#1925). aiohttp's own
-# remedy on those versions is enable_cleanup_closed (a DeprecationWarning on newer ones).
-# Not on 3.11.2 (Debian 12's), whose _SSLProtocolTransport.abort() lacks the None check
-# that later 3.11 releases have: the cleanup's own abort() raises AttributeError there.
-_AIOHTTP_CLEANUP_CLOSED = (3, 11, 3) <= sys.version_info < (3, 12, 8) or (
-    (3, 13, 0) <= sys.version_info < (3, 13, 1)
-)
 
 
 def _ctx(proxy: ProxyProcess) -> ssl.SSLContext:
@@ -71,7 +58,7 @@ async def test_aiohttp_websocket_echo(proxy: ProxyProcess, upstream: Upstream, s
     url, tag = _ws_url(upstream, scheme)
     async with (
         aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(enable_cleanup_closed=_AIOHTTP_CLEANUP_CLOSED),
+            connector=aiohttp.TCPConnector(enable_cleanup_closed=AIOHTTP_CLEANUP_CLOSED),
             timeout=aiohttp.ClientTimeout(total=30),
         ) as session,
         session.ws_connect(url, proxy=proxy.url, ssl=_ctx(proxy)) as ws,
