@@ -51,7 +51,7 @@ from demux_proxy.pool import Pool
 from demux_proxy.relay import relay
 from demux_proxy.route import Route
 from demux_proxy.scheduler import Scheduler
-from demux_proxy.stream import Stream, StreamClosed
+from demux_proxy.stream import SinkClosed, Stream, StreamClosed
 from demux_proxy.upstream import Resolver, UpstreamConnection, connect
 
 _FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
@@ -511,6 +511,23 @@ class Forwarder:
             out.response_started = True
             client.writelines(parts)
             parts = []
+            verbatim = None if to_chunked else decoder.verbatim()
+            if verbatim is not None and up.can_splice_to(client):
+                # Nothing to decode, no TLS either side: the kernel moves the rest.
+                try:
+                    await up.splice(client, verbatim, idle)
+                except SinkClosed:
+                    raise  # the client went away: not the upstream's fault
+                except StreamClosed as exc:
+                    raise UpstreamError(f"upstream reset the connection mid-body: {exc}") from exc
+                except TimeoutError as exc:
+                    raise UpstreamTimeout(f"upstream sent nothing for {idle:g} s mid-body") from exc
+                finally:
+                    out.bytes_down += up.spliced  # the log counts what went, also on failure
+                decoder.consumed(up.spliced)
+                if not decoder.done:
+                    decoder.eof()  # the upstream closed: complete only if until-close
+                continue
             await client.drain()
             try:
                 more = await up.fill(idle)

@@ -6,7 +6,10 @@ and the proxy keeps serving everyone else.
 - SNI naming another host than CONNECT: the leaf is for the SNI name;
 - a client that resets mid-upload: the upstream never sees the body complete;
 - an upstream that resets mid-download: the client sees the truncation as an error;
-- a client that resets mid-download: logged, nothing else disturbed.
+- a client that resets mid-download: logged, nothing else disturbed;
+- a client that stops reading a large download: the proxy stops reading the upstream,
+  its memory stays flat, and the body arrives byte-exact when the client reads again;
+- an upstream that goes silent mid-body: cut after --idle-timeout, logged as such.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
-from tests.proxy_process import EGRESS, ProxyProcess, requests_session
+from tests.proxy_process import EGRESS, ProxyProcess, requests_session, running_proxy
 from tests.rawserver import RawServer, plain_and_tls
 from tests.upstream import Upstream, expected_sha256
 
@@ -278,3 +282,111 @@ def test_client_reset_mid_download_is_logged_and_contained(
         assert r.status_code == 200
         assert hashlib.sha256(r.content).hexdigest() == expected_sha256(100000)
     _assert_serving(proxy, upstream)
+
+
+def _rss(pid: int) -> int:
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return sum(p.memory_info().rss for p in procs)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_client_that_stops_reading_holds_proxy_memory_flat(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    size = 64 * 1024 * 1024
+    port = upstream.http_port if scheme == "http" else upstream.https_port
+    authority = f"127.0.0.1:{port}"
+    path = f"/bytes/{size}?case={RUN}-stalled-{scheme}"
+    with contextlib.ExitStack() as stack:
+        sock, prefix = _client(stack, proxy, scheme, authority)
+        sock.sendall(f"GET {prefix}{path} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the head"
+            got += chunk
+        head, _, first = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        digest = hashlib.sha256(first)
+        received = len(first)
+        while received < 1024 * 1024:
+            chunk = sock.recv(65536)
+            assert chunk, "closed early"
+            digest.update(chunk)
+            received += len(chunk)
+        before = _rss(proxy.proc.pid)
+        # The client stops reading: with nothing pausing the upstream the proxy would
+        # take in the whole body (the upstream sends it in well under a second).
+        peak = before
+        for _ in range(15):
+            time.sleep(0.1)
+            peak = max(peak, _rss(proxy.proc.pid))
+        assert peak - before < 16 * 1024 * 1024, (
+            f"proxy memory grew {(peak - before) / 2**20:.1f} MiB for a stalled client"
+        )
+        while received < size:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {received} of {size} bytes"
+            digest.update(chunk)
+            received += len(chunk)
+        assert received == size
+        assert digest.hexdigest() == expected_sha256(size)
+    line = _response_line(proxy, path)
+    assert line["fields"]["status_code"] == 200, line
+    assert line["fields"]["bytes"] == size, line
+    assert "error" not in line["fields"], line
+
+
+class StallingUpstream(RawServer):
+    """Answers with a 1 MiB Content-Length head and 256 KiB of it, then says nothing."""
+
+    SIZE = 1 << 20
+    SENT = 256 * 1024
+    SILENCE_S = 4.0
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        self.seen.append(head.split(b" ", 2)[1].decode("latin-1"))
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
+        sock.sendall(b"s" * self.SENT)
+        time.sleep(self.SILENCE_S)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_upstream_silent_mid_body_is_cut_after_the_idle_timeout(
+    tmp_path: Any, upstream: Upstream, scheme: str
+) -> None:
+    with (
+        plain_and_tls(StallingUpstream, upstream.ca) as servers,
+        running_proxy(
+            tmp_path / "state", "--idle-timeout", "1", upstream_ca=upstream.ca_pem_path
+        ) as p,
+    ):
+        server = servers[scheme]
+        path = f"/silent?case={RUN}-silent-{scheme}"
+        received = 0
+        started = time.monotonic()
+        with (
+            requests_session(p) as s,
+            pytest.raises(
+                (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError)
+            ),
+            s.get(f"{scheme}://127.0.0.1:{server.port}{path}", stream=True, timeout=20) as r,
+        ):
+            assert r.status_code == 200
+            for data in r.iter_content(65536):
+                received += len(data)
+        elapsed = time.monotonic() - started
+        assert received == StallingUpstream.SENT
+        # Cut by the proxy's idle timeout (1 s), not by the upstream closing (4 s).
+        assert elapsed < StallingUpstream.SILENCE_S - 1, elapsed
+        line = _response_line(p, path)
+        assert line["level"] == "warning", line
+        assert "mid-body" in line["fields"]["error"], line
+        assert line["fields"]["bytes"] == StallingUpstream.SENT, line
+        _assert_serving(p, upstream)

@@ -1,9 +1,11 @@
-"""Stream.fill deadlines over a real socket pair, on uvloop: one re-armed timer per stream."""
+"""Stream over real sockets, on uvloop: fill deadlines (one re-armed timer per stream) and
+splice(2) between two TCP connections."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from demux_proxy.stream import Stream
+from demux_proxy.stream import SinkClosed, Stream
 
 Pair = tuple[Stream, socket.socket]
 
@@ -97,3 +99,129 @@ async def test_eof_and_reset(pair: Pair) -> None:
     stream, peer = pair
     peer.shutdown(socket.SHUT_WR)
     assert not await stream.fill(5.0)
+
+
+# --------------------------------------------------------------------------- splice
+
+
+async def _tcp_stream() -> tuple[Stream, socket.socket]:
+    """A Stream over one end of a real loopback TCP connection, and the other end."""
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+    peer.setblocking(False)
+    _, stream = await loop.connect_accepted_socket(Stream, ours)
+    return stream, peer
+
+
+def on_two_streams(
+    test: Callable[[Stream, socket.socket, Stream, socket.socket], Coroutine[Any, Any, None]],
+) -> Callable[[], None]:
+    """Run `test(source, source_peer, target, target_peer)` on uvloop over two TCP pairs."""
+
+    async def main() -> None:
+        source, source_peer = await _tcp_stream()
+        target, target_peer = await _tcp_stream()
+        try:
+            await test(source, source_peer, target, target_peer)
+        finally:
+            for stream in (source, target):
+                stream.abort()
+            source_peer.close()
+            target_peer.close()
+
+    def run() -> None:
+        uvloop.run(main())
+
+    run.__name__, run.__doc__ = test.__name__, test.__doc__
+    return run
+
+
+async def _receive(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    got = bytearray()
+    while len(got) < n:
+        chunk = await loop.sock_recv(sock, 1 << 20)
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+BODY = bytes(range(256)) * 12289  # 3 MiB and 256 bytes: not a multiple of the pipe
+
+
+@on_two_streams
+async def test_splice_moves_exactly_the_length_and_leaves_what_follows(
+    source: Stream, source_peer: socket.socket, target: Stream, target_peer: socket.socket
+) -> None:
+    loop = asyncio.get_running_loop()
+    assert source.can_splice_to(target)
+    sending = loop.create_task(loop.sock_sendall(source_peer, BODY + b"NEXT"))
+    receiving = loop.create_task(_receive(target_peer, len(BODY)))
+    assert await source.splice(target, len(BODY), 5.0) == len(BODY)
+    assert source.spliced == len(BODY)
+    assert await receiving == BODY
+    await sending
+    # What came after the body was left in the socket: the stream reads it as usual.
+    while bytes(source.buffer) != b"NEXT":
+        assert await source.fill(5.0)
+    assert not source.eof
+
+
+@on_two_streams
+async def test_splice_until_the_peer_closes(
+    source: Stream, source_peer: socket.socket, target: Stream, target_peer: socket.socket
+) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def send_then_close() -> None:
+        await loop.sock_sendall(source_peer, BODY)
+        source_peer.shutdown(socket.SHUT_WR)
+
+    sending = loop.create_task(send_then_close())
+    receiving = loop.create_task(_receive(target_peer, len(BODY)))
+    assert await source.splice(target, -1, 5.0) == len(BODY)
+    assert source.eof
+    assert await receiving == BODY
+    await sending
+
+
+@on_two_streams
+async def test_splice_ends_with_sink_closed_when_the_target_goes(
+    source: Stream, source_peer: socket.socket, target: Stream, target_peer: socket.socket
+) -> None:
+    loop = asyncio.get_running_loop()
+    target_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    target_peer.close()  # a reset: the target stream learns it at once or at its write
+    sending = loop.create_task(loop.sock_sendall(source_peer, BODY))
+    with pytest.raises(SinkClosed):
+        await source.splice(target, len(BODY), 5.0)
+    assert source.spliced < len(BODY)
+    sending.cancel()
+
+
+@on_two_streams
+async def test_splice_times_out_when_the_peer_says_nothing(
+    source: Stream, source_peer: socket.socket, target: Stream, target_peer: socket.socket
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await source.splice(target, 100, 0.2)
+    assert 0.15 <= time.monotonic() - started < 2.0
+    # Reading resumed: the stream still works once the splice is over.
+    source_peer.send(b"late")
+    assert await source.fill(5.0)
+    assert bytes(source.buffer) == b"late"
+
+
+@on_two_streams
+async def test_no_splice_while_the_target_has_bytes_waiting(
+    source: Stream, source_peer: socket.socket, target: Stream, target_peer: socket.socket
+) -> None:
+    # Fill the target's socket buffers (nobody reads them): the rest waits in its
+    # transport, which spliced bytes would overtake.
+    target.write(b"x" * (32 * 1024 * 1024))
+    assert target.transport.get_write_buffer_size() > 0
+    assert not source.can_splice_to(target)

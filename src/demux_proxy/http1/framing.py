@@ -43,6 +43,15 @@ class BodyDecoder:
     def read(self, buf: bytearray) -> bytes | None:
         raise NotImplementedError
 
+    def verbatim(self) -> int | None:
+        """How many of the next input bytes are body bytes as they stand (-1: all of them
+        until the peer closes), so a relay may pass them on without decoding; None when
+        the framing must be decoded. Report what was passed with `consumed`."""
+        return None
+
+    def consumed(self, n: int) -> None:
+        raise NotImplementedError
+
     def eof(self) -> None:
         if not self.done:
             raise self._error("connection closed before the end of the body")
@@ -69,6 +78,15 @@ class LengthDecoder(BodyDecoder):
         self.done = self.remaining == 0
         return data
 
+    def verbatim(self) -> int | None:
+        return self.remaining
+
+    def consumed(self, n: int) -> None:
+        if n > self.remaining:
+            raise ValueError("consumed past the end of the body")
+        self.remaining -= n
+        self.done = self.remaining == 0
+
 
 class CloseDelimitedDecoder(BodyDecoder):
     """Everything until the peer closes (responses only, RFC 9112 6.3 rule 8)."""
@@ -79,6 +97,12 @@ class CloseDelimitedDecoder(BodyDecoder):
         data = bytes(buf)
         buf.clear()
         return data
+
+    def verbatim(self) -> int | None:
+        return -1
+
+    def consumed(self, n: int) -> None:
+        pass  # no end but the peer's close
 
     def eof(self) -> None:
         self.done = True
