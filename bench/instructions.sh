@@ -38,7 +38,10 @@ urls() {  # N curl config lines for one keep-alive connection
 }
 measure() {  # measure SRC SCHEME URL PORT
   out=$TMP/cg.$4
-  PYTHONPATH=$1 valgrind --tool=callgrind --callgrind-out-file="$out" "$PY" -m demux_proxy start \
+  # --trace-children: `start` execs a fresh interpreter (launch.py) under the same PID,
+  # which callgrind would otherwise let run uncounted.
+  PYTHONPATH=$1 valgrind --tool=callgrind --trace-children=yes --callgrind-out-file="$out" \
+    "$PY" -m demux_proxy start \
     --workers 1 --listen "127.0.0.1:$4" --egress 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5 \
     --allow-private --upstream-ca "$WORK/certs/upstream-ca.pem" \
     --ca-cert "$WORK/certs/mitm-ca.pem" --ca-key "$WORK/certs/mitm-ca.key" >/dev/null 2>&1 &
