@@ -120,13 +120,15 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list
         elif lname == b"transfer-encoding":
             has_te = True
             codings += [c.strip().lower() for c in value.split(b",")]
-    if has_te and length is not None:
+    if not has_te:
+        return length, False, [], False  # the common case, without the checks below
+    if length is not None:
         # Both present is the classic smuggling vector: refuse rather than pick one (6.1).
         _fail(upstream, "both Transfer-Encoding and Content-Length")
     # chunked must be the final coding, and only once (RFC 9112 6.1).
     chunked = bool(codings) and codings[-1] == b"chunked" and codings.count(b"chunked") == 1
     others = [c for c in codings if c != b"chunked"]
-    if has_te and (not all(others) or any(not _TOKEN.match(c) for c in others)):
+    if not all(others) or any(not _TOKEN.match(c) for c in others):
         _fail(upstream, "invalid Transfer-Encoding")
     return length, chunked, others, has_te
 
@@ -187,21 +189,23 @@ def parse_request_head(head: bytes) -> RequestHead:
     tokens = connection_tokens(c.headers)
     keep_alive = _keep_alive(version, tokens)
     upgrade = b"upgrade" in tokens and any(n.lower() == b"upgrade" for n, _ in c.headers)
-    expect = any(
-        len(n) == 6 and n.lower() == b"expect" and v.strip().lower() == b"100-continue"
-        for n, v in c.headers
-    )
+    expect = False
+    for n, v in c.headers:  # a loop, not any(genexpr): no generator per request
+        if len(n) == 6 and n.lower() == b"expect" and v.strip().lower() == b"100-continue":
+            expect = True
+            break
+    # Positional, in field order: keywords cost about as much again as the construction.
     return RequestHead(
-        method=method,
-        target=c.url,
-        version=version,
-        headers=c.headers,
-        content_length=None if chunked else length,
-        chunked=chunked,
-        keep_alive=keep_alive,
-        upgrade=upgrade,
-        expect_continue=expect,
-        connection=tokens,
+        method,
+        c.url,
+        version,
+        c.headers,
+        None if chunked else length,
+        chunked,
+        keep_alive,
+        upgrade,
+        expect,
+        tokens,
     )
 
 
@@ -221,16 +225,16 @@ def parse_response_head(head: bytes) -> ResponseHead:
     length, chunked, codings, _ = _length(c.headers, upstream=True)
     tokens = connection_tokens(c.headers)
     keep_alive = _keep_alive(version, tokens)
-    return ResponseHead(
-        status=parser.get_status_code(),
-        reason=c.reason,
-        version=version,
-        headers=c.headers,
-        content_length=None if chunked else length,
-        chunked=chunked,
-        keep_alive=keep_alive,
-        codings=codings,
-        connection=tokens,
+    return ResponseHead(  # positional, in field order (see parse_request_head)
+        parser.get_status_code(),
+        c.reason,
+        version,
+        c.headers,
+        None if chunked else length,
+        chunked,
+        keep_alive,
+        codings,
+        tokens,
     )
 
 
