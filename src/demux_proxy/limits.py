@@ -229,7 +229,13 @@ class Cooldowns:
         entry = self._pairs.get((egress, _norm(host)))
         return 0.0 if entry is None else max(entry.until - now, 0.0)
 
+    def __bool__(self) -> bool:
+        """Whether any (address, host) pair is remembered: cooling, or with strikes."""
+        return bool(self._pairs)
+
     def cooling(self, egress: str, host: str, now: float) -> bool:
+        if not self._pairs:
+            return False  # the common case, asked for each address a request may take
         return self.remaining(egress, host, now) > 0.0
 
     def soonest(self, egresses: Iterable[str], host: str, now: float) -> float:

@@ -43,6 +43,10 @@ def _scan(start: int, n: int, accept: Callable[[int], bool]) -> int | None:
     return None
 
 
+def _any(i: int) -> bool:
+    return True
+
+
 class LocalCursor:
     def __init__(self) -> None:
         self.position = 0
@@ -184,6 +188,12 @@ class Scheduler:
         egress = self.egress
         rule = self.rules.match(host) if self.rules else None
         cooldowns = self.cooldowns
+        if rule is None and not exclude and only is None and not cooldowns and not self.health:
+            # Nothing cools, no budget, no constraint (most requests): every address may
+            # send, the strategy alone picks.
+            i = self._strategy.choose(len(egress), _any)
+            if i is not None:
+                return egress[i]
 
         def possible(i: int) -> bool:
             e = egress[i]
