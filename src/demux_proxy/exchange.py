@@ -409,6 +409,15 @@ class Forwarder:
                     await up.drain()
                 elif body.done:
                     break
+                elif (left := body.verbatim()) is not None and client.can_splice_to(up):
+                    # A Content-Length body between plain sockets: the kernel moves it.
+                    try:
+                        await client.splice(up, left, idle)
+                    finally:
+                        out.bytes_up += client.spliced
+                    body.consumed(client.spliced)
+                    if not body.done:
+                        body.eof()  # the client closed mid-body: an error, not an end
                 elif not await client.fill(idle):
                     body.eof()
             if chunked:

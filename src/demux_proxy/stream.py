@@ -217,7 +217,10 @@ class Stream(asyncio.Protocol):
             and not self._native_tls
             and self._incoming is None
             and target._sslobj is None
+            and not self.closed
+            and not self.transport.is_closing()
             and not target.closed
+            and not target.transport.is_closing()
             and not target.transport.get_write_buffer_size()
         )
 
@@ -241,12 +244,19 @@ class Stream(asyncio.Protocol):
         readiness comes from duplicates of the two descriptors, since the loop refuses
         to watch a descriptor a transport owns.
         """
-        assert not self.buffer and length != 0 and self.can_splice_to(target)
+        assert not self.buffer and length != 0
         loop = self.loop
         self.spliced = 0
         self._sink_error = None
-        src = self.transport.get_extra_info("socket").fileno()
-        dst = target.transport.get_extra_info("socket").fileno()
+        # A transport that closes hands out no socket: checked here, since a reset can
+        # land between can_splice_to and now.
+        src_sock = self.transport.get_extra_info("socket")
+        if src_sock is None:
+            raise StreamClosed("connection closed")
+        dst_sock = target.transport.get_extra_info("socket")
+        if dst_sock is None:
+            raise SinkClosed("connection closed")
+        src, dst = src_sock.fileno(), dst_sock.fileno()
         self.transport.pause_reading()
         fds: list[int] = []
         target._source = self  # its connection_lost ends the splice (`_sink_gone`)

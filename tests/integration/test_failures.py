@@ -143,21 +143,26 @@ def test_leaf_is_for_the_sni_name_not_the_connect_host(
 # --------------------------------------------------------------------------- uploads
 
 
+@pytest.mark.parametrize("framing", ["chunked", "length"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_client_reset_mid_upload_never_completes_upstream(
-    proxy: ProxyProcess, upstream: Upstream, scheme: str
+    proxy: ProxyProcess, upstream: Upstream, scheme: str, framing: str
 ) -> None:
-    marker = f"case={RUN}-reset-upload-{scheme}"
+    marker = f"case={RUN}-reset-upload-{scheme}-{framing}"
     port = upstream.http_port if scheme == "http" else upstream.https_port
     authority = f"127.0.0.1:{port}"
     piece = b"u" * 65536
-    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    if framing == "chunked":
+        chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+        framing_field = "Transfer-Encoding: chunked"
+    else:  # announced 4 MiB, of which 1.25 MiB come before the reset
+        chunk = piece
+        framing_field = f"Content-Length: {64 * len(piece)}"
     with contextlib.ExitStack() as stack:
         sock, prefix = _client(stack, proxy, scheme, authority)
         target = f"{prefix}/upload?{marker}"
         sock.sendall(
-            f"POST {target} HTTP/1.1\r\nHost: {authority}\r\n"
-            "Transfer-Encoding: chunked\r\n\r\n".encode()
+            f"POST {target} HTTP/1.1\r\nHost: {authority}\r\n{framing_field}\r\n\r\n".encode()
         )
         for _ in range(16):  # 1 MiB
             sock.sendall(chunk)
@@ -181,6 +186,32 @@ def test_client_reset_mid_upload_never_completes_upstream(
         if marker in str(ln["fields"].get("url", ""))
     ]
     assert statuses == [line["fields"]["status_code"]], statuses
+    _assert_serving(proxy, upstream)
+
+
+def test_client_closing_mid_upload_gets_400_and_never_completes_upstream(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    # A FIN, not a reset, after 1 MiB of an announced 4 MiB: the end of the client's
+    # bytes is not the end of the body (plain HTTP: the body moves by splice).
+    marker = f"case={RUN}-close-upload"
+    authority = f"127.0.0.1:{upstream.http_port}"
+    size = 4 * 1024 * 1024
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT) as sock:
+        sock.sendall(
+            f"POST http://{authority}/upload?{marker} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        sock.sendall(b"u" * (1024 * 1024))
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"closed before the end of the body" in answer, answer[:400]
+    line = _response_line(proxy, marker)
+    assert line["fields"]["status_code"] == 400, line
+    assert line["fields"]["bytes_sent"] <= 1024 * 1024, line
     _assert_serving(proxy, upstream)
 
 
