@@ -218,8 +218,9 @@ def test_client_closing_mid_upload_gets_400_and_never_completes_upstream(
 # --------------------------------------------------------------------------- downloads
 
 
-class ResettingUpstream(RawServer):
-    """Answers each request with a 1 MiB Content-Length head, 256 KiB of it, then a RST."""
+class PartialUpstream(RawServer):
+    """Answers each request with a 1 MiB Content-Length head and 256 KiB of the body,
+    then does what `_after` says."""
 
     SIZE = 1 << 20
     SENT = 256 * 1024
@@ -234,6 +235,16 @@ class ResettingUpstream(RawServer):
         self.seen.append(head.split(b" ", 2)[1].decode("latin-1"))
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
         sock.sendall(b"d" * self.SENT)
+        self._after(raw)
+
+    def _after(self, raw: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class ResettingUpstream(PartialUpstream):
+    """... then a RST."""
+
+    def _after(self, raw: socket.socket) -> None:
         time.sleep(0.3)  # relayed to the client by now
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
 
@@ -368,23 +379,12 @@ def test_client_that_stops_reading_holds_proxy_memory_flat(
     assert "error" not in line["fields"], line
 
 
-class StallingUpstream(RawServer):
-    """Answers with a 1 MiB Content-Length head and 256 KiB of it, then says nothing."""
+class StallingUpstream(PartialUpstream):
+    """... then says nothing for SILENCE_S seconds."""
 
-    SIZE = 1 << 20
-    SENT = 256 * 1024
     SILENCE_S = 4.0
 
-    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                return
-            head += chunk
-        self.seen.append(head.split(b" ", 2)[1].decode("latin-1"))
-        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
-        sock.sendall(b"s" * self.SENT)
+    def _after(self, raw: socket.socket) -> None:
         time.sleep(self.SILENCE_S)
 
 

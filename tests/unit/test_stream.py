@@ -33,6 +33,14 @@ def on_uvloop(
             stream.abort()
             theirs.close()
 
+    return _test_running(main, test)
+
+
+def _test_running(
+    main: Callable[[], Coroutine[Any, Any, None]], test: Callable[..., object]
+) -> Callable[[], None]:
+    """A plain test function that runs `main()` on uvloop, named after `test`."""
+
     def run() -> None:
         uvloop.run(main())
 
@@ -131,11 +139,7 @@ def on_two_streams(
             source_peer.close()
             target_peer.close()
 
-    def run() -> None:
-        uvloop.run(main())
-
-    run.__name__, run.__doc__ = test.__name__, test.__doc__
-    return run
+    return _test_running(main, test)
 
 
 async def _receive(sock: socket.socket, n: int) -> bytes:
