@@ -51,7 +51,7 @@ from demux_proxy.pool import Pool
 from demux_proxy.relay import relay
 from demux_proxy.route import Route
 from demux_proxy.scheduler import Scheduler
-from demux_proxy.stream import SinkClosed, Stream, StreamClosed
+from demux_proxy.stream import SinkClosed, SpliceUnavailable, Stream, StreamClosed
 from demux_proxy.upstream import Resolver, UpstreamConnection, connect
 
 _FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
@@ -409,17 +409,19 @@ class Forwarder:
                     await up.drain()
                 elif body.done:
                     break
-                elif (left := body.verbatim()) is not None and client.can_splice_to(up):
-                    # A Content-Length body between plain sockets: the kernel moves it.
-                    try:
-                        await client.splice(up, left, idle)
-                    finally:
-                        out.bytes_up += client.spliced
-                    body.consumed(client.spliced)
-                    if not body.done:
-                        body.eof()  # the client closed mid-body: an error, not an end
-                elif not await client.fill(idle):
-                    body.eof()
+                else:
+                    left, moved = body.verbatim(), False
+                    if left is not None:  # Content-Length, and no TLS: the kernel moves it
+                        try:
+                            moved = await self._splice(client, up, left, idle)
+                        finally:
+                            out.bytes_up += client.spliced  # counted also on failure
+                    if moved:
+                        body.consumed(client.spliced)
+                        if not body.done:
+                            body.eof()  # the client closed mid-body: an error, not an end
+                    elif not await client.fill(idle):
+                        body.eof()
             if chunked:
                 up.write(writer.last_chunk(body.trailers))
             out.request_done = True
@@ -521,10 +523,10 @@ class Forwarder:
             client.writelines(parts)
             parts = []
             verbatim = None if to_chunked else decoder.verbatim()
-            if verbatim is not None and up.can_splice_to(client):
+            if verbatim is not None:
                 # Nothing to decode, no TLS either side: the kernel moves the rest.
                 try:
-                    await up.splice(client, verbatim, idle)
+                    moved = await self._splice(up, client, verbatim, idle)
                 except SinkClosed:
                     raise  # the client went away: not the upstream's fault
                 except StreamClosed as exc:
@@ -533,10 +535,11 @@ class Forwarder:
                     raise UpstreamTimeout(f"upstream sent nothing for {idle:g} s mid-body") from exc
                 finally:
                     out.bytes_down += up.spliced  # the log counts what went, also on failure
-                decoder.consumed(up.spliced)
-                if not decoder.done:
-                    decoder.eof()  # the upstream closed: complete only if until-close
-                continue
+                if moved:
+                    decoder.consumed(up.spliced)
+                    if not decoder.done:
+                        decoder.eof()  # the upstream closed: complete only if until-close
+                    continue
             await client.drain()
             try:
                 more = await up.fill(idle)
@@ -551,6 +554,19 @@ class Forwarder:
         out.response_started = True
         client.writelines(parts)
         await client.drain()
+
+    async def _splice(self, source: Stream, target: Stream, length: int, idle_s: float) -> bool:
+        """Splice `length` bytes (-1: until close) from `source` to `target` where both are
+        plain sockets; False, with nothing moved, where the bytes must be copied instead."""
+        source.spliced = 0
+        if not source.can_splice_to(target):
+            return False
+        try:
+            await source.splice(target, length, idle_s)
+        except SpliceUnavailable as exc:
+            self._events.warning("splice unavailable, copying instead", error=str(exc))
+            return False
+        return True
 
     async def _switch(
         self,

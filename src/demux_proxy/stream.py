@@ -56,6 +56,11 @@ class SinkClosed(StreamClosed):
     """During `Stream.splice`, the stream we were writing to went away."""
 
 
+class SpliceUnavailable(Exception):
+    """`Stream.splice` could not start (no descriptors to spare): nothing was moved, the
+    caller copies instead."""
+
+
 class Stream(asyncio.Protocol):
     def __init__(
         self,
@@ -236,7 +241,8 @@ class Stream(asyncio.Protocol):
         reading and memory stays flat whatever the body size. Returns early when the
         peer closes (the caller decides whether the body was complete); raises
         StreamClosed on a reset, SinkClosed when `target` went away, TimeoutError after
-        `idle_timeout` seconds without a byte from the peer. Call only when
+        `idle_timeout` seconds without a byte from the peer, SpliceUnavailable (before
+        anything moved) when there are no descriptors for the pipe. Call only when
         `can_splice_to(target)` and `buffer` is empty (bytes already read are the
         caller's to pass on first).
 
@@ -257,16 +263,23 @@ class Stream(asyncio.Protocol):
         if dst_sock is None:
             raise SinkClosed("connection closed")
         src, dst = src_sock.fileno(), dst_sock.fileno()
-        self.transport.pause_reading()
         fds: list[int] = []
-        target._source = self  # its connection_lost ends the splice (`_sink_gone`)
         try:
             pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             fds += (pipe_r, pipe_w)
             with contextlib.suppress(OSError):  # the default 64 KiB works, only slower
                 fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
-            watch_src, watch_dst = os.dup(src), os.dup(dst)
-            fds += (watch_src, watch_dst)
+            fds.append(os.dup(src))
+            fds.append(os.dup(dst))
+        except OSError as exc:  # EMFILE, ENFILE
+            for fd in fds:
+                os.close(fd)
+            raise SpliceUnavailable(exc.strerror or str(exc)) from exc
+        watch_src, watch_dst = fds[2], fds[3]
+        self.transport.pause_reading()
+        self._read_paused = False  # ours now; resumed at the end whatever it was
+        target._source = self  # its connection_lost ends the splice (`_sink_gone`)
+        try:
             left = length
             while left != 0:
                 try:
@@ -301,7 +314,7 @@ class Stream(asyncio.Protocol):
             target._source = None
             for fd in fds:
                 os.close(fd)
-            if not self.closed:
+            if not self.closed and not self.transport.is_closing():
                 self.transport.resume_reading()
 
     async def _ready(

@@ -4,6 +4,9 @@ splice(2) between two TCP connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import resource
 import socket
 import struct
 import time
@@ -13,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from demux_proxy.stream import SinkClosed, Stream
+from demux_proxy.stream import SinkClosed, SpliceUnavailable, Stream
 
 Pair = tuple[Stream, socket.socket]
 
@@ -229,3 +232,28 @@ async def test_no_splice_while_the_target_has_bytes_waiting(
     target.write(b"x" * (32 * 1024 * 1024))
     assert target.transport.get_write_buffer_size() > 0
     assert not source.can_splice_to(target)
+
+
+@on_two_streams
+async def test_splice_without_descriptors_to_spare_moves_nothing(
+    source: Stream, source_peer: socket.socket, target: Stream, target_peer: socket.socket
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        # Every descriptor number below the limit taken: the pipe cannot be made.
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+        with pytest.raises(SpliceUnavailable):
+            await source.splice(target, 100, 5.0)
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert source.spliced == 0
+    source_peer.send(b"still read")  # reading was never paused: the stream reads on
+    assert await source.fill(5.0)
+    assert bytes(source.buffer) == b"still read"
