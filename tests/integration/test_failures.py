@@ -4,7 +4,8 @@ and the proxy keeps serving everyone else.
 - a TLS client that does not trust the proxy's CA: its handshake fails, the proxy logs
   "TLS handshake with client failed";
 - SNI naming another host than CONNECT: the leaf is for the SNI name;
-- a client that resets mid-upload: the upstream never sees the body complete;
+- a client that resets mid-upload (chunked or Content-Length), or closes mid-upload: the
+  upstream never sees the body complete, the closing client gets its 400;
 - an upstream that resets mid-download: the client sees the truncation as an error;
 - a client that resets mid-download: logged, nothing else disturbed;
 - a client that stops reading a large download: the proxy stops reading the upstream,
