@@ -86,19 +86,30 @@ class Dispatcher:
             )
         return chosen
 
+    def acquire_now(self, route: Route, exclude: list[str], only: str | None) -> Egress | None:
+        """An egress with budget for the host now, when nobody queues for it; else None,
+        and `acquire` waits. Not a coroutine: most requests need no wait, and a coroutine
+        call costs about as much as the choice itself."""
+        host = route.host
+        if host in self._queued:  # others wait: no overtaking them
+            return None
+        got = self.scheduler.acquire(host, self._clock().time(), exclude=exclude, only=only)
+        if isinstance(got, Egress):
+            return got
+        if got is None:
+            raise UpstreamError(f"no egress address left to try for {host}")
+        return None
+
     async def acquire(
         self, route: Route, exclude: list[str], only: str | None
     ) -> tuple[Egress, float]:
         """(An egress with budget for the host now, ms queued), waiting in the host's FIFO
         queue when none has."""
+        got_now = self.acquire_now(route, exclude, only)
+        if got_now is not None:
+            return got_now, 0.0
         scheduler, host = self.scheduler, route.host
         loop = self._clock()
-        if host not in self._queued:  # nobody queued: no one to overtake
-            got = scheduler.acquire(host, loop.time(), exclude=exclude, only=only)
-            if isinstance(got, Egress):
-                return got, 0.0
-            if got is None:
-                raise UpstreamError(f"no egress address left to try for {host}")
         lock = self._queues.setdefault(host, asyncio.Lock())
         self._queued[host] = self._queued.get(host, 0) + 1
         queued = loop.time()

@@ -234,7 +234,11 @@ class Forwarder:
         only: str | None,
     ) -> tuple[UpstreamConnection, Egress]:
         """Pick the egress and a connection, send the head. One retry on a stale pooled one."""
-        egress, out.queued_ms = await self._dispatch.acquire(route, tried, only)
+        egress = self._dispatch.acquire_now(route, tried, only)
+        if egress is None:
+            egress, out.queued_ms = await self._dispatch.acquire(route, tried, only)
+        else:
+            out.queued_ms = 0.0
         out.egress = egress
         self._scheduler.in_flight[egress.address] += 1
         key = (egress.address, route.scheme, route.host, route.port)
@@ -352,7 +356,9 @@ class Forwarder:
         if not body.done:
             upload = asyncio.create_task(self._upload(client, up, body, req.chunked, out))
         try:
-            resp = await self._read_head(up, upload)
+            resp = self._head_in(up)  # usually there with the first byte: no coroutine
+            if resp is None:
+                resp = await self._read_head(up, upload)
             while 100 <= resp.status < 200 and resp.status != 101:
                 # Interim responses (100 Continue, 103) go to 1.1 clients (RFC 9110 15.2).
                 if req.version == b"1.1":
@@ -429,10 +435,18 @@ class Forwarder:
             up.abort()  # an incomplete request must never reach a server as complete
             raise
 
+    def _head_in(self, up: Stream) -> ResponseHead | None:
+        """The response head, if `up.buffer` holds all of it (taken off the buffer)."""
+        end = find_head_end(up.buffer, self._config.max_head_bytes, request=False)
+        if end < 0:
+            return None
+        head = bytes(up.buffer[:end])
+        del up.buffer[:end]
+        return parse_response_head(head)
+
     async def _read_head(self, up: Stream, upload: asyncio.Task[None] | None) -> ResponseHead:
         timeout = self._config.response_timeout_s
-        limit = self._config.max_head_bytes
-        while (end := find_head_end(up.buffer, limit, request=False)) < 0:
+        while (resp := self._head_in(up)) is None:
             try:
                 more = await up.fill(timeout)
             except StreamClosed as exc:
@@ -443,9 +457,7 @@ class Forwarder:
             if not more:
                 _raise_upload_error(upload)
                 raise UpstreamError("upstream closed the connection without a response")
-        head = bytes(up.buffer[:end])
-        del up.buffer[:end]
-        return parse_response_head(head)
+        return resp
 
     async def _relay_response(
         self,
@@ -553,7 +565,8 @@ class Forwarder:
             parts.append(writer.last_chunk(decoder.trailers))
         out.response_started = True
         client.writelines(parts)
-        await client.drain()
+        if client.must_drain:
+            await client.drain()
 
     async def _splice(self, source: Stream, target: Stream, length: int, idle_s: float) -> bool:
         """Splice `length` bytes (-1: until close) from `source` to `target` where both are

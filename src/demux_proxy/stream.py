@@ -369,6 +369,12 @@ class Stream(asyncio.Protocol):
         else:
             self.transport.writelines(parts)
 
+    @property
+    def must_drain(self) -> bool:
+        """Whether `drain` would do anything (wait, or raise): checked first, it spares a
+        coroutine call per response, most of which find nothing to wait for."""
+        return self.closed or self._write_paused
+
     async def drain(self) -> None:
         if self.closed:
             raise StreamClosed("connection closed by peer")
