@@ -175,7 +175,12 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise ProtocolError(f"malformed request: {exc}") from None
     if len(c.headers) > MAX_HEADER_COUNT:
         raise ProtocolError("too many header fields", status=431)
-    version = _version(parser.get_http_version(), upstream=False)
+    # llhttp accepted the line, so it ends in "HTTP/d.d": read the digits there rather
+    # than have get_http_version() format a string (anything else: the general path).
+    line_end = head.find(b"\r\n")
+    version = head[line_end - 3 : line_end]
+    if version != b"1.1" and version != b"1.0":
+        version = _version(parser.get_http_version(), upstream=False)
     method = parser.get_method()
     length, chunked, codings, has_te = _length(c.headers, upstream=False)
     if codings and chunked:
@@ -221,7 +226,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
         raise UpstreamError(f"malformed upstream response: {exc}") from None
     if len(c.headers) > MAX_HEADER_COUNT:
         raise UpstreamError("malformed upstream response: too many header fields")
-    version = _version(parser.get_http_version(), upstream=True)
+    version = head[5:8]  # accepted by llhttp: "HTTP/d.d " (see parse_request_head)
+    if version != b"1.1" and version != b"1.0":
+        version = _version(parser.get_http_version(), upstream=True)
     length, chunked, codings, _ = _length(c.headers, upstream=True)
     tokens = connection_tokens(c.headers)
     keep_alive = _keep_alive(version, tokens)
