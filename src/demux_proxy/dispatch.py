@@ -88,7 +88,7 @@ class Dispatcher:
 
     def acquire_now(self, route: Route, exclude: list[str], only: str | None) -> Egress | None:
         """An egress with budget for the host now, when nobody queues for it; else None,
-        and `acquire` waits. Not a coroutine: most requests need no wait, and a coroutine
+        and `acquire` queues. Not a coroutine: most requests need no wait, and a coroutine
         call costs about as much as the choice itself."""
         host = route.host
         if host in self._queued:  # others wait: no overtaking them
@@ -103,11 +103,8 @@ class Dispatcher:
     async def acquire(
         self, route: Route, exclude: list[str], only: str | None
     ) -> tuple[Egress, float]:
-        """(An egress with budget for the host now, ms queued), waiting in the host's FIFO
-        queue when none has."""
-        got_now = self.acquire_now(route, exclude, only)
-        if got_now is not None:
-            return got_now, 0.0
+        """(An egress with budget for the host, ms queued), after `acquire_now` found none:
+        in the host's FIFO queue until one has."""
         scheduler, host = self.scheduler, route.host
         loop = self._clock()
         lock = self._queues.setdefault(host, asyncio.Lock())

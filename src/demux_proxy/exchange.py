@@ -416,17 +416,11 @@ class Forwarder:
                 elif body.done:
                     break
                 else:
-                    left, moved = body.verbatim(), False
-                    if left is not None:  # Content-Length, and no TLS: the kernel moves it
-                        try:
-                            moved = await self._splice(client, up, left, idle)
-                        finally:
-                            out.bytes_up += client.spliced  # counted also on failure
-                    if moved:
-                        body.consumed(client.spliced)
-                        if not body.done:
-                            body.eof()  # the client closed mid-body: an error, not an end
-                    elif not await client.fill(idle):
+                    try:  # Content-Length, and no TLS: the kernel moves the rest
+                        moved = await self._splice(client, up, body, idle)
+                    finally:
+                        out.bytes_up += client.spliced  # counted also on failure
+                    if not moved and not await client.fill(idle):
                         body.eof()
             if chunked:
                 up.write(writer.last_chunk(body.trailers))
@@ -534,11 +528,10 @@ class Forwarder:
             out.response_started = True
             client.writelines(parts)
             parts = []
-            verbatim = None if to_chunked else decoder.verbatim()
-            if verbatim is not None:
+            if not to_chunked:
                 # Nothing to decode, no TLS either side: the kernel moves the rest.
                 try:
-                    moved = await self._splice(up, client, verbatim, idle)
+                    moved = await self._splice(up, client, decoder, idle)
                 except SinkClosed:
                     raise  # the client went away: not the upstream's fault
                 except StreamClosed as exc:
@@ -548,9 +541,6 @@ class Forwarder:
                 finally:
                     out.bytes_down += up.spliced  # the log counts what went, also on failure
                 if moved:
-                    decoder.consumed(up.spliced)
-                    if not decoder.done:
-                        decoder.eof()  # the upstream closed: complete only if until-close
                     continue
             await client.drain()
             try:
@@ -568,17 +558,25 @@ class Forwarder:
         if client.must_drain:
             await client.drain()
 
-    async def _splice(self, source: Stream, target: Stream, length: int, idle_s: float) -> bool:
-        """Splice `length` bytes (-1: until close) from `source` to `target` where both are
-        plain sockets; False, with nothing moved, where the bytes must be copied instead."""
+    async def _splice(
+        self, source: Stream, target: Stream, body: BodyDecoder, idle_s: float
+    ) -> bool:
+        """Splice the rest of `body` from `source` to `target` where its framing needs no
+        decoding and both are plain sockets, and tell `body` what passed: False, with
+        nothing moved, where the bytes must be copied instead. A body the peer cut short
+        raises as `body.eof()` does; `source.spliced` counts the bytes moved either way."""
         source.spliced = 0
-        if not source.can_splice_to(target):
+        length = body.verbatim()
+        if length is None or not source.can_splice_to(target):
             return False
         try:
             await source.splice(target, length, idle_s)
         except SpliceUnavailable as exc:
             self._events.warning("splice unavailable, copying instead", error=str(exc))
             return False
+        body.consumed(source.spliced)
+        if not body.done:
+            body.eof()  # the peer closed: complete only for a body delimited by the close
         return True
 
     async def _switch(
