@@ -83,3 +83,18 @@ class EgressTimeout(EgressFailure, UpstreamTimeout):
     """A connect from this egress address timed out."""
 
     status = 504
+
+
+# Connection-level conditions of `stream.Stream`, not answers to a client. They live
+# here, outside the compiled modules: mypyc cannot compile a subclass of ConnectionError.
+class StreamClosed(ConnectionError):
+    """The peer went away (reset or closed) while we still needed it."""
+
+
+class SinkClosed(StreamClosed):
+    """During `Stream.splice`, the stream we were writing to went away."""
+
+
+class SpliceUnavailable(Exception):
+    """`Stream.splice` could not start (no descriptors to spare): nothing was moved, the
+    caller copies instead."""

@@ -26,6 +26,9 @@ from demux_proxy.errors import (
     LoopDetected,
     ProtocolError,
     ProxyError,
+    SinkClosed,
+    SpliceUnavailable,
+    StreamClosed,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -51,7 +54,7 @@ from demux_proxy.pool import Pool
 from demux_proxy.relay import relay
 from demux_proxy.route import Route
 from demux_proxy.scheduler import Scheduler
-from demux_proxy.stream import SinkClosed, SpliceUnavailable, Stream, StreamClosed
+from demux_proxy.stream import Stream
 from demux_proxy.upstream import Resolver, UpstreamConnection, connect
 
 _FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 import httptools
 
@@ -93,9 +94,20 @@ def route_for(target: bytes, tunnel: Tunnel | None) -> Route:
     return Route(scheme, host, port, _origin(path, query), authority.encode(), host)
 
 
+class _URL(Protocol):
+    """What httptools.parse_url returns. Its stub says bytes for every part; absent parts
+    are None (the compiled module checks values against their declared types)."""
+
+    schema: bytes | None
+    host: bytes | None
+    port: int | None
+    path: bytes | None
+    query: bytes | None
+
+
 def _parsed(target: bytes) -> tuple[str, str, int, bytes | None, bytes | None]:
     try:
-        url = httptools.parse_url(target)
+        url = cast(_URL, httptools.parse_url(target))
     except httptools.HttpParserInvalidURLError:
         raise ProtocolError("invalid request target") from None
     scheme = (url.schema or b"").decode("ascii", "replace").lower()

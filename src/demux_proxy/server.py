@@ -18,13 +18,13 @@ from demux_proxy import log
 from demux_proxy.auth import ClientPolicy, challenge_response, session_of
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
-from demux_proxy.errors import Forbidden, ProtocolError, ProxyError
+from demux_proxy.errors import Forbidden, ProtocolError, ProxyError, StreamClosed
 from demux_proxy.exchange import Forwarder
 from demux_proxy.http1 import writer
 from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
-from demux_proxy.stream import Stream, StreamClosed
+from demux_proxy.stream import Stream
 
 _internal = logging.getLogger(log.LOGGER_NAME)
 _TLS_HANDSHAKE = 0x16

@@ -21,7 +21,9 @@ import fcntl
 import os
 import ssl
 from collections.abc import Callable, Iterable
-from typing import cast
+from typing import Any, cast
+
+from demux_proxy.errors import SinkClosed, SpliceUnavailable, StreamClosed
 
 READ_HIGH = 256 * 1024
 WRITE_HIGH = 512 * 1024
@@ -46,19 +48,6 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 
 _NEVER = float("inf")
 _TIMER_SLACK_S = 0.001
-
-
-class StreamClosed(ConnectionError):
-    """The peer went away (reset or closed) while we still needed it."""
-
-
-class SinkClosed(StreamClosed):
-    """During `Stream.splice`, the stream we were writing to went away."""
-
-
-class SpliceUnavailable(Exception):
-    """`Stream.splice` could not start (no descriptors to spare): nothing was moved, the
-    caller copies instead."""
 
 
 class Stream(asyncio.Protocol):
@@ -325,8 +314,7 @@ class Stream(asyncio.Protocol):
         timeout: float | None,
     ) -> None:
         """Wait until `fd` is ready (`watch` is the loop's add_reader or add_writer)."""
-        if self._sink_error is not None:
-            raise self._sink_error
+        self._raise_sink_error()
         waiter = self._waiter = self.loop.create_future()
         watch(fd, _resolve, waiter)
         if timeout is not None:
@@ -337,6 +325,11 @@ class Stream(asyncio.Protocol):
             unwatch(fd)
             self._waiter = None
             self._deadline = _NEVER
+        # A method, not the test inline: the test before the await would narrow the
+        # attribute to None here, and the compiled module would trust that.
+        self._raise_sink_error()
+
+    def _raise_sink_error(self) -> None:
         if self._sink_error is not None:
             raise self._sink_error
 
@@ -457,8 +450,9 @@ class Stream(asyncio.Protocol):
             # Stop when nothing is left to decrypt rather than on SSLWantReadError: an
             # exception per received chunk is a measurable cost on the hot path.
             while incoming.pending or sslobj.pending():
-                # With a buffer, read() returns a count (typeshed says bytes).
-                n = cast(int, sslobj.read(_RECORD, _RECORD_BUF))
+                # With a buffer, read() returns a count (typeshed says bytes; the
+                # compiled module checks what a call returns against its stub).
+                n: int = cast(Any, sslobj).read(_RECORD, _RECORD_BUF)
                 if not n:  # TLS closed (close_notify already seen)
                     self.eof = True
                     break

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from demux_proxy.stream import SinkClosed, SpliceUnavailable, Stream
+from demux_proxy.errors import SinkClosed, SpliceUnavailable
+from demux_proxy.stream import Stream
 
 Pair = tuple[Stream, socket.socket]
 

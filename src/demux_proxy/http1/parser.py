@@ -178,7 +178,8 @@ def parse_request_head(head: bytes) -> RequestHead:
     # llhttp accepted the line, so it ends in "HTTP/d.d": read the digits there rather
     # than have get_http_version() format a string (anything else: the general path).
     line_end = head.find(b"\r\n")
-    version = head[line_end - 3 : line_end]
+    # (No negative index: the compiled slice of a bytes object does not take one.)
+    version = head[line_end - 3 : line_end] if line_end >= 3 else b""
     if version != b"1.1" and version != b"1.0":
         version = _version(parser.get_http_version(), upstream=False)
     method = parser.get_method()
