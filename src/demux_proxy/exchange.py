@@ -12,7 +12,6 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from itertools import count
 
 from demux_proxy import log
@@ -81,16 +80,19 @@ class _StaleConnection(Exception):
     """A pooled connection closed before answering: safe to retry on a fresh one."""
 
 
-@dataclass(slots=True)
 class _Outcome:
-    status: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    response_started: bool = False
-    request_done: bool = False
-    egress: Egress | None = None  # the address picked, kept even when the exchange fails
-    queued_ms: float = 0.0
-    cooldown_s: float | None = None
+    """What one exchange did, for its log line and its cleanup (a plain class: the
+    compiled module constructs it natively)."""
+
+    def __init__(self, request_done: bool) -> None:
+        self.status = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.response_started = False
+        self.request_done = request_done
+        self.egress: Egress | None = None  # the address picked, kept when the exchange fails
+        self.queued_ms = 0.0
+        self.cooldown_s: float | None = None
 
 
 class Forwarder:
@@ -124,7 +126,7 @@ class Forwarder:
         started = time.perf_counter()
         method = req.method.decode("latin-1")
         body = request_decoder(req.content_length, req.chunked)
-        out = _Outcome(request_done=body.done)
+        out = _Outcome(body.done)
         error: str | None = None
         kind: str | None = None
         keep = False

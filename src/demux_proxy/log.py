@@ -22,12 +22,27 @@ import os
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 LOGGER_NAME = "demux_proxy"
-DEBUG, INFO, WARNING, ERROR = logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR
+# stdlib logging's numbers, as literals: Final constants are compiled in where used
+# (the modules of the request path are compiled, see setup.py), not looked up per call.
+DEBUG: Final = 10
+INFO: Final = 20
+WARNING: Final = 30
+ERROR: Final = 40
+assert (DEBUG, INFO, WARNING, ERROR) == (
+    logging.DEBUG,
+    logging.INFO,
+    logging.WARNING,
+    logging.ERROR,
+)
+_dumps: Final = orjson.dumps
+_SORT_KEYS: Final = orjson.OPT_SORT_KEYS
+_time_ns: Final = time.time_ns
+_NS: Final = 1_000_000_000
 _LEVEL_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error", 50: "critical"}
 
 
@@ -49,17 +64,16 @@ class _Clock:
         self._second = -1
         self._prefix = b""
 
-    def split(self, ns: int) -> tuple[bytes, int]:
-        """(b"YYYY-MM-DDTHH:MM:SS", nanoseconds): the caller appends ".%09dZ"."""
-        second, frac = divmod(ns, 1_000_000_000)
+    def prefix(self, second: int) -> bytes:
+        """b"YYYY-MM-DDTHH:MM:SS" of `second`: the caller appends ".%09dZ"."""
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-        return self._prefix, frac
+        return self._prefix
 
     def stamp(self, ns: int) -> str:
-        prefix, frac = self.split(ns)
-        return f"{prefix.decode()}.{frac:09d}Z"
+        second = ns // _NS
+        return f"{self.prefix(second).decode()}.{ns - second * _NS:09d}Z"
 
 
 class EventLog:
@@ -82,18 +96,23 @@ class EventLog:
         if self._json:
             # Spliced by hand: fields sorted, the top level in the original's order, the
             # constant parts encoded once (two lines per request: this is the hot path).
-            prefix, frac = self._clock.split(time.time_ns())
+            ns = _time_ns()
+            second = ns // _NS
             tail = self._tails.get(message)
             if tail is None:
-                tail = b'Z","message":' + orjson.dumps(message) + b"}\n"
+                tail = b'Z","message":' + _dumps(message) + b"}\n"
                 if len(self._tails) < _MESSAGE_CACHE_MAX:
                     self._tails[message] = tail
-            line = b'{"fields":%b%b%b.%09d%b' % (
-                orjson.dumps(fields, option=orjson.OPT_SORT_KEYS, default=str),
-                _LEVEL_JSON.get(level, _LEVEL_JSON[INFO]),
-                prefix,
-                frac,
-                tail,
+            level_json = _LEVEL_JSON.get(level)
+            line = b"".join(
+                (
+                    b'{"fields":',
+                    _dumps(fields, option=_SORT_KEYS, default=str),
+                    level_json if level_json is not None else _LEVEL_JSON[INFO],
+                    self._clock.prefix(second),
+                    b".%09d" % (ns - second * _NS),
+                    tail,
+                )
             )
         else:
             stamp = self._clock.stamp(time.time_ns())

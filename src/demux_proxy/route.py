@@ -28,8 +28,9 @@ class Tunnel:
 
 
 # Not frozen: a frozen dataclass pays an object.__setattr__ per field (about 1 us for a
-# Route, per request); nothing changes a Route once made.
-@dataclass(slots=True)
+# Route, per request); nothing changes a Route once made. The __init__ is written out:
+# the compiled module runs it natively, a dataclass-generated one is interpreted.
+@dataclass(slots=True, init=False)
 class Route:
     scheme: str
     host: str  # lower-case name or bare IP literal (no brackets)
@@ -37,13 +38,29 @@ class Route:
     target: bytes  # origin-form sent upstream
     host_header: bytes | None  # replaces Host (absolute-form, RFC 9112 3.2.2), else None
     tls_name: str  # server name to verify upstream
-    session: str | None = None  # sticky session inherited from the tunnel
+    session: str | None
     # For the two log lines of every request: formatted once, here.
-    url: str = field(init=False, repr=False, compare=False)
+    url: str = field(repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"{self.scheme}://{host}:{self.port}{self.target.decode('latin-1')}"
+    def __init__(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        target: bytes,
+        host_header: bytes | None,
+        tls_name: str,
+        session: str | None = None,  # sticky session inherited from the tunnel
+    ) -> None:
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.target = target
+        self.host_header = host_header
+        self.tls_name = tls_name
+        self.session = session
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"{scheme}://{shown}:{port}{target.decode('latin-1')}"
 
 
 def _host(raw: bytes) -> str:

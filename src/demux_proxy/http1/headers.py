@@ -6,7 +6,17 @@ as the issue asks, and bytes avoid a decode/encode per field on the hot path.
 
 from __future__ import annotations
 
+from typing import Final
+
 Headers = list[tuple[bytes, bytes]]
+
+# Bounded memo tables (no state beyond what a call would compute again): field names and
+# Connection values repeat from request to request, and in the compiled module a dict
+# lookup costs less than a method call that allocates. Past the bound, nothing is added.
+_LOWER: dict[bytes, bytes] = {}
+_TOKENS: dict[bytes, frozenset[bytes]] = {}
+_MEMO_MAX: Final = 1024
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 _CONNECTION_SIZES = frozenset((len(b"connection"), len(b"proxy-connection")))
 
@@ -31,19 +41,41 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 
 
+def lower(name: bytes) -> bytes:
+    """`name.lower()`, memoized."""
+    lname = _LOWER.get(name)
+    if lname is None:
+        lname = name.lower()
+        if len(_LOWER) < _MEMO_MAX:
+            _LOWER[name] = lname
+    return lname
+
+
+def _tokens(value: bytes) -> frozenset[bytes]:
+    """The lower-cased tokens of one Connection value, memoized."""
+    tokens = _TOKENS.get(value)
+    if tokens is None:
+        tokens = frozenset(t for t in (part.strip().lower() for part in value.split(b",")) if t)
+        if len(_TOKENS) < _MEMO_MAX:
+            _TOKENS[value] = tokens
+    return tokens
+
+
+# Connection tokens that name no field beyond HOP_BY_HOP: "close", "keep-alive"...
+HOP_BY_HOP_TOKENS: frozenset[bytes] = HOP_BY_HOP | {b"close"}
+_HOP_SIZES = frozenset({len(n) for n in HOP_BY_HOP} | {len(b"content-length")})
+
+
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
     """Lower-cased tokens of every Connection (and legacy Proxy-Connection) field."""
-    tokens: set[bytes] = set()
+    tokens = _NO_TOKENS
     for name, value in headers:
         if len(name) not in _CONNECTION_SIZES:
-            continue  # spares a lower() (an allocation) for nearly every field
-        lname = name.lower()
+            continue  # spares a lower() for nearly every field
+        lname = lower(name)
         if lname == b"connection" or lname == b"proxy-connection":
-            for token in value.split(b","):
-                token = token.strip().lower()
-                if token:
-                    tokens.add(token)
-    return frozenset(tokens)
+            tokens = tokens | _tokens(value) if tokens else _tokens(value)
+    return tokens
 
 
 def end_to_end(headers: Headers, tokens: frozenset[bytes], *, drop_length: bool) -> Headers:
@@ -52,12 +84,22 @@ def end_to_end(headers: Headers, tokens: frozenset[bytes], *, drop_length: bool)
     `drop_length` removes Content-Length too, for messages the caller re-frames.
     """
     out: Headers = []
+    if not tokens <= HOP_BY_HOP_TOKENS:  # Connection names a field of its own
+        for name, value in headers:
+            lname = lower(name)
+            if lname in HOP_BY_HOP or lname in tokens:
+                continue
+            if drop_length and lname == b"content-length":
+                continue
+            out.append((name, value))
+        return out
+    # The usual case: only fields of fixed names go, and most fields have a length none
+    # of those names has (a len() spares the lower-casing).
     for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in tokens:
-            continue
-        if drop_length and lname == b"content-length":
-            continue
+        if len(name) in _HOP_SIZES:
+            lname = lower(name)
+            if lname in HOP_BY_HOP or (drop_length and lname == b"content-length"):
+                continue
         out.append((name, value))
     return out
 
