@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(BUILT): $(STAMP) $(SOURCES)
+	rm -rf build  # setuptools would reuse objects built with other flags
 	$(BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall .
 	touch $(BUILT)
 

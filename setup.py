@@ -41,7 +41,10 @@ def _ext_modules() -> list[object]:
         return []
     from mypyc.build import mypycify
 
-    return list(mypycify(["--config-file=pyproject.toml", *HOT_PATH], opt_level="3"))
+    # -Os: the compiled library is 1.1 MB of code instead of 1.5, and all of it is resident
+    # (the kernel maps it around every page touched); 0.35 MB less resident per process
+    # for 4.5 % more instructions per request than -O3 (docs/performance.md).
+    return list(mypycify(["--config-file=pyproject.toml", *HOT_PATH], opt_level="s"))
 
 
 setup(ext_modules=_ext_modules())
