@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed$(subst /,_,$(PYTHON))
 BUILT := $(VENV)/.built
 SOURCES := $(shell find src -name '*.py' -o -name '*.html' -o -name py.typed) setup.py
 
-.PHONY: install run test lint typecheck unit fmt clean bench
+.PHONY: install run test lint typecheck unit pure fmt clean bench
 
 # First the dependencies and tools (with the package pure), then the compiled build in the
 # venv itself: mypyc type-checks against the installed dependencies, as `make typecheck`.
@@ -43,7 +43,12 @@ typecheck: install
 unit: install
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
-test: lint typecheck unit
+# The same source uncompiled (DEMUX_PROXY_COMPILE=0 installs it so): src/ first on the
+# path, for the tests here and the proxies they start.
+pure: install
+	PYTHONPATH=src $(BIN)/pytest -m "not slow" -q tests/unit tests/integration/test_smoke.py tests/integration/test_proxy_http.py
+
+test: lint typecheck unit pure
 
 # Throughput and CPU per request, side by side with the direct baseline (and peers in
 # BENCH_PEERS) in one run; installs nginx, wrk and Go from Debian on first use (root).

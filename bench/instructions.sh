@@ -11,6 +11,9 @@
 # by curl (one client connection, HTTP then HTTPS through CONNECT) to the harness's nginx.
 # Needs valgrind and a prior `make bench` (its nginx configuration and certificates).
 # Loopback only; N requests per scheme (BENCH_IR_REQUESTS, default 1000).
+# A ref that compiles its request path (setup.py, fifth session on) is built as
+# `make install` builds it (about a minute), so the figures are those of what runs;
+# BENCH_IR_COMPILE=0 counts every ref's source uncompiled.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -70,8 +73,14 @@ for ref in "$@"; do
   commit=$(git -C "$ROOT" rev-parse --short "$ref")
   wt=$TMP/wt-$commit
   git -C "$ROOT" worktree add -q --detach "$wt" "$commit"
-  http=$(measure "$wt/src" http http://127.0.0.1:18080/small $port)
-  https=$(measure "$wt/src" https https://127.0.0.1:18443/small $((port + 1)))
+  src=$wt/src
+  if [ -f "$wt/setup.py" ] && [ "${BENCH_IR_COMPILE:-1}" != 0 ]; then
+    (cd "$wt" && "$ROOT/.venv/bin/pip" wheel -q --no-build-isolation --no-deps -w "$wt/dist" .) >&2
+    src=$wt/built
+    "$PY" -m zipfile -e "$wt"/dist/demux_proxy-*.whl "$src"
+  fi
+  http=$(measure "$src" http http://127.0.0.1:18080/small $port)
+  https=$(measure "$src" https https://127.0.0.1:18443/small $((port + 1)))
   port=$((port + 2))
   printf '| %s | %s | %s | %s |\n' "$ref" "$commit" "$http" "$https"
 done

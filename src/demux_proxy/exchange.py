@@ -273,7 +273,10 @@ class Forwarder:
             # answer; a request without a body is safe to send again on a fresh one.
             try:
                 await self._await_first_byte(conn)
+                stale = False
             except _StaleConnection:
+                stale = True  # no await in an except block: see Stream.splice
+            if stale:
                 conn.close()
                 conn, egress = await self._switch_family(egress, route, out)
                 conn.stream.write(head)
@@ -358,6 +361,7 @@ class Forwarder:
         """Relay the answer; `_RETRY` when it cooled the address and another may go."""
         up = conn.stream
         upload = None
+        failed: BaseException | None = None
         if not body.done:
             upload = asyncio.create_task(self._upload(client, up, body, req.chunked, out))
         try:
@@ -385,11 +389,15 @@ class Forwarder:
                 conn.close()  # its body is unread: the connection is not reusable
                 return _RETRY
             keep = await self._relay_response(client, up, req, resp, out, upload, retry_after)
-        except BaseException:
+        except BaseException as exc:
             conn.close()
-            if upload is not None:
-                await _reap(upload)
-            raise
+            if upload is None:
+                raise
+            failed = exc  # the upload is reaped below, outside the except block
+        if failed is not None or resp is None:
+            assert upload is not None and failed is not None
+            await _reap(upload)
+            raise failed
         reusable = resp.keep_alive and out.request_done
         if upload is not None and not upload.done():
             # The server answered before reading the whole body (e.g. 413): neither

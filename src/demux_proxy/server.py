@@ -93,6 +93,8 @@ class ProxyServer:
                 # EMFILE and friends: say so, breathe, and keep the listener alive.
                 slots.release()
                 self._events.error("accept failed", error=exc.strerror or str(exc))
+                conn = None  # no await in an except block (see Stream.splice)
+            if conn is None:
                 await asyncio.sleep(0.1)
                 continue
             try:

@@ -270,6 +270,9 @@ class Stream(asyncio.Protocol):
         target._source = self  # its connection_lost ends the splice (`_sink_gone`)
         try:
             left = length
+            # (Every wait is outside the except block that found it necessary: awaiting
+            # inside one kept the exception, and what its traceback holds, alive in the
+            # compiled coroutine.)
             while left != 0:
                 try:
                     n = os.splice(
@@ -279,10 +282,12 @@ class Stream(asyncio.Protocol):
                         flags=_SPLICE_FLAGS,
                     )
                 except BlockingIOError:
-                    await self._ready(loop.add_reader, loop.remove_reader, watch_src, idle_timeout)
-                    continue
+                    n = -1
                 except OSError as exc:
                     raise StreamClosed(exc.strerror or str(exc)) from exc
+                if n < 0:
+                    await self._ready(loop.add_reader, loop.remove_reader, watch_src, idle_timeout)
+                    continue
                 if n == 0:
                     self.eof = True
                     break
@@ -290,10 +295,12 @@ class Stream(asyncio.Protocol):
                     try:
                         m = os.splice(pipe_r, dst, n, flags=_SPLICE_FLAGS)
                     except BlockingIOError:
-                        await self._ready(loop.add_writer, loop.remove_writer, watch_dst, None)
-                        continue
+                        m = -1
                     except OSError as exc:
                         raise SinkClosed(exc.strerror or str(exc)) from exc
+                    if m < 0:
+                        await self._ready(loop.add_writer, loop.remove_writer, watch_dst, None)
+                        continue
                     n -= m
                     self.spliced += m
                     if left > 0:
@@ -420,19 +427,20 @@ class Stream(asyncio.Protocol):
                 sslobj.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                self._flush_tls()
-                if self._exc is not None:
-                    raise StreamClosed("connection lost during TLS handshake") from self._exc
-                if self.eof:
-                    raise StreamClosed("client closed during TLS handshake") from None
-                waiter = self._arm_waiter()
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
+                pass  # wait below, outside the except block (see `splice`)
             except ssl.SSLError:
                 self._flush_tls()  # the alert tells the client why
                 raise
+            self._flush_tls()
+            if self._exc is not None:
+                raise StreamClosed("connection lost during TLS handshake") from self._exc
+            if self.eof:
+                raise StreamClosed("client closed during TLS handshake") from None
+            waiter = self._arm_waiter()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
         self._flush_tls()
         self._tls_ready = True
         self._decrypt()  # application data that came in with the last handshake flight
