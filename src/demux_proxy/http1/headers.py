@@ -10,10 +10,9 @@ from typing import Final
 
 Headers = list[tuple[bytes, bytes]]
 
-# Bounded memo tables (no state beyond what a call would compute again): field names and
-# Connection values repeat from request to request, and in the compiled module a dict
-# lookup costs less than a method call that allocates. Past the bound, nothing is added.
-_LOWER: dict[bytes, bytes] = {}
+# A bounded memo (no state beyond what a call would compute again): Connection values
+# repeat from request to request ("keep-alive", "close"), and one dict lookup costs less
+# than splitting, stripping and lower-casing them again. Past the bound, nothing is added.
 _TOKENS: dict[bytes, frozenset[bytes]] = {}
 _MEMO_MAX: Final = 1024
 _NO_TOKENS: frozenset[bytes] = frozenset()
@@ -41,16 +40,6 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 
 
-def lower(name: bytes) -> bytes:
-    """`name.lower()`, memoized."""
-    lname = _LOWER.get(name)
-    if lname is None:
-        lname = name.lower()
-        if len(_LOWER) < _MEMO_MAX:
-            _LOWER[name] = lname
-    return lname
-
-
 def _tokens(value: bytes) -> frozenset[bytes]:
     """The lower-cased tokens of one Connection value, memoized."""
     tokens = _TOKENS.get(value)
@@ -72,7 +61,7 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     for name, value in headers:
         if len(name) not in _CONNECTION_SIZES:
             continue  # spares a lower() for nearly every field
-        lname = lower(name)
+        lname = name.lower()
         if lname == b"connection" or lname == b"proxy-connection":
             tokens = tokens | _tokens(value) if tokens else _tokens(value)
     return tokens
@@ -86,7 +75,7 @@ def end_to_end(headers: Headers, tokens: frozenset[bytes], *, drop_length: bool)
     out: Headers = []
     if not tokens <= HOP_BY_HOP_TOKENS:  # Connection names a field of its own
         for name, value in headers:
-            lname = lower(name)
+            lname = name.lower()
             if lname in HOP_BY_HOP or lname in tokens:
                 continue
             if drop_length and lname == b"content-length":
@@ -97,7 +86,7 @@ def end_to_end(headers: Headers, tokens: frozenset[bytes], *, drop_length: bool)
     # of those names has (a len() spares the lower-casing).
     for name, value in headers:
         if len(name) in _HOP_SIZES:
-            lname = lower(name)
+            lname = name.lower()
             if lname in HOP_BY_HOP or (drop_length and lname == b"content-length"):
                 continue
         out.append((name, value))
