@@ -275,7 +275,7 @@ class Forwarder:
                 await self._await_first_byte(conn)
                 stale = False
             except _StaleConnection:
-                stale = True  # no await in an except block: see Stream.splice
+                stale = True  # no await in an except block: see stream._splice_chunk
             if stale:
                 conn.close()
                 conn, egress = await self._switch_family(egress, route, out)

@@ -93,7 +93,7 @@ class ProxyServer:
                 # EMFILE and friends: say so, breathe, and keep the listener alive.
                 slots.release()
                 self._events.error("accept failed", error=exc.strerror or str(exc))
-                conn = None  # no await in an except block (see Stream.splice)
+                conn = None  # no await in an except block (see stream._splice_chunk)
             if conn is None:
                 await asyncio.sleep(0.1)
                 continue

@@ -41,6 +41,20 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PIPE_SIZE = 1024 * 1024
 
 
+def _splice_chunk(src: int, dst: int, size: int, gone: type[StreamClosed]) -> int:
+    """One splice(2): the bytes moved, -1 when it would block; a failure raises `gone`.
+
+    (A function that returns rather than an except block the caller waits in: awaiting
+    inside one kept the exception, and what its traceback holds, alive when compiled.)
+    """
+    try:
+        return os.splice(src, dst, size, flags=_SPLICE_FLAGS)
+    except BlockingIOError:
+        return -1
+    except OSError as exc:
+        raise gone(exc.strerror or str(exc)) from exc
+
+
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -270,21 +284,9 @@ class Stream(asyncio.Protocol):
         target._source = self  # its connection_lost ends the splice (`_sink_gone`)
         try:
             left = length
-            # (Every wait is outside the except block that found it necessary: awaiting
-            # inside one kept the exception, and what its traceback holds, alive in the
-            # compiled coroutine.)
             while left != 0:
-                try:
-                    n = os.splice(
-                        src,
-                        pipe_w,
-                        _PIPE_SIZE if left < 0 else min(left, _PIPE_SIZE),
-                        flags=_SPLICE_FLAGS,
-                    )
-                except BlockingIOError:
-                    n = -1
-                except OSError as exc:
-                    raise StreamClosed(exc.strerror or str(exc)) from exc
+                size = _PIPE_SIZE if left < 0 else min(left, _PIPE_SIZE)
+                n = _splice_chunk(src, pipe_w, size, StreamClosed)
                 if n < 0:
                     await self._ready(loop.add_reader, loop.remove_reader, watch_src, idle_timeout)
                     continue
@@ -292,12 +294,7 @@ class Stream(asyncio.Protocol):
                     self.eof = True
                     break
                 while n:
-                    try:
-                        m = os.splice(pipe_r, dst, n, flags=_SPLICE_FLAGS)
-                    except BlockingIOError:
-                        m = -1
-                    except OSError as exc:
-                        raise SinkClosed(exc.strerror or str(exc)) from exc
+                    m = _splice_chunk(pipe_r, dst, n, SinkClosed)
                     if m < 0:
                         await self._ready(loop.add_writer, loop.remove_writer, watch_dst, None)
                         continue
@@ -427,7 +424,7 @@ class Stream(asyncio.Protocol):
                 sslobj.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                pass  # wait below, outside the except block (see `splice`)
+                pass  # wait below, outside the except block (see `_splice_chunk`)
             except ssl.SSLError:
                 self._flush_tls()  # the alert tells the client why
                 raise
