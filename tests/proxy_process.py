@@ -60,7 +60,11 @@ class ProxyProcess:
 
     def logs(self, message: str) -> list[dict[str, Any]]:
         with self._cond:
-            return [line for line in self.lines if line.get("message") == message]
+            found = [line for line in self.lines if line.get("message") == message]
+        for line in found:  # whatever a test reads: fields in name order, as the original's
+            names = list(line.get("fields", {}))
+            assert names == sorted(names), line
+        return found
 
     def wait_for_log(
         self, message: str, predicate: Any = None, timeout: float = 10.0

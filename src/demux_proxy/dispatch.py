@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from typing import Final
 
 from demux_proxy import log
 from demux_proxy.auth import session_of
@@ -24,8 +25,13 @@ from demux_proxy.metrics import Recorder
 from demux_proxy.route import Route
 from demux_proxy.scheduler import Scheduler
 
-_PIN, _SESSION, _CREDENTIALS = b"x-demux-egress", b"x-demux-session", b"proxy-authorization"
-_PIN_LEN, _SESSION_LEN, _CREDENTIALS_LEN = len(_PIN), len(_SESSION), len(_CREDENTIALS)
+_PIN: Final = b"x-demux-egress"
+_SESSION: Final = b"x-demux-session"
+_CREDENTIALS: Final = b"proxy-authorization"
+# Final names are C statics in the compiled module: no module-dict lookup per field.
+_PIN_LEN: Final = len(_PIN)
+_SESSION_LEN: Final = len(_SESSION)
+_CREDENTIALS_LEN: Final = len(_CREDENTIALS)
 
 
 class Dispatcher:

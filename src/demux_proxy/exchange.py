@@ -13,6 +13,7 @@ import ssl
 import time
 from collections.abc import Iterator
 from itertools import count
+from typing import Final
 
 from demux_proxy import log
 from demux_proxy.config import Config
@@ -56,11 +57,11 @@ from demux_proxy.scheduler import Scheduler
 from demux_proxy.stream import Stream
 from demux_proxy.upstream import Resolver, UpstreamConnection, connect
 
-_FAMILY_NAME: dict[int, str] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+_FAMILY_NAME: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 
 
 # Error kinds for metrics: a fixed, small set of label values.
-_KIND: dict[type[ProxyError], str] = {
+_KIND: Final[dict[type[ProxyError], str]] = {
     EgressFailure: "egress",
     EgressTimeout: "egress",
     ProtocolError: "bad_request",
@@ -72,8 +73,8 @@ _KIND: dict[type[ProxyError], str] = {
 
 
 # RFC 9110 9.2.2: requests a client may repeat; replayed only without a body.
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_RETRY = object()  # _respond's answer when the exchange should go again elsewhere
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_RETRY: Final = object()  # _respond's answer when the exchange should go again elsewhere
 
 
 class _StaleConnection(Exception):
@@ -190,29 +191,30 @@ class Forwarder:
             client.abort()
         finally:
             elapsed = time.perf_counter() - started
+            used = out.egress
+            # Keys inserted in sorted order, as the log shows them (emit's in_order).
             fields: dict[str, object] = {
-                "method": method,
-                "session_id": sid,
-                "status_code": out.status,
-                "type": "response",
-                "url": route.url,
-                "duration_ms": round(elapsed * 1000, 3),
                 "bytes": out.bytes_down,
                 "bytes_sent": out.bytes_up,
                 "client": client.peer[0],
             }
-            used = out.egress
+            if out.cooldown_s is not None:
+                fields["cooldown"] = round(out.cooldown_s, 3)
+            fields["duration_ms"] = round(elapsed * 1000, 3)
+            if error is not None:
+                fields["error"] = error
             if used is not None:
                 fields["interface"] = used.address
                 self._scheduler.in_flight[used.address] -= 1
-            if error is not None:
-                fields["error"] = error
-            if out.cooldown_s is not None:
-                fields["cooldown"] = round(out.cooldown_s, 3)
+            fields["method"] = method
             if tried:
                 fields["retried_from"] = tried
+            fields["session_id"] = sid
+            fields["status_code"] = out.status
+            fields["type"] = "response"
+            fields["url"] = route.url
             level = log.INFO if error is None else log.WARNING
-            self._events.emit(level, "inbound response", fields)
+            self._events.emit(level, "inbound response", fields, in_order=True)
             self._metrics.request(
                 used.address if used is not None else None,
                 out.status,
@@ -252,20 +254,20 @@ class Forwarder:
             conn, egress = await self._switch_family(egress, route, out)
         else:
             self._metrics.upstream_connection(egress.address, reused=True)
-        fields: dict[str, object] = {
-            "interface": egress.address,
-            "method": method,
-            "session_id": sid,
-            "type": "request",
-            "url": route.url,
+        fields: dict[str, object] = {  # keys in sorted order (emit's in_order)
             "client": client.peer[0],
             "device": egress.interface,
+            "interface": egress.address,
+            "method": method,
         }
         if out.queued_ms:
             fields["queued_ms"] = out.queued_ms
         if tried:
             fields["retry_of"] = tried[-1]
-        self._events.emit(log.INFO, "outbound request", fields)
+        fields["session_id"] = sid
+        fields["type"] = "request"
+        fields["url"] = route.url
+        self._events.emit(log.INFO, "outbound request", fields, in_order=True)
         head = self._request_head(req, route)
         conn.stream.write(head)
         if conn.requests and body.done and not req.upgrade:

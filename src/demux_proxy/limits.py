@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
+from typing import Final
 
 from demux_proxy.errors import ConfigError
 
@@ -28,10 +29,10 @@ __all__ = [
     "session_egress",
 ]
 
-RETRY_AFTER_CAP_S = 3600.0
-_UNITS = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
-_RATE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)/([a-z]+)")
-_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.:-]*[a-z0-9_])?")
+RETRY_AFTER_CAP_S: Final = 3600.0
+_UNITS: Final = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
+_RATE: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)/([a-z]+)")
+_NAME: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_.:-]*[a-z0-9_])?")
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import httptools
 
 from demux_proxy.errors import ProtocolError
 
-DEFAULT_PORTS = {"http": 80, "https": 443}
-_WS_SCHEMES = {"ws": "http", "wss": "https"}
-_BAD_HOST = re.compile(r"[ /\\@?#%\t]")
+DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_WS_SCHEMES: Final = {"ws": "http", "wss": "https"}
+_BAD_HOST: Final = re.compile(r"[ /\\@?#%\t]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +104,61 @@ def route_for(target: bytes, tunnel: Tunnel | None) -> Route:
         raise ProtocolError(
             "this is a proxy: send requests in absolute form (GET http://host/path)"
         )
+    # A crawler sends request after request to the same few origins: the part of an
+    # absolute-form target before its path ("http://host:port") is parsed once, and
+    # later targets with the same prefix reuse what parsing it found.
+    path_at = _path_start(target)
+    if path_at > 0:
+        known = _ORIGINS.get(target[:path_at])
+        if known is not None:
+            return Route(known[0], known[1], known[2], target[path_at:], known[3], known[1])
     scheme, host, port, path, query = _parsed(target)
     default = DEFAULT_PORTS[scheme]
     shown = f"[{host}]" if ":" in host else host
-    authority = shown if port == default else f"{shown}:{port}"
-    return Route(scheme, host, port, _origin(path, query), authority.encode(), host)
+    authority = (shown if port == default else f"{shown}:{port}").encode()
+    origin = _origin(path, query)
+    if path_at > 0 and target[path_at:] == origin:
+        # Only a prefix whose parse left the rest of the target as the origin-form
+        # (no userinfo trick, no fragment) is remembered. A full memo starts over.
+        if len(_ORIGINS) >= _ORIGINS_MAX:
+            _ORIGINS.clear()
+        _ORIGINS[target[:path_at]] = (scheme, host, port, authority)
+    return Route(scheme, host, port, origin, authority, host)
+
+
+# "http://host:port" prefix -> (scheme, host, port, Host header): see route_for. Bounded,
+# and holds only what parsing that prefix again would give.
+_ORIGINS: Final[dict[bytes, tuple[str, str, int, bytes]]] = {}
+_ORIGINS_MAX: Final = 4096
+
+
+def _path_start(target: bytes) -> int:
+    """Where the path of an http(s) absolute-form target starts; -1 when it has no path,
+    its authority holds "?", or it holds "#" anywhere (those take the full parse).
+
+    One pass of compiled byte indexing: bytes.find or `in` would each cost more than the
+    whole loop does for a usual target (method calls with boxed arguments; `in` first
+    tries its argument as an int).
+    """
+    if target.startswith(b"http://"):
+        i = 7
+    elif target.startswith(b"https://"):
+        i = 8
+    else:
+        return -1
+    path_at = -1
+    n = len(target)
+    while i < n:
+        c = target[i]
+        if c == 0x23:  # "#"
+            return -1
+        if path_at < 0:
+            if c == 0x2F:  # "/"
+                path_at = i
+            elif c == 0x3F:  # "?"
+                return -1
+        i += 1
+    return path_at
 
 
 class _URL(Protocol):

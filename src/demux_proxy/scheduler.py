@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from demux_proxy.egress import Egress
 from demux_proxy.limits import Cooldowns, HostRate, RateRules, TokenBucket
@@ -26,7 +26,7 @@ from demux_proxy.limits import Cooldowns, HostRate, RateRules, TokenBucket
 if TYPE_CHECKING:  # only --workers N > 1 imports multiprocessing
     from multiprocessing.context import BaseContext
 
-STRATEGIES = ("round-robin", "random", "least-busy")
+STRATEGIES: Final = ("round-robin", "random", "least-busy")
 
 
 class Cursor(Protocol):

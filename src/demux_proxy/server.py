@@ -12,7 +12,7 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any
+from typing import Any, Final
 
 from demux_proxy import log
 from demux_proxy.auth import ClientPolicy, challenge_response, session_of
@@ -26,9 +26,9 @@ from demux_proxy.policy import DestinationPolicy
 from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
 from demux_proxy.stream import Stream
 
-_internal = logging.getLogger(log.LOGGER_NAME)
-_TLS_HANDSHAKE = 0x16
-LISTEN_BACKLOG = 4096  # first byte of a TLS record carrying a ClientHello
+_internal: Final = logging.getLogger(log.LOGGER_NAME)
+_TLS_HANDSHAKE: Final = 0x16
+LISTEN_BACKLOG: Final = 4096  # first byte of a TLS record carrying a ClientHello
 
 
 class ProxyServer:

@@ -21,24 +21,24 @@ import fcntl
 import os
 import ssl
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from demux_proxy.errors import SinkClosed, SpliceUnavailable, StreamClosed
 
-READ_HIGH = 256 * 1024
-WRITE_HIGH = 512 * 1024
+READ_HIGH: Final = 256 * 1024
+WRITE_HIGH: Final = 512 * 1024
 # One TLS record carries at most 16 KiB of plaintext (RFC 8446 5.1): decrypt into one
 # preallocated buffer (shared: decryption is synchronous) instead of allocating per read.
-_RECORD = 16 * 1024 + 256
-_RECORD_BUF = bytearray(_RECORD)
-_RECORD_VIEW = memoryview(_RECORD_BUF)
+_RECORD: Final = 16 * 1024 + 256
+_RECORD_BUF: Final = bytearray(_RECORD)
+_RECORD_VIEW: Final = memoryview(_RECORD_BUF)
 
 
 # splice(2) between plain sockets (Linux): through a pipe of 1 MiB where allowed.
-_SPLICE = hasattr(os, "splice")
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_PIPE_SIZE = 1024 * 1024
+_SPLICE: Final = hasattr(os, "splice")
+_SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_PIPE_SIZE: Final = 1024 * 1024
 
 
 def _splice_chunk(src: int, dst: int, size: int, gone: type[StreamClosed]) -> int:
@@ -60,8 +60,8 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-_NEVER = float("inf")
-_TIMER_SLACK_S = 0.001
+_NEVER: Final = float("inf")
+_TIMER_SLACK_S: Final = 0.001
 
 
 class Stream(asyncio.Protocol):

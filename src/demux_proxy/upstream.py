@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
+from typing import Final
 
 from demux_proxy.egress import Egress
 from demux_proxy.errors import EgressFailure, EgressTimeout, Forbidden, UpstreamError
@@ -27,9 +28,9 @@ from demux_proxy.stream import Stream
 
 # Linux: let connect() pick the source port, so that many connections from one egress
 # address to different destinations can share ports (IP_BIND_ADDRESS_NO_PORT, 4.2+).
-_IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
-_ids = count(1)
-_EGRESS_ERRNOS = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EHOSTUNREACH})
+_IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+_ids: Final = count(1)
+_EGRESS_ERRNOS: Final = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EHOSTUNREACH})
 
 
 @dataclass(eq=False)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from demux_proxy import route
 from demux_proxy.egress import Egress
 from demux_proxy.errors import ProtocolError
 from demux_proxy.policy import refusal
@@ -29,6 +32,45 @@ def test_default_port_is_left_out_of_host_and_ipv6_is_bracketed() -> None:
     assert (r.host, r.port, r.host_header) == ("::1", 81, b"[::1]:81")
     assert r.url == "http://[::1]:81/"
     assert route_for(b"http://a.test", None).target == b"/"
+
+
+def _fields(r: route.Route) -> tuple[object, ...]:
+    return (r.scheme, r.host, r.port, r.target, r.host_header, r.tls_name, r.session, r.url)
+
+
+_AUTHORITIES = st.sampled_from(
+    [
+        b"a.test",
+        b"A.Test:80",
+        b"a.test:8080",
+        b"[::1]:81",
+        b"u@a.test",
+        b"u:p@b.test:81",
+        b"1.2.3.4",
+    ]
+)
+_PATHS = st.sampled_from(
+    [b"", b"/", b"/x", b"/x?y=1", b"/x#f", b"?q=/z", b"/a@b/c", b"/%41?#", b"/A?B=C"]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scheme=st.sampled_from([b"http", b"https", b"ws", b"HTTP"]),
+    authority=_AUTHORITIES,
+    first=_PATHS,
+    second=_PATHS,
+)
+def test_a_remembered_origin_routes_as_a_fresh_parse_does(
+    scheme: bytes, authority: bytes, first: bytes, second: bytes
+) -> None:
+    """The memo of "scheme://authority" prefixes never changes what a target means."""
+    target = scheme + b"://" + authority + second
+    route._ORIGINS.clear()
+    fresh = _fields(route_for(target, None))
+    route_for(scheme + b"://" + authority + first, None)  # may remember the prefix
+    assert _fields(route_for(target, None)) == fresh
+    assert _fields(route_for(target, None)) == fresh
 
 
 @pytest.mark.parametrize(

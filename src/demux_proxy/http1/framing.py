@@ -9,14 +9,16 @@ body and raises for a truncated one, so a short body never looks complete.
 
 from __future__ import annotations
 
+from typing import Final
+
 from demux_proxy.errors import ProtocolError, UpstreamError
 from demux_proxy.http1.headers import Headers
 
 # A chunk-size line is hex digits, optional extensions; 16 KiB bounds extensions like
 # h11 does, far above anything real (chunk extensions are essentially unused).
-MAX_CHUNK_LINE = 16 * 1024
-MAX_TRAILER_BYTES = 64 * 1024
-_HEX = frozenset(b"0123456789abcdefABCDEF")
+MAX_CHUNK_LINE: Final = 16 * 1024
+MAX_TRAILER_BYTES: Final = 64 * 1024
+_HEX: Final = frozenset(b"0123456789abcdefABCDEF")
 
 
 def _take(buf: bytearray, limit: int) -> bytes:
@@ -108,7 +110,12 @@ class CloseDelimitedDecoder(BodyDecoder):
         self.done = True
 
 
-_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+# The chunked decoder's states (Final: compiled in as constants).
+_SIZE: Final = 0
+_DATA: Final = 1
+_DATA_END: Final = 2
+_TRAILER: Final = 3
+_DONE: Final = 4
 
 
 class ChunkedDecoder(BodyDecoder):
@@ -193,8 +200,8 @@ class ChunkedDecoder(BodyDecoder):
 
 
 # NoBody holds no state: one each way serves every message without a body (most requests).
-_NO_REQUEST_BODY = NoBody(upstream=False)
-_NO_RESPONSE_BODY = NoBody(upstream=True)
+_NO_REQUEST_BODY: Final = NoBody(upstream=False)
+_NO_RESPONSE_BODY: Final = NoBody(upstream=True)
 
 
 def request_decoder(content_length: int | None, chunked: bool) -> BodyDecoder:

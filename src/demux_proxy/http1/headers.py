@@ -13,16 +13,19 @@ Headers = list[tuple[bytes, bytes]]
 # A bounded memo (no state beyond what a call would compute again): Connection values
 # repeat from request to request ("keep-alive", "close"), and one dict lookup costs less
 # than splitting, stripping and lower-casing them again. Past the bound, nothing is added.
-_TOKENS: dict[bytes, frozenset[bytes]] = {}
+_TOKENS: Final[dict[bytes, frozenset[bytes]]] = {}
 _MEMO_MAX: Final = 1024
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
-_CONNECTION_SIZES = frozenset((len(b"connection"), len(b"proxy-connection")))
+# Lengths compared as native ints (the module is compiled): a set of boxed ints would
+# cost a hash lookup per field. Asserted below against the names they stand for.
+_CONNECTION_LEN: Final = 10
+_PROXY_CONNECTION_LEN: Final = 16
 
 # Fields that describe one connection, never the message (RFC 9110 7.6.1), plus the
 # framing fields we always recompute (Transfer-Encoding, RFC 9112 6.1) and the proxy's
 # own credentials (Proxy-Authorization is consumed by the proxy it is addressed to).
-HOP_BY_HOP: frozenset[bytes] = frozenset(
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -51,15 +54,28 @@ def _tokens(value: bytes) -> frozenset[bytes]:
 
 
 # Connection tokens that name no field beyond HOP_BY_HOP: "close", "keep-alive"...
-HOP_BY_HOP_TOKENS: frozenset[bytes] = HOP_BY_HOP | {b"close"}
-_HOP_SIZES = frozenset({len(n) for n in HOP_BY_HOP} | {len(b"content-length")})
+HOP_BY_HOP_TOKENS: Final[frozenset[bytes]] = HOP_BY_HOP | {b"close"}
+
+
+def _maybe_hop(size: int) -> bool:
+    """Whether a field name of `size` bytes can be hop-by-hop or Content-Length.
+
+    The lengths of those names are 2, 7, 10 and 14 to 19 (asserted below); a name of any
+    other length is forwarded without being lower-cased.
+    """
+    return size == 2 or size == 7 or size == 10 or 14 <= size <= 19
+
+
+assert all(_maybe_hop(len(n)) for n in HOP_BY_HOP | {b"content-length"})
+assert (len(b"connection"), len(b"proxy-connection")) == (_CONNECTION_LEN, _PROXY_CONNECTION_LEN)
 
 
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
     """Lower-cased tokens of every Connection (and legacy Proxy-Connection) field."""
     tokens = _NO_TOKENS
     for name, value in headers:
-        if len(name) not in _CONNECTION_SIZES:
+        size = len(name)
+        if size != _CONNECTION_LEN and size != _PROXY_CONNECTION_LEN:
             continue  # spares a lower() for nearly every field
         lname = name.lower()
         if lname == b"connection" or lname == b"proxy-connection":
@@ -85,7 +101,7 @@ def end_to_end(headers: Headers, tokens: frozenset[bytes], *, drop_length: bool)
     # The usual case: only fields of fixed names go, and most fields have a length none
     # of those names has (a len() spares the lower-casing).
     for name, value in headers:
-        if len(name) in _HOP_SIZES:
+        if _maybe_hop(len(name)):
             lname = name.lower()
             if lname in HOP_BY_HOP or (drop_length and lname == b"content-length"):
                 continue

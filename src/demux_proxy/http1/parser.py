@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 import httptools
 
@@ -19,13 +20,17 @@ from demux_proxy.http1.headers import Headers, connection_tokens
 
 # Like h11 (16 KiB) we bound the head; 64 KiB matches what the hardening issue names and
 # sits between nginx's default (8 KiB x 4 buffers) and Node's 16 KiB per field.
-DEFAULT_MAX_HEAD_BYTES = 64 * 1024
-MAX_HEADER_COUNT = 256
+DEFAULT_MAX_HEAD_BYTES: Final = 64 * 1024
+MAX_HEADER_COUNT: Final = 256
 
-_CRLF2 = b"\r\n\r\n"
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_DIGITS = re.compile(rb"^[0-9]{1,18}$")
-_FRAMING_SIZES = frozenset((len(b"content-length"), len(b"transfer-encoding")))
+_CRLF2: Final = b"\r\n\r\n"
+_TOKEN: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_CONTENT_LENGTH_LEN: Final = 14
+_TRANSFER_ENCODING_LEN: Final = 17
+assert (
+    len(b"content-length"),
+    len(b"transfer-encoding"),
+) == (_CONTENT_LENGTH_LEN, _TRANSFER_ENCODING_LEN)
 
 
 # Heads are values, but not frozen dataclasses: frozen pays an object.__setattr__ per
@@ -132,8 +137,8 @@ def find_head_end(buf: bytes | bytearray, max_bytes: int, *, request: bool) -> i
     Raises when the head outgrows `max_bytes`: 431 for a request (RFC 6585), 502 for a
     response, since the upstream is then the one misbehaving.
     """
-    end = buf.find(_CRLF2, 0, max_bytes + 4)
-    if end >= 0:
+    end = buf.find(_CRLF2)  # one argument: bounds would be boxed ints, per call
+    if 0 <= end <= max_bytes:
         return end + 4
     if len(buf) > max_bytes:
         if request:
@@ -156,16 +161,19 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list
     codings: list[bytes] = []
     has_te = False
     for name, value in headers:
-        if len(name) not in _FRAMING_SIZES:
+        size = len(name)
+        if size != _CONTENT_LENGTH_LEN and size != _TRANSFER_ENCODING_LEN:
             continue  # spares a lower() (an allocation) for nearly every field
         lname = name.lower()
         if lname == b"content-length":
             value = value.strip()
-            if not _DIGITS.match(value):
+            # 1 to 18 ASCII digits (bytes.isdigit is ASCII only): no sign, no space, no "_".
+            if not value.isdigit() or len(value) > 18:
                 _fail(upstream, "invalid Content-Length")
-            if length is not None and length != int(value):
+            n = int(value)
+            if length is not None and length != n:
                 _fail(upstream, "conflicting Content-Length values")
-            length = int(value)
+            length = n
         elif lname == b"transfer-encoding":
             has_te = True
             codings += [c.strip().lower() for c in value.split(b",")]

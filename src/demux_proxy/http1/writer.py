@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from demux_proxy.http1.headers import Headers
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
 
-REASONS: dict[int, bytes] = {
+REASONS: Final[dict[int, bytes]] = {
     200: b"OK",
     400: b"Bad Request",
     403: b"Forbidden",
@@ -29,8 +31,11 @@ REASONS: dict[int, bytes] = {
 
 
 def _fields(parts: list[bytes], headers: Headers) -> bytes:
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
+    for name, value in headers:  # appends, not += of a tuple: list.append is compiled in
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 
