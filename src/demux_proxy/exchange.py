@@ -557,7 +557,13 @@ class Forwarder:
                     out.bytes_down += up.spliced  # the log counts what went, also on failure
                 if moved:
                     continue
+            pending = len(buf)
             await client.drain()
+            if len(buf) != pending:
+                # It came in while the client drained: decode it first. fill() waits for
+                # bytes beyond those it finds, so it would wait for ones that may never
+                # come (the last of a body, then a keep-alive upstream says nothing).
+                continue
             try:
                 more = await up.fill(idle)
             except StreamClosed as exc:

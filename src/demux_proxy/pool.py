@@ -48,20 +48,21 @@ class Pool(Generic[C]):
         if not conns:
             return None
         deadline = self._clock() - self._idle_s
+        # An emptied deque stays under its key for the next checkin (one connection
+        # going back and forth is the common case); prune() drops empty ones.
         while conns:
             conn = conns.pop()
             if conn.idle_since >= deadline and conn.usable():
-                if not conns:
-                    del self._idle[key]
                 self.reused += 1
                 return conn
             conn.close()
-        del self._idle[key]
         return None
 
     def checkin(self, conn: C) -> None:
         conn.idle_since = self._clock()
-        conns = self._idle.setdefault(conn.key, deque())
+        conns = self._idle.get(conn.key)
+        if conns is None:
+            conns = self._idle[conn.key] = deque()
         conns.append(conn)
         if len(conns) > self._max:
             conns.popleft().close()
@@ -92,7 +93,8 @@ class Pool(Generic[C]):
     def idle_by_egress(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for key, conns in self._idle.items():
-            counts[key[0]] = counts.get(key[0], 0) + len(conns)
+            if conns:
+                counts[key[0]] = counts.get(key[0], 0) + len(conns)
         return counts
 
     def __len__(self) -> int:

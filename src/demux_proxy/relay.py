@@ -14,6 +14,7 @@ async def _pump(src: Stream, dst: Stream) -> None:
             dst.write(bytes(buf))
             buf.clear()
             await dst.drain()
+            continue  # what came in during the drain goes first: fill() waits for more
         if not await src.fill():
             return
 

@@ -231,3 +231,10 @@ def test_pool_counts_idle_connections_per_egress() -> None:
     for key in (KEY, KEY, other):
         pool.checkin(FakeConn(key))
     assert pool.idle_by_egress() == {"127.0.0.2": 2, "127.0.0.3": 1}
+    assert pool.checkout(other) is not None  # emptied: its key is kept for the checkin
+    assert pool.idle_by_egress() == {"127.0.0.2": 2}
+    assert "keys=2 " in repr(pool)
+    pool.checkin(FakeConn(other))
+    assert pool.checkout(other) is not None
+    assert pool.prune() == 0  # and dropped by the next prune
+    assert "keys=1 " in repr(pool) and len(pool) == 2
