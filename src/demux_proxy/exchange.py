@@ -557,15 +557,10 @@ class Forwarder:
                     out.bytes_down += up.spliced  # the log counts what went, also on failure
                 if moved:
                     continue
-            pending = len(buf)
+            looked = len(buf)  # what the decoder saw: bytes arriving during the drain count
             await client.drain()
-            if len(buf) != pending:
-                # It came in while the client drained: decode it first. fill() waits for
-                # bytes beyond those it finds, so it would wait for ones that may never
-                # come (the last of a body, then a keep-alive upstream says nothing).
-                continue
             try:
-                more = await up.fill(idle)
+                more = await up.fill(idle, have=looked)
             except StreamClosed as exc:
                 raise UpstreamError(f"upstream reset the connection mid-body: {exc}") from exc
             except TimeoutError as exc:

@@ -14,8 +14,7 @@ async def _pump(src: Stream, dst: Stream) -> None:
             dst.write(bytes(buf))
             buf.clear()
             await dst.drain()
-            continue  # what came in during the drain goes first: fill() waits for more
-        if not await src.fill():
+        if not await src.fill(have=0):  # bytes that came in during the drain count
             return
 
 

@@ -160,13 +160,18 @@ class Stream(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def fill(self, timeout: float | None = None) -> bool:
-        """Wait until `buffer` grows. False when the peer closed and nothing more will come.
+    async def fill(self, timeout: float | None = None, have: int = -1) -> bool:
+        """Wait until `buffer` holds more than `have` bytes (by default, as many as it holds
+        now). False when the peer closed and nothing more will come.
+
+        A caller that looked at the buffer and then awaited something else passes the
+        length it looked at: bytes that came in meanwhile count, rather than being waited
+        past (the last bytes of a body may be all there is).
 
         Raises TimeoutError after `timeout` seconds without a byte, StreamClosed on a reset.
         """
-        before = len(self.buffer)
-        while len(self.buffer) == before:
+        before = len(self.buffer) if have < 0 else have
+        while len(self.buffer) <= before:
             if self._exc is not None:
                 raise StreamClosed(str(self._exc) or type(self._exc).__name__) from self._exc
             if self.eof:

@@ -69,6 +69,17 @@ async def test_fill_returns_when_bytes_arrive(pair: Pair) -> None:
 
 
 @on_uvloop
+async def test_fill_counts_bytes_that_came_before_it_was_called(pair: Pair) -> None:
+    """`have`: what a caller looked at before awaiting something else (a drain)."""
+    stream, peer = pair
+    peer.send(b"tail")  # the last bytes of a body, and then nothing more
+    assert await stream.fill(1.0)  # they are in the buffer now
+    assert await stream.fill(1.0, have=0) is True  # at once: they are beyond what it saw
+    assert await _timed_out_after(stream, 0.2) >= 0.15  # without `have`, it waits past them
+    assert bytes(stream.buffer) == b"tail"
+
+
+@on_uvloop
 async def test_fill_times_out(pair: Pair) -> None:
     stream, _ = pair
     assert 0.15 <= await _timed_out_after(stream, 0.2) < 2.0
