@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from demux_proxy.errors import ConfigError
+from demux_proxy.tls import DirectSSLObject
 
 CAKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -244,6 +245,7 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())
         )
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.sslobject_class = DirectSSLObject  # Stream calls its C methods straight
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["http/1.1"])
         self._file_counter += 1  # file names never derive from the (client-chosen) host name

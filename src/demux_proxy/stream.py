@@ -60,6 +60,10 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+def _no_tls(*args: object) -> Any:
+    raise AssertionError("TLS method called before start_tls_server")
+
+
 _NEVER: Final = float("inf")
 _TIMER_SLACK_S: Final = 0.001
 
@@ -94,6 +98,10 @@ class Stream(asyncio.Protocol):
         self._incoming: ssl.MemoryBIO | None = None
         self._outgoing: ssl.MemoryBIO | None = None
         self._tls_ready = False
+        # The SSLObject's methods, fetched once: with tls.DirectSSLObject, the C ones.
+        self._tls_read: Callable[[int, bytearray], int] = _no_tls
+        self._tls_write: Callable[[bytes], int] = _no_tls
+        self._tls_pending: Callable[[], int] = _no_tls
         # Splicing (see `splice`): bytes the last (or current) splice passed on, why the
         # target ended it; on the target's side, the stream splicing into it.
         self.spliced = 0
@@ -358,7 +366,7 @@ class Stream(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         self._check_open()
         if self._sslobj is not None:
-            self._sslobj.write(data)
+            self._tls_write(data)
             self._flush_tls()
         else:
             self.transport.write(data)
@@ -366,7 +374,7 @@ class Stream(asyncio.Protocol):
     def writelines(self, parts: Iterable[bytes]) -> None:
         self._check_open()
         if self._sslobj is not None:
-            self._sslobj.write(b"".join(parts))
+            self._tls_write(b"".join(parts))
             self._flush_tls()
         else:
             self.transport.writelines(parts)
@@ -421,6 +429,9 @@ class Stream(asyncio.Protocol):
         self._outgoing = ssl.MemoryBIO()
         sslobj = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
         self._sslobj = sslobj
+        self._tls_read = cast(Any, sslobj).read  # with a buffer, it returns a count
+        self._tls_write = sslobj.write
+        self._tls_pending = sslobj.pending
         if self.buffer:
             self._incoming.write(bytes(self.buffer))
             self.buffer.clear()
@@ -455,14 +466,13 @@ class Stream(asyncio.Protocol):
 
     def _decrypt(self) -> None:
         assert self._sslobj is not None and self._incoming is not None
-        sslobj, incoming = self._sslobj, self._incoming
+        incoming = self._incoming
+        read, pending = self._tls_read, self._tls_pending
         try:
             # Stop when nothing is left to decrypt rather than on SSLWantReadError: an
             # exception per received chunk is a measurable cost on the hot path.
-            while incoming.pending or sslobj.pending():
-                # With a buffer, read() returns a count (typeshed says bytes; the
-                # compiled module checks what a call returns against its stub).
-                n: int = cast(Any, sslobj).read(_RECORD, _RECORD_BUF)
+            while incoming.pending or pending():
+                n = read(_RECORD, _RECORD_BUF)
                 if not n:  # TLS closed (close_notify already seen)
                     self.eof = True
                     break
