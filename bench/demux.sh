@@ -4,6 +4,7 @@
 #   BENCH_SCENARIOS  scenarios (default: all of the table in docs/performance.md)
 #   BENCH_RUNS / BENCH_DURATION   runs per scenario and seconds per run (default 3 x 10)
 #   BENCH_PEERS      extra presets to run in the same session, e.g. "squid-bump"
+#   BENCH_FLOOR=1    also the floor (floor.py): the stack alone, with none of our work
 set -e
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
@@ -18,6 +19,11 @@ python3 "$HERE/bench.py" --direct --scenario "$S" --runs "$RUNS" --duration "$DU
 for peer in ${BENCH_PEERS:-}; do
   python3 "$HERE/bench.py" --peer "$peer" --scenario "$S" --runs "$RUNS" --duration "$DUR" --out "$OUT"
 done
+if [ "${BENCH_FLOOR:-0}" = 1 ]; then
+  python3 "$HERE/bench.py" --name floor --proxy-port 18095 \
+    --proxy-cmd "exec python $HERE/floor.py --port {port} --egress {src_addrs} --upstream-ca {upstream_ca} --ca-cert {mitm_ca_cert} --ca-key {mitm_ca_key}" \
+    --scenario "$S" --runs "$RUNS" --duration "$DUR" --out "$OUT"
+fi
 python3 "$HERE/bench.py" --name demux-proxy --proxy-port 18090 \
   --proxy-cmd 'exec demux-proxy start --listen 127.0.0.1:{port} --egress {src_addrs} --allow-private --upstream-ca {upstream_ca} --ca-cert {mitm_ca_cert} --ca-key {mitm_ca_key}' \
   --scenario "$S" --runs "$RUNS" --duration "$DUR" --out "$OUT"
