@@ -25,6 +25,8 @@ HOT_PATH = [
     "src/demux_proxy/limits.py",
     "src/demux_proxy/log.py",
     "src/demux_proxy/metrics.py",
+    "src/demux_proxy/outbound.py",
+    "src/demux_proxy/outcome.py",
     "src/demux_proxy/policy.py",
     "src/demux_proxy/pool.py",
     "src/demux_proxy/relay.py",

@@ -1,14 +1,15 @@
-"""Forward one request: pick the egress, get an upstream connection, relay both bodies.
+"""Forward one request: its upstream side from `outbound`, then both bodies and the answer.
 
 The per-request path. `Forwarder.forward` is called by the server for every request
 head it parsed, plain or inside an intercepted tunnel, and returns whether the client
-connection can carry another request.
+connection can carry another request. It retries from another address where that is
+safe, relays the response (1xx, 101 upgrades, re-framing, splice(2) for plain bodies),
+returns the connection to the pool and logs the "inbound response" line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -18,7 +19,6 @@ from typing import Final
 from demux_proxy import log
 from demux_proxy.config import Config
 from demux_proxy.dispatch import Dispatcher
-from demux_proxy.egress import Egress
 from demux_proxy.errors import (
     EgressFailure,
     EgressTimeout,
@@ -49,16 +49,15 @@ from demux_proxy.http1.parser import (
     response_has_body,
 )
 from demux_proxy.metrics import NoMetrics, Recorder
+from demux_proxy.outbound import Outbound
+from demux_proxy.outcome import Outcome
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
 from demux_proxy.relay import relay
 from demux_proxy.route import Route
 from demux_proxy.scheduler import Scheduler
 from demux_proxy.stream import Stream
-from demux_proxy.upstream import Resolver, UpstreamConnection, connect
-
-_FAMILY_NAME: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
-
+from demux_proxy.upstream import UpstreamConnection
 
 # Error kinds for metrics: a fixed, small set of label values.
 _KIND: Final[dict[type[ProxyError], str]] = {
@@ -77,25 +76,6 @@ _IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b
 _RETRY: Final = object()  # _respond's answer when the exchange should go again elsewhere
 
 
-class _StaleConnection(Exception):
-    """A pooled connection closed before answering: safe to retry on a fresh one."""
-
-
-class _Outcome:
-    """What one exchange did, for its log line and its cleanup (a plain class: the
-    compiled module constructs it natively)."""
-
-    def __init__(self, request_done: bool) -> None:
-        self.status = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.response_started = False
-        self.request_done = request_done
-        self.egress: Egress | None = None  # the address picked, kept when the exchange fails
-        self.queued_ms = 0.0
-        self.cooldown_s: float | None = None
-
-
 class Forwarder:
     def __init__(
         self,
@@ -109,14 +89,14 @@ class Forwarder:
         *,
         recorder: Recorder | None = None,
     ) -> None:
-        self._policy = policy
         self._metrics: Recorder = recorder if recorder is not None else NoMetrics()
         self._dispatch = Dispatcher(config, scheduler, events, self._metrics)
+        self._outbound = Outbound(
+            config, self._dispatch, scheduler, pool, upstream_tls, events, policy, self._metrics
+        )
         self._config = config
         self._scheduler = scheduler
         self._pool = pool
-        self._tls = upstream_tls
-        self._resolver = Resolver()
         self._events = events
         self._sessions = sessions if sessions is not None else count(1)
         self.closing = False  # set at shutdown: answers then carry Connection: close
@@ -127,7 +107,7 @@ class Forwarder:
         started = time.perf_counter()
         method = req.method.decode("latin-1")
         body = request_decoder(req.content_length, req.chunked)
-        out = _Outcome(body.done)
+        out = Outcome(body.done)
         error: str | None = None
         kind: str | None = None
         keep = False
@@ -138,7 +118,7 @@ class Forwarder:
             only = self._dispatch.affinity(req, route)
             while True:
                 try:
-                    conn, egress = await self._attempt(
+                    conn, egress = await self._outbound.open(
                         client, req, route, body, out, sid, method, tried, only
                     )
                 except EgressFailure as exc:
@@ -226,128 +206,6 @@ class Forwarder:
                 self._metrics.error(kind)
         return keep
 
-    # --- upstream side -------------------------------------------------------------
-
-    async def _attempt(
-        self,
-        client: Stream,
-        req: RequestHead,
-        route: Route,
-        body: BodyDecoder,
-        out: _Outcome,
-        sid: int,
-        method: str,
-        tried: list[str],
-        only: str | None,
-    ) -> tuple[UpstreamConnection, Egress]:
-        """Pick the egress and a connection, send the head. One retry on a stale pooled one."""
-        egress = self._dispatch.acquire_now(route, tried, only)
-        if egress is None:
-            egress, out.queued_ms = await self._dispatch.acquire(route, tried, only)
-        else:
-            out.queued_ms = 0.0
-        out.egress = egress
-        self._scheduler.in_flight[egress.address] += 1
-        key = (egress.address, route.scheme, route.host, route.port)
-        conn = self._pool.checkout(key)
-        if conn is None:
-            conn, egress = await self._switch_family(egress, route, out)
-        else:
-            self._metrics.upstream_connection(egress.address, reused=True)
-        fields: dict[str, object] = {  # keys in sorted order (emit's in_order)
-            "client": client.peer[0],
-            "device": egress.interface,
-            "interface": egress.address,
-            "method": method,
-        }
-        if out.queued_ms:
-            fields["queued_ms"] = out.queued_ms
-        if tried:
-            fields["retry_of"] = tried[-1]
-        fields["session_id"] = sid
-        fields["type"] = "request"
-        fields["url"] = route.url
-        self._events.emit(log.INFO, "outbound request", fields, in_order=True)
-        head = self._request_head(req, route)
-        conn.stream.write(head)
-        if conn.requests and body.done and not req.upgrade:
-            # A reused connection the server closed just now fails before any byte of
-            # answer; a request without a body is safe to send again on a fresh one.
-            try:
-                await self._await_first_byte(conn)
-                stale = False
-            except _StaleConnection:
-                stale = True  # no await in an except block: see stream._splice_chunk
-            if stale:
-                conn.close()
-                conn, egress = await self._switch_family(egress, route, out)
-                conn.stream.write(head)
-        conn.requests += 1
-        return conn, egress
-
-    async def _switch_family(
-        self, egress: Egress, route: Route, out: _Outcome
-    ) -> tuple[UpstreamConnection, Egress]:
-        conn, chosen = await self._dial(egress, route)
-        if chosen is not egress:  # the destination lacked this family: keep counts right
-            self._scheduler.in_flight[egress.address] -= 1
-            self._scheduler.in_flight[chosen.address] += 1
-            out.egress = chosen
-        return conn, chosen
-
-    async def _dial(self, egress: Egress, route: Route) -> tuple[UpstreamConnection, Egress]:
-        """Connect from `egress`, or from the next address of a family the host has."""
-        self._policy.check_name(route.host)
-        addresses = await self._resolver.resolve(route.host, egress.family)
-        if not addresses:
-            for family in self._scheduler.families - {egress.family}:
-                addresses = await self._resolver.resolve(route.host, family)
-                other = self._scheduler.pick(family) if addresses else None
-                if other is not None:
-                    egress = other
-                    break
-            else:
-                families = "/".join(sorted(_FAMILY_NAME[f] for f in self._scheduler.families))
-                raise UpstreamError(
-                    f"{route.host} has no {families} address that an egress address can reach"
-                )
-        key = (egress.address, route.scheme, route.host, route.port)
-        conn = await connect(
-            egress=egress,
-            addresses=addresses,
-            key=key,
-            tls=self._tls if route.scheme == "https" else None,
-            server_hostname=route.tls_name,
-            policy=self._policy,
-            timeout_s=self._config.connect_timeout_s,
-        )
-        self._pool.created += 1
-        self._scheduler.healthy(egress.address)
-        self._metrics.upstream_connection(egress.address, reused=False)
-        return conn, egress
-
-    async def _await_first_byte(self, conn: UpstreamConnection) -> None:
-        up = conn.stream
-        try:
-            if not up.buffer and not await up.fill(self._config.response_timeout_s):
-                raise _StaleConnection
-        except StreamClosed:
-            raise _StaleConnection from None
-        except TimeoutError as exc:
-            raise UpstreamTimeout("no response from upstream in time") from exc
-
-    def _request_head(self, req: RequestHead, route: Route) -> bytes:
-        headers = end_to_end(req.headers, req.connection, drop_length=False)
-        if route.host_header is not None:
-            # RFC 9112 3.2.2: a proxy replaces Host with the absolute-form's authority.
-            headers = replace(headers, b"host", b"Host", route.host_header)
-        if req.chunked:
-            headers.append((b"Transfer-Encoding", b"chunked"))
-        if req.upgrade:
-            headers.append((b"Connection", b"upgrade"))
-            headers.append((b"Upgrade", get(req.headers, b"upgrade") or b""))
-        return writer.request_head(req.method, route.target, headers)
-
     # --- relaying --------------------------------------------------------------------
 
     async def _respond(
@@ -357,7 +215,7 @@ class Forwarder:
         req: RequestHead,
         route: Route,
         body: BodyDecoder,
-        out: _Outcome,
+        out: Outcome,
         may_retry: bool = False,
     ) -> bool | object:
         """Relay the answer; `_RETRY` when it cooled the address and another may go."""
@@ -413,7 +271,7 @@ class Forwarder:
         return keep and out.request_done
 
     async def _upload(
-        self, client: Stream, up: Stream, body: BodyDecoder, chunked: bool, out: _Outcome
+        self, client: Stream, up: Stream, body: BodyDecoder, chunked: bool, out: Outcome
     ) -> None:
         """Stream the request body upstream; a slow upstream stops us reading the client."""
         buf = client.buffer
@@ -474,7 +332,7 @@ class Forwarder:
         up: Stream,
         req: RequestHead,
         resp: ResponseHead,
-        out: _Outcome,
+        out: Outcome,
         upload: asyncio.Task[None] | None,
         retry_after: int | None = None,
     ) -> bool:
@@ -516,7 +374,7 @@ class Forwarder:
         up: Stream,
         decoder: BodyDecoder,
         to_chunked: bool,
-        out: _Outcome,
+        out: Outcome,
         head: bytes,
     ) -> None:
         """Relay the body; what is already buffered goes out with the head in one write.
@@ -601,7 +459,7 @@ class Forwarder:
         conn: UpstreamConnection,
         req: RequestHead,
         resp: ResponseHead,
-        out: _Outcome,
+        out: Outcome,
     ) -> bool:
         """101 Switching Protocols: from here on, bytes both ways until either side closes."""
         if not req.upgrade:

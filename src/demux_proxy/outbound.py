@@ -1,0 +1,188 @@
+"""The upstream side of one exchange: the egress address, a connection, the request head.
+
+`Outbound.open` picks the egress for the request (waiting in the host's queue when every
+address is out of budget), takes an idle connection for (egress, scheme, host, port)
+from the pool or dials one (from another address family where the host has only that
+one), writes the request head and logs the "outbound request" line. A pooled connection
+the server closed just before our head is replaced once, for a request that is safe to
+send again. The bodies and the answer are `exchange.py`'s.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Final
+
+from demux_proxy import log
+from demux_proxy.config import Config
+from demux_proxy.dispatch import Dispatcher
+from demux_proxy.egress import Egress
+from demux_proxy.errors import StreamClosed, UpstreamError, UpstreamTimeout
+from demux_proxy.http1 import writer
+from demux_proxy.http1.framing import BodyDecoder
+from demux_proxy.http1.headers import end_to_end, get, replace
+from demux_proxy.http1.parser import RequestHead
+from demux_proxy.metrics import Recorder
+from demux_proxy.outcome import Outcome
+from demux_proxy.policy import DestinationPolicy
+from demux_proxy.pool import Pool
+from demux_proxy.route import Route
+from demux_proxy.scheduler import Scheduler
+from demux_proxy.stream import Stream
+from demux_proxy.upstream import Resolver, UpstreamConnection, connect
+
+_FAMILY_NAME: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+
+
+class _StaleConnection(Exception):
+    """A pooled connection closed before answering: safe to retry on a fresh one."""
+
+
+class Outbound:
+    def __init__(
+        self,
+        config: Config,
+        dispatch: Dispatcher,
+        scheduler: Scheduler,
+        pool: Pool[UpstreamConnection],
+        upstream_tls: ssl.SSLContext,
+        events: log.EventLog,
+        policy: DestinationPolicy,
+        metrics: Recorder,
+    ) -> None:
+        self._config = config
+        self._dispatch = dispatch
+        self._scheduler = scheduler
+        self._pool = pool
+        self._tls = upstream_tls
+        self._events = events
+        self._policy = policy
+        self._metrics = metrics
+        self._resolver = Resolver()
+
+    async def open(
+        self,
+        client: Stream,
+        req: RequestHead,
+        route: Route,
+        body: BodyDecoder,
+        out: Outcome,
+        sid: int,
+        method: str,
+        tried: list[str],
+        only: str | None,
+    ) -> tuple[UpstreamConnection, Egress]:
+        """Pick the egress and a connection, send the head. One retry on a stale pooled one.
+
+        The request is counted in `scheduler.in_flight` for the address in `out.egress`
+        from the moment it is picked, also when this raises: the caller uncounts it.
+        """
+        egress = self._dispatch.acquire_now(route, tried, only)
+        if egress is None:
+            egress, out.queued_ms = await self._dispatch.acquire(route, tried, only)
+        else:
+            out.queued_ms = 0.0
+        out.egress = egress
+        self._scheduler.in_flight[egress.address] += 1
+        key = (egress.address, route.scheme, route.host, route.port)
+        conn = self._pool.checkout(key)
+        if conn is None:
+            conn, egress = await self._switch_family(egress, route, out)
+        else:
+            self._metrics.upstream_connection(egress.address, reused=True)
+        fields: dict[str, object] = {  # keys in sorted order (emit's in_order)
+            "client": client.peer[0],
+            "device": egress.interface,
+            "interface": egress.address,
+            "method": method,
+        }
+        if out.queued_ms:
+            fields["queued_ms"] = out.queued_ms
+        if tried:
+            fields["retry_of"] = tried[-1]
+        fields["session_id"] = sid
+        fields["type"] = "request"
+        fields["url"] = route.url
+        self._events.emit(log.INFO, "outbound request", fields, in_order=True)
+        head = request_head(req, route)
+        conn.stream.write(head)
+        if conn.requests and body.done and not req.upgrade:
+            # A reused connection the server closed just now fails before any byte of
+            # answer; a request without a body is safe to send again on a fresh one.
+            try:
+                await self._await_first_byte(conn)
+                stale = False
+            except _StaleConnection:
+                stale = True  # no await in an except block: see stream._splice_chunk
+            if stale:
+                conn.close()
+                conn, egress = await self._switch_family(egress, route, out)
+                conn.stream.write(head)
+        conn.requests += 1
+        return conn, egress
+
+    async def _switch_family(
+        self, egress: Egress, route: Route, out: Outcome
+    ) -> tuple[UpstreamConnection, Egress]:
+        conn, chosen = await self._dial(egress, route)
+        if chosen is not egress:  # the destination lacked this family: keep counts right
+            self._scheduler.in_flight[egress.address] -= 1
+            self._scheduler.in_flight[chosen.address] += 1
+            out.egress = chosen
+        return conn, chosen
+
+    async def _dial(self, egress: Egress, route: Route) -> tuple[UpstreamConnection, Egress]:
+        """Connect from `egress`, or from the next address of a family the host has."""
+        self._policy.check_name(route.host)
+        addresses = await self._resolver.resolve(route.host, egress.family)
+        if not addresses:
+            for family in self._scheduler.families - {egress.family}:
+                addresses = await self._resolver.resolve(route.host, family)
+                other = self._scheduler.pick(family) if addresses else None
+                if other is not None:
+                    egress = other
+                    break
+            else:
+                families = "/".join(sorted(_FAMILY_NAME[f] for f in self._scheduler.families))
+                raise UpstreamError(
+                    f"{route.host} has no {families} address that an egress address can reach"
+                )
+        key = (egress.address, route.scheme, route.host, route.port)
+        conn = await connect(
+            egress=egress,
+            addresses=addresses,
+            key=key,
+            tls=self._tls if route.scheme == "https" else None,
+            server_hostname=route.tls_name,
+            policy=self._policy,
+            timeout_s=self._config.connect_timeout_s,
+        )
+        self._pool.created += 1
+        self._scheduler.healthy(egress.address)
+        self._metrics.upstream_connection(egress.address, reused=False)
+        return conn, egress
+
+    async def _await_first_byte(self, conn: UpstreamConnection) -> None:
+        up = conn.stream
+        try:
+            if not up.buffer and not await up.fill(self._config.response_timeout_s):
+                raise _StaleConnection
+        except StreamClosed:
+            raise _StaleConnection from None
+        except TimeoutError as exc:
+            raise UpstreamTimeout("no response from upstream in time") from exc
+
+
+def request_head(req: RequestHead, route: Route) -> bytes:
+    """The head sent upstream: hop-by-hop fields removed, Host set, framing declared."""
+    headers = end_to_end(req.headers, req.connection, drop_length=False)
+    if route.host_header is not None:
+        # RFC 9112 3.2.2: a proxy replaces Host with the absolute-form's authority.
+        headers = replace(headers, b"host", b"Host", route.host_header)
+    if req.chunked:
+        headers.append((b"Transfer-Encoding", b"chunked"))
+    if req.upgrade:
+        headers.append((b"Connection", b"upgrade"))
+        headers.append((b"Upgrade", get(req.headers, b"upgrade") or b""))
+    return writer.request_head(req.method, route.target, headers)
