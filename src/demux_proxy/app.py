@@ -79,6 +79,7 @@ def run(config: Config) -> None:
         else:
             uvloop.run(serve(shared, LocalCursor()))
     finally:
+        events.flush()  # also when serving failed: the lines before it are the story
         ca.close()
         if metrics_dir is not None:
             import shutil

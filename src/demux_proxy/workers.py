@@ -62,6 +62,8 @@ def _worker(shared: Shared, cursor: SharedCursor, index: int, conn: Connection) 
     except ConfigError as exc:
         conn.send(str(exc))
         sys.exit(2)
+    finally:
+        shared.events.flush()  # a worker leaves by os._exit: nothing else would write it
 
 
 def _die_with_parent() -> None:
