@@ -10,8 +10,8 @@ name as the original's were.
 Two lines per request sit on the hot path, so `EventLog` formats them with orjson
 directly (no LogRecord) and batches the writes, in order: a line reaches stdout at most
 `FLUSH_S` after it was emitted, or as soon as `FLUSH_BYTES` are pending, and everything
-pending is written at shutdown. (A write per loop iteration cost about 13 % of
-throughput with stdout on a file, docs/performance.md.) Everything else that
+pending is written at shutdown. (A write per loop iteration was a write per request
+whenever requests come one at a time.) Everything else that
 logs through stdlib `logging` (our own tracebacks, asyncio's complaints) goes through
 `EventHandler` into the same EventLog, so there is one stream, one format, one order.
 """

@@ -78,7 +78,7 @@ class DirectSSLObject(ssl.SSLObject):
     `ssl.SSLObject` wraps each of them in an interpreted method that only forwards to the
     C object (`_ssl._SSLSocket`). uvloop's TLS transport fetches these three methods once
     per connection, and `Stream` does too, so every record then skips an interpreted
-    call: about 9,000 instructions per intercepted request (docs/performance.md).
+    call: about 3,700 instructions per intercepted request (docs/performance.md).
     Installed as `SSLContext.sslobject_class` (the documented way to choose what
     `wrap_bio` returns) on every context of the proxy. Where the C object is not there
     (another Python), the stdlib methods are used.
