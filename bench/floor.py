@@ -11,6 +11,12 @@ verified against --upstream-ca, keep-alive both ways, bodies streamed with flow 
 Run beside demux-proxy by the harness (`BENCH_FLOOR=1 make bench`), it shows how much of
 demux-proxy's cost per request is the stack and how much is its own work
 (docs/performance.md, "The floor").
+
+`--our-heads-and-logs` adds three parts of demux-proxy's own work, called from its
+installed (compiled) modules: both heads parsed (`http1.parser`) and rebuilt without
+their hop-by-hop fields (`http1.headers`, `http1.writer`), and the two log lines per
+request (`log.EventLog`). Still callback-driven, with no task wake-up per response, it
+estimates what a request path of that shape would cost with the same work.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 HIGH = 512 * 1024
+WORK = None  # the demux_proxy modules, with --our-heads-and-logs
 
 
 class Leaves:
@@ -109,12 +116,22 @@ class Upstream(asyncio.Protocol):
         if end < 0:
             return
         head_end = end + 4
-        head = bytes(self.buf[:head_end]).lower()
-        i = head.find(b"\r\ncontent-length:")
-        length = int(head[i + 17 : head.find(b"\r\n", i + 2)]) if i >= 0 else 0
-        body = self.buf[head_end : head_end + length]
+        if WORK is not None:
+            parser, headers, writer, _ = WORK
+            resp = parser.parse_response_head(bytes(self.buf[:head_end]))
+            length = resp.content_length or 0
+            kept = headers.end_to_end(resp.headers, resp.connection, drop_length=False)
+            out = writer.response_head(resp.status, resp.reason, kept)
+            body = bytes(self.buf[head_end : head_end + length])
+            client.send(out + body)
+            client.our_response_line(resp.status, length)
+        else:
+            head = bytes(self.buf[:head_end]).lower()
+            i = head.find(b"\r\ncontent-length:")
+            length = int(head[i + 17 : head.find(b"\r\n", i + 2)]) if i >= 0 else 0
+            body = self.buf[head_end : head_end + length]
+            client.send(bytes(self.buf[: head_end + len(body)]))
         rest = length - len(body)
-        client.send(bytes(self.buf[: head_end + len(body)]))
         self.buf.clear()
         if rest > 0:
             self.left = rest
@@ -155,6 +172,9 @@ class Client(asyncio.Protocol):
         del self.buf[: end + 4]
         line_end = head.find(b"\r\n")
         method, target, version = head[:line_end].split(b" ")
+        if WORK is not None and method != b"CONNECT":
+            head = self.our_request_head(head)
+            line_end = head.find(b"\r\n")
         if method == b"CONNECT":
             host, _, port = target.decode().rpartition(":")
             self.tunnel = (host, int(port))
@@ -175,6 +195,28 @@ class Client(asyncio.Protocol):
         else:
             assert self.up.t is not None
             self.up.t.write(head)
+
+    def our_request_head(self, head: bytes) -> bytes:
+        parser, headers, writer, log = WORK  # type: ignore[misc]
+        req = parser.parse_request_head(head)
+        self.sid = sid = next(self.proxy.sessions)
+        self.method = method = req.method.decode("latin-1")
+        target = req.target.decode("latin-1")
+        if self.tunnel is not None:
+            target = f"https://{self.tunnel[0]}:{self.tunnel[1]}{target}"
+        self.url = url = target
+        fields = {"client": "127.0.0.1", "device": "lo", "interface": "127.0.0.2", "method": method,
+                  "session_id": sid, "type": "request", "url": url}
+        self.proxy.events.emit(log.INFO, "outbound request", fields, in_order=True)
+        kept = headers.end_to_end(req.headers, req.connection, drop_length=False)
+        return writer.request_head(req.method, req.target, kept)
+
+    def our_response_line(self, status: int, size: int) -> None:
+        _, _, _, log = WORK  # type: ignore[misc]
+        fields = {"bytes": size, "bytes_sent": 0, "client": "127.0.0.1", "duration_ms": 0.1,
+                  "interface": "127.0.0.2", "method": self.method, "session_id": self.sid,
+                  "status_code": status, "type": "response", "url": self.url}
+        self.proxy.events.emit(log.INFO, "inbound response", fields, in_order=True)
 
     async def intercept(self, host: str) -> None:
         loop = asyncio.get_running_loop()
@@ -232,6 +274,15 @@ class Floor:
         self.leaves = Leaves(args.ca_cert, args.ca_key)
         self.upstream_tls = ssl.create_default_context(cafile=args.upstream_ca)
         self.egress = itertools.cycle(args.egress.split(","))
+        self.sessions = itertools.count(1)
+        self.events = None
+        if args.our_heads_and_logs:
+            global WORK
+            from demux_proxy import log
+            from demux_proxy.http1 import headers, parser, writer
+
+            WORK = (parser, headers, writer, log)
+            self.events = log.EventLog()
 
 
 async def main() -> None:
@@ -241,6 +292,8 @@ async def main() -> None:
     ap.add_argument("--upstream-ca", required=True)
     ap.add_argument("--ca-cert", required=True)
     ap.add_argument("--ca-key", required=True)
+    ap.add_argument("--our-heads-and-logs", action="store_true",
+                    help="parse and rebuild both heads, write both log lines, with demux-proxy's modules")
     args = ap.parse_args()
     floor = Floor(args)
     loop = asyncio.get_running_loop()
