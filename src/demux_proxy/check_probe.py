@@ -16,6 +16,7 @@ from demux_proxy.egress import Egress
 from demux_proxy.errors import ConfigError, DemuxError, ProxyError
 from demux_proxy.http1.framing import response_decoder
 from demux_proxy.http1.parser import find_head_end, parse_response_head, response_has_body
+from demux_proxy.route import authority
 from demux_proxy.upstream import describe_connect_error
 
 MAX_BODY_BYTES = 4096  # a checkip answer is one address; anything larger is not one
@@ -56,12 +57,11 @@ def parse_target(url: str) -> Target:
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"invalid --url {url!r}: credentials in the URL are not supported")
     default = 443 if scheme == "https" else 80
-    bracketed = f"[{host}]" if ":" in host else host
-    authority = bracketed if port in (None, default) else f"{bracketed}:{port}"
+    host_field = authority(host, default if port is None else port, default)
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(url.strip(), scheme, host, port or default, path, authority)
+    return Target(url.strip(), scheme, host, port or default, path, host_field)
 
 
 def resolve_target(target: Target, families: Sequence[int]) -> dict[int, list[str] | str]:

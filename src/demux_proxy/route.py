@@ -59,8 +59,18 @@ class Route:
         self.host_header = host_header
         self.tls_name = tls_name
         self.session = session
-        shown = f"[{host}]" if ":" in host else host
-        self.url = f"{scheme}://{shown}:{port}{target.decode('latin-1')}"
+        self.url = f"{scheme}://{bracketed(host)}:{port}{target.decode('latin-1')}"
+
+
+def bracketed(host: str) -> str:
+    """A host as a URL's authority holds it: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def authority(host: str, port: int, default_port: int) -> str:
+    """`host[:port]` as a Host field or URL shows it: the port only where not the default."""
+    shown = bracketed(host)
+    return shown if port == default_port else f"{shown}:{port}"
 
 
 def _host(raw: bytes) -> str:
@@ -113,17 +123,15 @@ def route_for(target: bytes, tunnel: Tunnel | None) -> Route:
         if known is not None:
             return Route(known[0], known[1], known[2], target[path_at:], known[3], known[1])
     scheme, host, port, path, query = _parsed(target)
-    default = DEFAULT_PORTS[scheme]
-    shown = f"[{host}]" if ":" in host else host
-    authority = (shown if port == default else f"{shown}:{port}").encode()
+    host_header = authority(host, port, DEFAULT_PORTS[scheme]).encode()
     origin = _origin(path, query)
     if path_at > 0 and target[path_at:] == origin:
         # Only a prefix whose parse left the rest of the target as the origin-form
         # (no userinfo trick, no fragment) is remembered. A full memo starts over.
         if len(_ORIGINS) >= _ORIGINS_MAX:
             _ORIGINS.clear()
-        _ORIGINS[target[:path_at]] = (scheme, host, port, authority)
-    return Route(scheme, host, port, origin, authority, host)
+        _ORIGINS[target[:path_at]] = (scheme, host, port, host_header)
+    return Route(scheme, host, port, origin, host_header, host)
 
 
 # "http://host:port" prefix -> (scheme, host, port, Host header): see route_for. Bounded,

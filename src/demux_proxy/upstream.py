@@ -23,7 +23,7 @@ from demux_proxy.egress import Egress
 from demux_proxy.errors import EgressFailure, EgressTimeout, Forbidden, UpstreamError
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import PoolKey
-from demux_proxy.route import is_ip_literal
+from demux_proxy.route import bracketed, is_ip_literal
 from demux_proxy.stream import Stream
 
 # Linux: let connect() pick the source port, so that many connections from one egress
@@ -178,7 +178,7 @@ def _bound_socket(egress: Egress) -> socket.socket:
 
 def describe_connect_error(exc: OSError, source: str, address: str, port: int) -> str:
     """A reason a person can read for a failed connect from `source` to address:port."""
-    where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    where = f"{bracketed(address)}:{port}"
     if exc.errno == errno.ECONNREFUSED:
         return f"connection refused by {where}"
     if exc.errno == errno.ECONNRESET:
