@@ -85,7 +85,7 @@ class Outbound:
             out.queued_ms = 0.0
         out.egress = egress
         self._scheduler.in_flight[egress.address] += 1
-        key = (egress.address, route.scheme, route.host, route.port)
+        key = (egress.address, route.scheme, route.host, route.port, route.tls_name)
         conn = self._pool.checkout(key)
         if conn is None:
             conn, egress = await self._switch_family(egress, route, out)
@@ -148,7 +148,7 @@ class Outbound:
                 raise UpstreamError(
                     f"{route.host} has no {families} address that an egress address can reach"
                 )
-        key = (egress.address, route.scheme, route.host, route.port)
+        key = (egress.address, route.scheme, route.host, route.port, route.tls_name)
         conn = await connect(
             egress=egress,
             addresses=addresses,

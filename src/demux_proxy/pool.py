@@ -1,4 +1,4 @@
-"""Idle upstream connections, keyed by (egress address, scheme, host, port).
+"""Idle upstream connections, keyed by (egress address, scheme, host, port, TLS name).
 
 Rotation would otherwise cost a TCP (and TLS) handshake per request: with one idle
 connection per key kept warm, request N+1 from address A reuses what request N from A
@@ -13,7 +13,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
-PoolKey = tuple[str, str, str, int]  # (egress address, scheme, host, port)
+# The TLS name is part of the key: a connection is reused only for the name its
+# certificate was verified against. (A tunnel to one host whose SNI names another has
+# its upstream verified as that other name; without the name in the key, a later tunnel
+# to the host would reuse that connection unverified for its own name.)
+PoolKey = tuple[str, str, str, int, str]  # (egress address, scheme, host, port, TLS name)
 
 
 class Pooled(Protocol):

@@ -16,6 +16,7 @@ and the proxy keeps serving everyone else.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import hashlib
 import socket
 import ssl
@@ -139,6 +140,34 @@ def test_leaf_is_for_the_sni_name_not_the_connect_host(
     # The upstream was verified as the SNI name too, and answered.
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     assert b'"peer"' in answer
+
+
+def _get_statuses(proxy: ProxyProcess, authority: str, sni: str, count: int) -> list[int]:
+    """`count` GETs on one keep-alive tunnel to `authority` whose TLS names `sni`."""
+    statuses = []
+    with _tunnel(proxy, authority) as sock:
+        ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+        with ctx.wrap_socket(sock, server_hostname=sni) as tls:
+            for _ in range(count):
+                tls.sendall(f"GET /ip HTTP/1.1\r\nHost: {sni}\r\n\r\n".encode())
+                answer = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+                answer.begin()
+                answer.read()
+                statuses.append(answer.status)
+    return statuses
+
+
+def test_a_pooled_connection_serves_only_the_name_it_was_verified_for(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """A tunnel whose SNI names a host the upstream's certificate does not cover gets
+    502 on every request, even when connections to the same host and port, verified for
+    another name, sit idle in the pool for every egress address."""
+    authority = f"127.0.0.1:{upstream.https_port}"
+    rounds = 2 * len(EGRESS)  # round-robin: every egress address twice
+    assert _get_statuses(proxy, authority, "upstream.test", rounds) == [200] * rounds
+    assert _get_statuses(proxy, authority, f"elsewhere-{RUN}.test", rounds) == [502] * rounds
+    _assert_serving(proxy, upstream)
 
 
 # --------------------------------------------------------------------------- uploads

@@ -723,6 +723,31 @@ def _malformed(case: str, port: int) -> bytes:
     return f"GET http://{authority}/ip HTTP/1.1\r\nHost: {authority}\r\n{filler}\r\n".encode()
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_connection_naming_content_length_keeps_the_body_framed(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    """A Connection token never removes Content-Length: else the body, here itself a
+    request, would reach the server as the next request on the connection (smuggling)."""
+    port = _port(upstream, scheme)
+    authority = f"127.0.0.1:{port}"
+    inner = f"GET /ip?probe=conn-cl-smuggled-{scheme} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    body = inner.encode()
+    with _raw(proxy, scheme, port) as c:
+        prefix = f"http://{authority}" if scheme == "http" else ""
+        c.send(
+            f"POST {prefix}/upload HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Connection: content-length\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        resp = c.read_response("POST")
+        assert resp.status == 200, (resp.status, resp.body)
+        assert json.loads(resp.body)["length"] == len(body)
+        # The connection still serves the next request.
+        assert c.roundtrip("GET", "/ip").status == 200
+    assert f"/ip?probe=conn-cl-smuggled-{scheme}" not in _seen_paths(upstream)
+
+
 @pytest.mark.parametrize(
     ("case", "status"),
     [("cl-and-te", 400), ("garbage", 400), ("origin-form", 400), ("huge-head", 431)],

@@ -172,7 +172,7 @@ class FakeConn:
         self.closed = True
 
 
-KEY: PoolKey = ("127.0.0.2", "https", "a.test", 443)
+KEY: PoolKey = ("127.0.0.2", "https", "a.test", 443, "a.test")
 
 
 def test_pool_reuses_most_recent_and_drops_dead() -> None:
@@ -186,7 +186,15 @@ def test_pool_reuses_most_recent_and_drops_dead() -> None:
     assert dead.closed
     assert pool.checkout(KEY) is a
     assert pool.checkout(KEY) is None
-    assert pool.checkout(("127.0.0.3", "https", "a.test", 443)) is None
+    assert pool.checkout(("127.0.0.3", "https", "a.test", 443, "a.test")) is None
+
+
+def test_pool_hands_out_a_connection_only_for_the_name_it_was_verified_for() -> None:
+    pool: Pool[FakeConn] = Pool(max_idle_per_key=4, idle_s=10, clock=lambda: 0.0)
+    verified_as_a = FakeConn(KEY)
+    pool.checkin(verified_as_a)
+    assert pool.checkout(("127.0.0.2", "https", "a.test", 443, "b.test")) is None
+    assert pool.checkout(KEY) is verified_as_a
 
 
 def test_pool_expires_idle_and_caps_per_key() -> None:
@@ -227,7 +235,7 @@ def test_shared_cursor_rotation_is_global_across_processes() -> None:
 
 def test_pool_counts_idle_connections_per_egress() -> None:
     pool: Pool[FakeConn] = Pool(max_idle_per_key=4, idle_s=10, clock=lambda: 0.0)
-    other: PoolKey = ("127.0.0.3", "http", "b.test", 80)
+    other: PoolKey = ("127.0.0.3", "http", "b.test", 80, "b.test")
     for key in (KEY, KEY, other):
         pool.checkin(FakeConn(key))
     assert pool.idle_by_egress() == {"127.0.0.2": 2, "127.0.0.3": 1}

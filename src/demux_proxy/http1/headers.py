@@ -56,6 +56,12 @@ def _tokens(value: bytes) -> frozenset[bytes]:
 # Connection tokens that name no field beyond HOP_BY_HOP: "close", "keep-alive"...
 HOP_BY_HOP_TOKENS: Final[frozenset[bytes]] = HOP_BY_HOP | {b"close"}
 
+# Fields a Connection token never removes: the message's own framing and its Host. A
+# sender that names them there ("Connection: content-length") would otherwise have us
+# forward a body without its length, which the next hop reads as the start of another
+# message (request smuggling, RFC 9112 11.2), or a request without a Host.
+_KEPT_DESPITE_TOKENS: Final[frozenset[bytes]] = frozenset({b"content-length", b"host"})
+
 
 def _maybe_hop(size: int) -> bool:
     """Whether a field name of `size` bytes can be hop-by-hop or Content-Length.
@@ -84,15 +90,17 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
 
 
 def end_to_end(headers: Headers, tokens: frozenset[bytes], *, drop_length: bool) -> Headers:
-    """The fields a proxy forwards: everything but hop-by-hop ones and those Connection names.
+    """The fields a proxy forwards: everything but hop-by-hop ones and those Connection
+    names (except Content-Length and Host, which no Connection token removes).
 
     `drop_length` removes Content-Length too, for messages the caller re-frames.
     """
     out: Headers = []
     if not tokens <= HOP_BY_HOP_TOKENS:  # Connection names a field of its own
+        named = tokens - _KEPT_DESPITE_TOKENS
         for name, value in headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP or lname in tokens:
+            if lname in HOP_BY_HOP or lname in named:
                 continue
             if drop_length and lname == b"content-length":
                 continue
