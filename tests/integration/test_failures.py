@@ -16,8 +16,8 @@ and the proxy keeps serving everyone else.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import hashlib
+import http.client
 import socket
 import ssl
 import struct
