@@ -16,16 +16,41 @@ from demux_proxy.errors import ConfigError, Forbidden, LoopDetected
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def refusal(address: str) -> str | None:
-    """Why `address` is refused as a destination by default, or None when it is public.
+# IPv6 prefixes that deliver to the IPv4 address embedded in them (NAT64 through a
+# translator, SIIT, the deprecated IPv4-compatible form, 6to4): the IPv4 address at `shift`
+# bits is where the packets end up, so it is judged too. Python's tables call most of these
+# global (and 2002::/16 private or not depending on the version).
+_EMBEDDINGS: tuple[tuple[ipaddress.IPv6Network, int, str], ...] = (
+    (ipaddress.IPv6Network("64:ff9b::/96"), 0, "a NAT64"),  # RFC 6052, what DNS64 returns
+    (ipaddress.IPv6Network("::ffff:0:0:0/96"), 0, "an IPv4-translated"),  # RFC 6145
+    (ipaddress.IPv6Network("::/96"), 0, "an IPv4-compatible"),  # RFC 4291, deprecated
+    (ipaddress.IPv6Network("2002::/16"), 80, "a 6to4"),  # RFC 3056
+)
+# The translator's own mapping (RFC 8215): which IPv4 address it reaches cannot be known.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 
-    Covers loopback, RFC 1918 and ULA private ranges, link-local (169.254.169.254 and
-    fd00:ec2::254, the EC2 metadata service, are link-local and ULA), CGNAT, multicast,
-    unspecified and reserved space; IPv4-mapped IPv6 is judged as the IPv4 inside it.
+
+def _parse(address: str) -> tuple[IPAddress, ipaddress.IPv4Address | None, str]:
+    """The address to judge, plus the IPv4 address it delivers to and how, if it embeds one.
+
+    IPv4-mapped IPv6 is returned as its IPv4 alone: the kernel connects to that IPv4
+    address itself, and ::ffff:0:0/96 as a whole is "private" to Python.
     """
     ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip, None, ""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped, None, ""
+    if int(ip) <= 1:  # :: and ::1 are themselves, not IPv4-compatible 0.0.0.0 and 0.0.0.1
+        return ip, None, ""
+    for net, shift, kind in _EMBEDDINGS:
+        if ip in net:
+            return ip, ipaddress.IPv4Address((int(ip) >> shift) & 0xFFFFFFFF), kind
+    return ip, None, ""
+
+
+def _judge(ip: IPAddress) -> str | None:
+    """Why one address, taken as itself, is refused by default, or None."""
     if ip.is_loopback:
         return "a loopback address"
     if ip.is_link_local:
@@ -34,11 +59,42 @@ def refusal(address: str) -> str | None:
         return "the unspecified address"
     if ip.is_multicast:
         return "a multicast address"
+    if isinstance(ip, ipaddress.IPv6Address):
+        # Explicit, so as not to depend on the Python version's tables.
+        if ip in _NAT64_LOCAL:
+            return "a NAT64 local-use address (the IPv4 address behind it cannot be known)"
+        if ip.is_site_local:
+            return "a site-local address (deprecated private IPv6 space)"
     if ip.is_private:
         return "a private address"
     if not ip.is_global:
         return "not a globally routable address"
     return None
+
+
+def _refusal(ip: IPAddress, inner: ipaddress.IPv4Address | None, kind: str) -> str | None:
+    """Refused if the embedded IPv4 address is, else if the address itself is: never looser."""
+    if inner is not None:
+        why = _judge(inner)
+        if why is not None:
+            where = f"{inner} inside {kind} address"
+            if why.endswith(")"):  # one parenthesis, not two side by side
+                return f"{why[:-1]}; {where})"
+            return f"{why} ({where})"
+    return _judge(ip)
+
+
+def refusal(address: str) -> str | None:
+    """Why `address` is refused as a destination by default, or None when it is public.
+
+    Covers loopback, RFC 1918 and ULA private ranges, link-local (169.254.169.254 and
+    fd00:ec2::254, the EC2 metadata service, are link-local and ULA), CGNAT, multicast,
+    unspecified, site-local, NAT64 local-use and reserved space. IPv4-mapped IPv6 is
+    judged as the IPv4 inside it; NAT64 (what DNS64 synthesises on an IPv6-only host),
+    SIIT, IPv4-compatible and 6to4 addresses are refused when the IPv4 inside is.
+    """
+    ip, inner, kind = _parse(address)
+    return _refusal(ip, inner, kind)
 
 
 def _rule(text: str) -> tuple[str | None, ipaddress.IPv4Network | ipaddress.IPv6Network | None]:
@@ -111,22 +167,23 @@ class DestinationPolicy:
 
     def refusal(self, host: str, address: str, port: int) -> str | None:
         """Why connecting to `address` for `host` is refused, or None. Raises on a loop."""
-        ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        if port == self._self_port and (str(ip) in self._self or ip.is_loopback):
+        ip, inner, kind = _parse(address)
+        # Rules and the loop check see both forms: an IPv4 CIDR catches the IPv4 address a
+        # NAT64 or 6to4 address delivers to, an IPv6 CIDR still matches the IPv6 form.
+        forms: tuple[IPAddress, ...] = (ip,) if inner is None else (ip, inner)
+        if port == self._self_port and any(str(a) in self._self or a.is_loopback for a in forms):
             raise LoopDetected(f"{host}:{port} is this proxy itself: refusing to loop")
         for net in self._deny_nets:
-            if ip in net:
+            if any(a in net for a in forms):
                 return f"denied by --deny {net}"
         if self._restricted:
-            if any(ip in net for net in self._allow_nets):
+            if any(a in net for net in self._allow_nets for a in forms):
                 return None
             if not self._allow_names_match(host):
                 return "not allowed by --allow-dest"
         if self.allow_private:
             return None
-        why = refusal(str(ip))
+        why = _refusal(ip, inner, kind)
         if why is not None:
             return f"{why}; start the proxy with --allow-private to allow it"
         return None
