@@ -15,7 +15,10 @@ passwords are compared as SHA-256 digests with `hmac.compare_digest`, so neither
 nor length leaks through timing. bcrypt and argon2 hashes cost about 100 ms per check by
 design, so successful checks are remembered in a small LRU keyed by an HMAC-SHA-256 of
 user and password under a per-policy random key: the cache holds no password, nor an
-unsalted digest of one that could be attacked offline. Failures are never cached.
+unsalted digest of one that could be attacked offline. Failures are never cached. Once
+any user has a hash, every refusal of offered credentials costs one hash verification
+(unknown user, wrong plain password, over-long password alike), so timing does not tell
+which user names exist.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ _TTL = re.compile(r"^(?P<id>.+)-ttl-(?P<ttl>[1-9][0-9]{0,8})$")
 
 # bcrypt: $2a$, $2b$ or $2y$, a two-digit cost 04..31, then 22 salt + 31 hash characters.
 _BCRYPT = re.compile(r"^\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+_BCRYPT_MAX_PASSWORD = 72  # bytes; bcrypt refuses (5.0) or ignores (older) the rest
 _ARGON2_PREFIXES = ("$argon2id$", "$argon2i$", "$argon2d$")
 # What looks like a modular-crypt or LDAP-style hash ($apr1$, $1$, $5$, $6$, $2x$, {SHA}):
 # refused rather than silently taken as a literal password.
@@ -94,12 +98,15 @@ class ClientPolicy:
 
     `check` may be called from executor threads (the LRU is locked), so a server can move
     a slow bcrypt/argon2 verification off its event loop when `would_block` says so.
+    With a hashed user configured, a refusal also verifies the offered password against
+    `_dummy` (see `_dummy_verifier`), so an unknown name costs what a known one does.
     """
 
     __slots__ = (
         "_cache",
         "_cache_key",
         "_cache_size",
+        "_dummy",
         "_lock",
         "auth_required",
         "credentials",
@@ -122,6 +129,7 @@ class ClientPolicy:
         self._cache_size = cache_size
         self._cache_key = secrets.token_bytes(32)
         self._lock = threading.Lock()
+        self._dummy = _dummy_verifier(self.credentials.users.values())
 
     @classmethod
     def from_options(
@@ -178,12 +186,18 @@ class ClientPolicy:
             return None
         user, secret, verifier = offered
         if verifier is None:
-            # Same work as a plain user, so an unknown name is not told apart by timing.
-            hmac.compare_digest(hashlib.sha256(secret).digest(), _DUMMY_DIGEST)
+            if self._dummy is None:
+                # Same work as a plain user, so an unknown name is not told apart by timing.
+                hmac.compare_digest(hashlib.sha256(secret).digest(), _DUMMY_DIGEST)
+            else:
+                self._refusal_cost(secret)
             return None
         if verifier.kind == "plain":
-            ok = hmac.compare_digest(hashlib.sha256(secret).digest(), verifier.secret)
-            return user if ok else None
+            if _plain_matches(verifier, secret):
+                return user
+            if self._dummy is not None:
+                self._refusal_cost(secret)
+            return None
         key = self._key(user, secret)
         with self._lock:
             if key in self._cache:
@@ -201,7 +215,9 @@ class ClientPolicy:
     def would_block(self, headers: Headers) -> bool:
         """Would `check` run a bcrypt/argon2 verification (~100 ms) rather than a cached one?
 
-        Lets the server call `check` in an executor only when it is slow.
+        Lets the server call `check` in an executor only when it is slow: a hashed user's
+        first success or any failure, and, once a hashed user exists, the dummy
+        verification of an unknown user or of a plain user's wrong password.
         """
         if not self.auth_required:
             return False
@@ -209,8 +225,10 @@ class ClientPolicy:
         if offered is None:
             return False
         user, secret, verifier = offered
-        if verifier is None or not verifier.slow:
-            return False
+        if verifier is None:
+            return self._dummy is not None
+        if not verifier.slow:
+            return self._dummy is not None and not _plain_matches(verifier, secret)
         key = self._key(user, secret)
         with self._lock:
             return key not in self._cache
@@ -224,6 +242,13 @@ class ClientPolicy:
         username, password = basic
         user = split_session(username)[0]
         return user, password.encode("utf-8"), self.credentials.users.get(user)
+
+    def _refusal_cost(self, secret: bytes) -> None:
+        """Verify `secret` against the dummy only to spend the time a hashed user's refusal
+        takes. The result is ignored: the dummy is another user's hash, and a match under
+        this name must never authenticate."""
+        if self._dummy is not None:
+            _verify_hash(self._dummy, secret)
 
     def _key(self, user: str, secret: bytes) -> bytes:
         message = user.encode("utf-8") + b":" + secret
@@ -411,13 +436,42 @@ def _file_verifier(secret: str, where: str) -> Verifier:
     return _plain(secret, where)
 
 
+def _dummy_verifier(verifiers: Iterable[Verifier]) -> Verifier | None:
+    """The hashed verifier refusals are checked against, or None when no user is hashed.
+
+    A configured user's own (kind and secret), so start-up hashes nothing and a refusal
+    costs what a real verification does: the costliest bcrypt by its cost field (the
+    first of equals), else the first argon2, so an unknown name is never the quickest
+    answer. Mixed costs still tell users' costs apart; one cost for all hides everything.
+    """
+    hashed = [v for v in verifiers if v.slow]
+    bcrypts = [v for v in hashed if v.kind == "bcrypt"]
+    if bcrypts:
+        return max(bcrypts, key=_bcrypt_cost)
+    return hashed[0] if hashed else None
+
+
+def _bcrypt_cost(verifier: Verifier) -> int:
+    cost = verifier.secret[4:6]  # $2b$12$...
+    return int(cost) if cost.isdigit() else 0
+
+
+def _plain_matches(verifier: Verifier, secret: bytes) -> bool:
+    return hmac.compare_digest(hashlib.sha256(secret).digest(), verifier.secret)
+
+
 def _verify_hash(verifier: Verifier, secret: bytes) -> bool:
     if verifier.kind == "bcrypt":
         import bcrypt
 
         try:
+            if len(secret) > _BCRYPT_MAX_PASSWORD:
+                # Refused, never truncated; still hashed (the result ignored) so that a
+                # long password costs what any other refusal does.
+                bcrypt.checkpw(secret[:_BCRYPT_MAX_PASSWORD], verifier.secret)
+                return False
             return bcrypt.checkpw(secret, verifier.secret)
-        except ValueError:  # longer than bcrypt's 72 bytes: refused, never truncated
+        except ValueError:  # a hash bcrypt cannot read: refused
             return False
     import argon2
 

@@ -329,8 +329,99 @@ def test_cache_is_bounded_lru(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_plain_users_never_block(plain: ClientPolicy) -> None:
     assert not plain.would_block(basic("alice", SECRET))
+    assert not plain.would_block(basic("alice", "wrong"))
     assert not plain.would_block(basic("nobody", SECRET))
     assert not plain.would_block([])
+
+
+# --- refusals cost a hash verification once a user is hashed ------------------------
+
+
+def mixed_policy(tmp_path: Path) -> ClientPolicy:
+    """alice is plain (--auth), bee is bcrypt (--auth-file)."""
+    path = tmp_path / "users"
+    path.write_text(f"bee:{bcrypt_hash('bcrypt-pw')}\n")
+    return ClientPolicy.from_options([f"alice:{SECRET}"], path, [])
+
+
+def test_refusals_block_once_a_hashed_user_exists(tmp_path: Path) -> None:
+    policy = mixed_policy(tmp_path)
+    assert policy.would_block(basic("nobody", "anything"))
+    assert policy.would_block(basic("nobody-session-x", SECRET))
+    assert policy.would_block(basic("alice", "wrong"))
+    assert not policy.would_block(basic("alice", SECRET))
+    assert not policy.would_block([])  # no credentials offered: no user to tell apart
+
+
+def test_every_refusal_runs_one_hash_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verifications = counting(monkeypatch, auth, "_verify_hash")
+    policy = mixed_policy(tmp_path)
+    cases = [
+        (basic("nobody", "anything"), None, 1),
+        (basic("alice", "wrong"), None, 1),
+        (basic("alice", SECRET), "alice", 0),
+        (basic("bee", "wrong"), None, 1),
+        (basic("bee", "bcrypt-pw"), "bee", 1),
+        (basic("bee", "bcrypt-pw"), "bee", 0),  # cached
+        (basic("nobody", "anything"), None, 1),  # refusals are never cached
+        ([], None, 0),
+    ]
+    for headers, user, cost in cases:
+        before = verifications[0]
+        blocks = policy.would_block(headers)
+        assert policy.check(headers) == user
+        assert verifications[0] - before == cost, headers
+        assert blocks == (cost == 1), headers  # would_block says exactly when check is slow
+
+
+def test_unknown_user_is_refused_with_the_dummy_users_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results: list[bool] = []
+    real = auth._verify_hash
+
+    def spy(verifier: auth.Verifier, secret: bytes) -> bool:
+        results.append(real(verifier, secret))
+        return results[-1]
+
+    monkeypatch.setattr(auth, "_verify_hash", spy)
+    policy = mixed_policy(tmp_path)
+    # bee's hash is the dummy: it matches, yet the unknown name is refused.
+    assert policy.check(basic("nobody", "bcrypt-pw")) is None
+    assert policy.check(basic("alice", "bcrypt-pw")) is None
+    assert results == [True, True]
+    assert policy.check(basic("bee", "bcrypt-pw")) == "bee"
+
+
+def test_over_long_password_still_costs_a_bcrypt_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[int] = []
+    real = bcrypt.checkpw
+
+    def spy(password: bytes, hashed_password: bytes) -> bool:
+        result = real(password, hashed_password)  # raises past 72 bytes: not counted
+        hashed.append(len(password))
+        return result
+
+    monkeypatch.setattr(bcrypt, "checkpw", spy)
+    policy = mixed_policy(tmp_path)
+    for user in ("bee", "nobody", "alice"):
+        assert policy.would_block(basic(user, "x" * 100))
+        assert policy.check(basic(user, "x" * 100)) is None
+    assert hashed == [72, 72, 72]
+
+
+def test_dummy_is_the_costliest_bcrypt_else_the_first_argon2(tmp_path: Path) -> None:
+    b4, b5 = bcrypt_hash("pw4"), bcrypt.hashpw(b"pw5", bcrypt.gensalt(rounds=5)).decode()
+    a1, a2 = argon2_hash("pw-a1"), argon2_hash("pw-a2")
+    policy = file_policy(tmp_path, f"plain:pw\na1:{a1}\nb4:{b4}\nb5:{b5}\nb4bis:{b4}\n")
+    assert policy._dummy is policy.credentials.users["b5"]
+    policy = file_policy(tmp_path, f"plain:pw\na1:{a1}\na2:{a2}\n")
+    assert policy._dummy is policy.credentials.users["a1"]
+    assert file_policy(tmp_path, "plain:pw\n")._dummy is None
 
 
 # --- client networks ----------------------------------------------------------------
