@@ -49,7 +49,7 @@ from demux_proxy.http1.parser import (
     response_has_body,
 )
 from demux_proxy.metrics import NoMetrics, Recorder
-from demux_proxy.outbound import Outbound
+from demux_proxy.outbound import IDEMPOTENT, Outbound
 from demux_proxy.outcome import Outcome
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
@@ -71,8 +71,6 @@ _KIND: Final[dict[type[ProxyError], str]] = {
 }
 
 
-# RFC 9110 9.2.2: requests a client may repeat; replayed only without a body.
-_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _RETRY: Final = object()  # _respond's answer when the exchange should go again elsewhere
 
 
@@ -112,7 +110,7 @@ class Forwarder:
         kind: str | None = None
         keep = False
         # Replaying is safe for idempotent requests whose body is not streamed (none).
-        replayable = body.done and req.method in _IDEMPOTENT and not req.upgrade
+        replayable = body.done and req.method in IDEMPOTENT and not req.upgrade
         tried: list[str] = []
         try:
             only = self._dispatch.affinity(req, route)

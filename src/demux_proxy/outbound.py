@@ -33,6 +33,9 @@ from demux_proxy.stream import Stream
 from demux_proxy.upstream import Resolver, UpstreamConnection, connect
 
 _FAMILY_NAME: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
+# RFC 9110 9.2.2: the methods a proxy may send again on its own (never a POST: a server
+# that closed without answering may have acted on it already).
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class _StaleConnection(Exception):
@@ -107,14 +110,18 @@ class Outbound:
         self._events.emit(log.INFO, "outbound request", fields, in_order=True)
         head = request_head(req, route)
         conn.stream.write(head)
-        if conn.requests and body.done and not req.upgrade:
+        if conn.requests and body.done and not req.upgrade and req.method in IDEMPOTENT:
             # A reused connection the server closed just now fails before any byte of
-            # answer; a request without a body is safe to send again on a fresh one.
+            # answer; an idempotent request without a body is safe to send again on a
+            # fresh one. (Any other fails as the exchange reads its answer: a 502.)
             try:
                 await self._await_first_byte(conn)
                 stale = False
             except _StaleConnection:
                 stale = True  # no await in an except block: see stream._splice_chunk
+            except BaseException:
+                conn.close()  # a timeout here: the caller never sees `conn` to close it
+                raise
             if stale:
                 conn.close()
                 conn, egress = await self._switch_family(egress, route, out)

@@ -1,0 +1,150 @@
+"""What a reused (pooled) upstream connection may and may not do when its server lets
+it down: a request is sent twice only when RFC 9110 allows it, and a connection that
+failed is closed, never leaked.
+
+The upstream is a raw server that answers the first request on each connection and
+then misbehaves on the second: it closes without answering ("close") or says nothing
+at all ("silent"). Requests carry X-Demux-Egress so that both go out from one address,
+the second on the connection the first left in the pool (one worker: one pool).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
+from tests.rawserver import RawServer
+from tests.upstream import Upstream
+
+pytestmark = pytest.mark.timeout(60)
+
+PIN = EGRESS[0]
+
+
+def _read_head(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
+class SecondRequestFails(RawServer):
+    """200 to the first request on a connection; the second is read, then `mode`."""
+
+    mode = "close"
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.lock = threading.Lock()
+        self.requests: list[str] = []  # request lines, in arrival order
+        self.closed_by_proxy = threading.Event()
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        first = _read_head(sock)
+        if not first:
+            return
+        with self.lock:
+            self.requests.append(first.split(b"\r\n", 1)[0].decode())
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        second = _read_head(sock)
+        if not second:
+            return
+        with self.lock:
+            self.requests.append(second.split(b"\r\n", 1)[0].decode())
+        if self.mode == "silent":
+            sock.settimeout(30)
+            try:
+                if sock.recv(1) == b"":
+                    self.closed_by_proxy.set()  # the proxy let the connection go
+            except OSError:
+                self.closed_by_proxy.set()
+        # "close": return without a word; the with-block closes the socket.
+
+    def count(self, request_line: str) -> int:
+        with self.lock:
+            return self.requests.count(request_line)
+
+
+@pytest.fixture
+def server() -> Iterator[SecondRequestFails]:
+    s = SecondRequestFails()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def _ask(proxy: ProxyProcess, request: bytes) -> bytes:
+    """One request on a fresh client connection; everything the proxy answered."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as c:
+        c.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def _request(method: str, port: int, path: str) -> bytes:
+    authority = f"127.0.0.1:{port}"
+    body = "Content-Length: 0\r\n" if method == "POST" else ""
+    return (
+        f"{method} http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n"
+        f"X-Demux-Egress: {PIN}\r\n{body}\r\n"
+    ).encode()
+
+
+def test_a_post_is_never_sent_twice_when_a_reused_connection_closes(
+    tmp_path: Path, upstream: Upstream, server: SecondRequestFails
+) -> None:
+    with running_proxy(
+        tmp_path / "state", "--workers", "1", upstream_ca=upstream.ca_pem_path
+    ) as proxy:  # one worker: one pool
+        assert _ask(proxy, _request("GET", server.port, "/warm")).startswith(b"HTTP/1.1 200")
+        answer = _ask(proxy, _request("POST", server.port, "/order"))
+        assert answer.startswith(b"HTTP/1.1 502"), (answer, server.requests)
+        assert server.count("POST /order HTTP/1.1") == 1  # RFC 9110 9.2.2
+        # A GET in the same spot is idempotent: sent again on a fresh connection.
+        assert _ask(proxy, _request("GET", server.port, "/warm2")).startswith(b"HTTP/1.1 200")
+        answer = _ask(proxy, _request("GET", server.port, "/again"))
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert server.count("GET /again HTTP/1.1") == 2
+
+
+def _upstream_sockets(proxy: ProxyProcess, port: int) -> int:
+    conns = psutil.Process(proxy.proc.pid).net_connections(kind="tcp")
+    return sum(1 for c in conns if c.raddr and c.raddr.port == port)
+
+
+def test_a_reused_connection_that_times_out_is_closed(
+    tmp_path: Path, upstream: Upstream, server: SecondRequestFails
+) -> None:
+    server.mode = "silent"
+    with running_proxy(
+        tmp_path / "state",
+        "--workers",
+        "1",
+        "--response-timeout",
+        "1",
+        upstream_ca=upstream.ca_pem_path,
+    ) as proxy:
+        assert _ask(proxy, _request("GET", server.port, "/warm")).startswith(b"HTTP/1.1 200")
+        answer = _ask(proxy, _request("GET", server.port, "/silent"))
+        assert answer.startswith(b"HTTP/1.1 504"), answer
+        assert server.closed_by_proxy.wait(10), "the timed-out connection was never closed"
+        deadline = time.monotonic() + 10
+        while _upstream_sockets(proxy, server.port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _upstream_sockets(proxy, server.port) == 0
