@@ -25,7 +25,7 @@ if [ "${BENCH_FLOOR:-0}" = 1 ]; then
     --scenario "$S" --runs "$RUNS" --duration "$DUR" --out "$OUT"
 fi
 python3 "$HERE/bench.py" --name demux-proxy --proxy-port 18090 \
-  --proxy-cmd 'exec demux-proxy start --listen 127.0.0.1:{port} --egress {src_addrs} --allow-private --upstream-ca {upstream_ca} --ca-cert {mitm_ca_cert} --ca-key {mitm_ca_key}' \
+  --proxy-cmd 'exec demux-proxy start --listen 127.0.0.1:{port} --egress {src_addrs} --allow-private --upstream-ca {upstream_ca} --ca-cert {mitm_ca_cert} --ca-key {mitm_ca_key_private}' \
   --scenario "$S" --runs "$RUNS" --duration "$DUR" --out "$OUT"
 python3 "$HERE/bench.py" --report "$OUT" --by-scenario --ref direct
 echo "results: $OUT"

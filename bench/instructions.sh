@@ -47,7 +47,7 @@ measure() {  # measure SRC SCHEME URL PORT
     "$PY" -m demux_proxy start \
     --workers 1 --listen "127.0.0.1:$4" --egress 127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5 \
     --allow-private --upstream-ca "$WORK/certs/upstream-ca.pem" \
-    --ca-cert "$WORK/certs/mitm-ca.pem" --ca-key "$WORK/certs/mitm-ca.key" >/dev/null 2>&1 &
+    --ca-cert "$WORK/certs/mitm-ca.pem" --ca-key "$WORK/certs/mitm-ca-private.key" >/dev/null 2>&1 &
   pid=$!
   tries=0
   until curl -s -o /dev/null -x "http://127.0.0.1:$4" http://127.0.0.1:18080/small; do

@@ -8,10 +8,12 @@ per host name.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import secrets
 import ssl
+import stat
 import weakref
 from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
@@ -35,6 +37,7 @@ _CA_LIFETIME = timedelta(days=3650)
 _BACKDATE = timedelta(days=1)  # tolerate clients whose clocks run a little behind
 _HOST_RE = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")  # no wildcards: SNI never has them
 _PEM = serialization.Encoding.PEM
+_log = logging.getLogger("demux_proxy")  # log.setup routes it into the JSON log
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -42,6 +45,37 @@ def _read(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _file_mode(path: Path, what: str) -> tuple[int, int]:
+    """(permission bits, owner uid) of ``path``, or of its target if it is a symlink."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    return stat.S_IMODE(st.st_mode), st.st_uid
+
+
+def _make_private(path: Path, mode: int, what: str) -> None:
+    """Take group and others' access away from a state-dir file or the dir itself.
+
+    A careless copy can leave the CA key 0644, and a pre-existing state dir may be 0755;
+    that key signs certificates every client trusts. Ours, we fix (and say so); someone
+    else's, we may not touch, so we refuse to start.
+    """
+    old, uid = _file_mode(path, what)
+    if not old & 0o077:
+        return
+    if uid != os.getuid():
+        raise ConfigError(
+            f"{what} {path} is mode {old:04o}, open to other users, and owned by uid {uid}, "
+            f"not us: run `chmod {mode:o} {path}` as its owner"
+        )
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:
+        raise ConfigError(f"cannot chmod {what} {path}: {exc.strerror or exc}") from exc
+    _log.warning("%s %s was mode %04o, open to other users: made it %04o", what, path, old, mode)
 
 
 def _write_new(path: Path, data: bytes, mode: int, durable: bool = False) -> None:
@@ -144,6 +178,8 @@ class CertificateAuthority:
         except OSError as exc:
             raise ConfigError(f"cannot access state dir {state_dir}: {exc.strerror}") from exc
         if has_cert and has_key:
+            _make_private(state_dir, 0o700, "state dir")  # first: it guards the key's name
+            _make_private(key_path, 0o600, "CA key")
             return cls.load(cert_path, key_path)
         if has_cert or has_key:
             present, missing = (cert_path, key_path) if has_cert else (key_path, cert_path)
@@ -155,6 +191,7 @@ class CertificateAuthority:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create state dir {state_dir}: {exc.strerror}") from exc
+        _make_private(state_dir, 0o700, "state dir")  # it may have existed, empty, as 0755
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _make_ca_cert(key)
         key_pem = key.private_bytes(
@@ -178,8 +215,19 @@ class CertificateAuthority:
 
     @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> CertificateAuthority:
-        """Load an existing CA (EC or RSA key) from PEM files, checking it is usable."""
-        cert_data, key_data = _read(cert_path, "CA cert"), _read(key_path, "CA key")
+        """Load an existing CA (EC or RSA key) from PEM files, checking it is usable.
+
+        A key readable by others is refused, not fixed: it is the user's file (group access
+        is fine, 0640 is how a key is shared with a service's group).
+        """
+        cert_data = _read(cert_path, "CA cert")
+        key_mode = _file_mode(key_path, "CA key")[0]
+        if key_mode & 0o007:
+            raise ConfigError(
+                f"CA key {key_path} is mode {key_mode:04o}, open to all users: "
+                f"run `chmod 600 {key_path}` (or 640 to share it with a group)"
+            )
+        key_data = _read(key_path, "CA key")
         try:
             cert = x509.load_pem_x509_certificate(cert_data)
         except ValueError as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
 import socket
 import ssl
 import stat
@@ -97,7 +99,26 @@ def _write_ca(tmp_path: Path, cert_pem: bytes, key_pem: bytes) -> tuple[Path, Pa
     cert_path, key_path = tmp_path / "my-ca.pem", tmp_path / "my-ca-key.pem"
     cert_path.write_bytes(cert_pem)
     key_path.write_bytes(key_pem)
+    key_path.chmod(0o600)  # not the umask's 0644: load() refuses a key others can read
     return cert_path, key_path
+
+
+@pytest.fixture
+def warnings_seen(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> pytest.LogCaptureFixture:
+    """caplog for the "demux_proxy" logger, even after log.setup() stopped its propagation."""
+    monkeypatch.setattr(logging.getLogger("demux_proxy"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="demux_proxy")
+    return caplog
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "demux_proxy" and r.levelno == logging.WARNING
+    ]
 
 
 def _rsa_ca(lifetime: timedelta, with_ski: bool) -> tuple[bytes, bytes]:
@@ -201,6 +222,82 @@ def test_garbage_cert_file_names_the_path(tmp_path: Path) -> None:
     assert str(state / "ca.pem") in str(info.value)
 
 
+def test_load_or_create_tightens_an_open_key(
+    tmp_path: Path, warnings_seen: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    CertificateAuthority.load_or_create(state).close()
+    key_path = state / "ca-key.pem"
+    key_path.chmod(0o644)  # a careless copy
+    CertificateAuthority.load_or_create(state).close()
+    assert _mode(key_path) == 0o600
+    [line] = _warnings(warnings_seen)
+    assert str(key_path) in line and "0644" in line and "0600" in line
+
+
+def test_load_or_create_tightens_an_open_state_dir(
+    tmp_path: Path, warnings_seen: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    CertificateAuthority.load_or_create(state).close()
+    state.chmod(0o755)
+    CertificateAuthority.load_or_create(state).close()
+    assert _mode(state) == 0o700
+    assert _mode(state / "ca-key.pem") == 0o600  # was already: no second warning
+    [line] = _warnings(warnings_seen)
+    assert str(state) in line and "0755" in line and "0700" in line
+
+
+def test_load_or_create_tightens_an_open_empty_state_dir(
+    tmp_path: Path, warnings_seen: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)  # whatever the umask
+    CertificateAuthority.load_or_create(state).close()
+    assert _mode(state) == 0o700
+    assert _mode(state / "ca-key.pem") == 0o600
+    assert len(_warnings(warnings_seen)) == 1
+
+
+def test_load_or_create_judges_a_symlinked_key_by_its_target(
+    tmp_path: Path, warnings_seen: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "state"
+    CertificateAuthority.load_or_create(state).close()
+    key_path, target = state / "ca-key.pem", tmp_path / "elsewhere-key.pem"
+    key_path.rename(target)
+    target.chmod(0o644)
+    key_path.symlink_to(target)
+    CertificateAuthority.load_or_create(state).close()
+    assert key_path.is_symlink()
+    assert _mode(target) == 0o600
+    assert len(_warnings(warnings_seen)) == 1
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root: only root can chown to another uid")
+@pytest.mark.parametrize(
+    ("name", "mode", "fix"), [("ca-key.pem", 0o644, 600), ("", 0o755, 700)], ids=["key", "dir"]
+)
+def test_load_or_create_refuses_open_files_of_another_user(
+    tmp_path: Path, name: str, mode: int, fix: int
+) -> None:
+    state = tmp_path / "state"
+    CertificateAuthority.load_or_create(state).close()
+    path = state / name if name else state
+    try:
+        os.chown(path, 12345, -1)
+    except OSError as exc:  # e.g. a user namespace that maps no uid 12345
+        pytest.skip(f"cannot chown to uid 12345: {exc}")
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        CertificateAuthority.load_or_create(state)
+    message = str(info.value)
+    assert str(path) in message and f"{mode:04o}" in message
+    assert f"chmod {fix} {path}" in message
+    assert _mode(path) == mode  # not ours: left alone
+
+
 # --- load -----------------------------------------------------------------------------------
 
 
@@ -227,6 +324,39 @@ def test_load_trustme_ca(tmp_path: Path, key_type: trustme.KeyType) -> None:
         assert data == b"hello"
     finally:
         authority.close()
+
+
+@pytest.mark.parametrize("mode", [0o604, 0o644, 0o602], ids=oct)
+def test_load_refuses_a_key_open_to_others(tmp_path: Path, mode: int) -> None:
+    tca = trustme.CA()
+    cert_path, key_path = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    key_path.chmod(mode)
+    with pytest.raises(ConfigError, match="chmod 600") as info:
+        CertificateAuthority.load(cert_path, key_path)
+    assert str(key_path) in str(info.value) and f"{mode:04o}" in str(info.value)
+    assert _mode(key_path) == mode  # the user's file: refused, not changed
+
+
+def test_load_refuses_a_symlink_to_an_open_key(tmp_path: Path) -> None:
+    tca = trustme.CA()
+    cert_path, target = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    target.chmod(0o604)
+    link = tmp_path / "link-key.pem"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        CertificateAuthority.load(cert_path, link)
+
+
+def test_load_accepts_a_group_readable_key(tmp_path: Path) -> None:
+    # Passes on the old code too: it guards against a check stricter than asked for.
+    tca = trustme.CA()
+    cert_path, key_path = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    key_path.chmod(0o640)  # how a key is shared with a service's group
+    link = tmp_path / "link-key.pem"
+    link.symlink_to(key_path)  # a symlink (itself 0777) is judged by its target
+    for path in (key_path, link):
+        CertificateAuthority.load(cert_path, path).close()
+    assert _mode(key_path) == 0o640
 
 
 def test_load_refuses_non_ca_certificate(tmp_path: Path) -> None:
