@@ -17,7 +17,13 @@ from demux_proxy import log
 from demux_proxy.auth import session_of
 from demux_proxy.config import Config
 from demux_proxy.egress import Egress
-from demux_proxy.errors import EgressFailure, ProtocolError, Unavailable, UpstreamError
+from demux_proxy.errors import (
+    EgressFailure,
+    EgressTimeout,
+    NoEgressLeft,
+    ProtocolError,
+    Unavailable,
+)
 from demux_proxy.http1.headers import get
 from demux_proxy.http1.parser import RequestHead, ResponseHead
 from demux_proxy.limits import parse_retry_after, session_egress
@@ -103,7 +109,7 @@ class Dispatcher:
         if isinstance(got, Egress):
             return got
         if got is None:
-            raise UpstreamError(f"no egress address left to try for {host}")
+            raise NoEgressLeft(f"no egress address left to try for {host}")
         return None
 
     async def acquire(
@@ -127,7 +133,7 @@ class Dispatcher:
                     if isinstance(got, Egress):
                         return got, round((loop.time() - queued) * 1000, 1)
                     if got is None:
-                        raise UpstreamError(f"no egress address left to try for {host}")
+                        raise NoEgressLeft(f"no egress address left to try for {host}")
                     wait = got
                     await asyncio.sleep(got)
         except TimeoutError:
@@ -152,6 +158,20 @@ class Dispatcher:
             device=egress.interface,
             error=exc.reason,
             rest_s=round(seconds, 3),
+        )
+
+    def timed_out(self, egress: Egress, host: str, exc: EgressTimeout) -> None:
+        """A connect to `host` timed out: cool this (address, host) pair down with backoff,
+        as a cooling status would, and leave the address to every other host."""
+        now = self._clock().time()
+        seconds = self.scheduler.cooldowns.cool(egress.address, host, now, None)
+        self._events.warning(
+            "egress address cooling",
+            interface=egress.address,
+            device=egress.interface,
+            host=host,
+            error=exc.reason,
+            cooldown_s=round(seconds, 3),
         )
 
     def learn(self, address: str, host: str, resp: ResponseHead) -> tuple[int | None, float | None]:

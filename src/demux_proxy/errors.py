@@ -75,14 +75,23 @@ class UpstreamTimeout(UpstreamError):
 
 
 class EgressFailure(UpstreamError):
-    """The egress address itself failed (gone from the host, unroutable, or a connect
-    that timed out): the scheduler rests it and the request may go from another."""
+    """The egress address itself failed (gone from the host, unroutable, cannot bind):
+    the scheduler rests it and the request may go from another."""
 
 
 class EgressTimeout(EgressFailure, UpstreamTimeout):
-    """A connect from this egress address timed out."""
+    """A connect (TCP or TLS handshake) from this egress address to the host timed out.
+
+    Most often the destination's doing (down, blackholing, or tarpitting this address),
+    so the (address, host) pair cools down, not the address: one unreachable host must
+    not take addresses away from every other. The request may go from another address.
+    """
 
     status = 504
+
+
+class NoEgressLeft(UpstreamError):
+    """Every egress address was tried (or excluded) for this request."""
 
 
 # Connection-level conditions of `stream.Stream`, not answers to a client. They live

@@ -24,6 +24,7 @@ from demux_proxy.errors import (
     EgressTimeout,
     Forbidden,
     LoopDetected,
+    NoEgressLeft,
     ProtocolError,
     ProxyError,
     SinkClosed,
@@ -71,6 +72,7 @@ _KIND: Final[dict[type[ProxyError], str]] = {
 }
 
 
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 _RETRY: Final = object()  # _respond's answer when the exchange should go again elsewhere
 
 
@@ -112,6 +114,7 @@ class Forwarder:
         # Replaying is safe for idempotent requests whose body is not streamed (none).
         replayable = body.done and req.method in IDEMPOTENT and not req.upgrade
         tried: list[str] = []
+        failure: EgressFailure | None = None  # why the last address tried failed
         try:
             only = self._dispatch.affinity(req, route)
             while True:
@@ -119,17 +122,25 @@ class Forwarder:
                     conn, egress = await self._outbound.open(
                         client, req, route, body, out, sid, method, tried, only
                     )
+                except NoEgressLeft:
+                    if failure is None:
+                        raise
+                    raise failure from None  # the client is told what failed, not this
                 except EgressFailure as exc:
                     # Nothing reached the server: any request may go from another address.
                     failed = out.egress
                     if failed is None:
                         raise
-                    self._dispatch.rest(failed, exc)
+                    if isinstance(exc, EgressTimeout):
+                        self._dispatch.timed_out(failed, route.host, exc)
+                    else:
+                        self._dispatch.rest(failed, exc)
                     if len(tried) >= self._dispatch.retries or only is not None:
                         raise
                     tried.append(failed.address)
                     self._scheduler.in_flight[failed.address] -= 1
                     out.egress = None
+                    failure = exc
                     continue
                 out.egress = egress
                 result = await self._respond(
@@ -294,7 +305,7 @@ class Forwarder:
                     if not moved and not await client.fill(idle):
                         body.eof()
             if chunked:
-                up.write(writer.last_chunk(body.trailers))
+                up.write(writer.last_chunk(_trailers(body.trailers)))
             out.request_done = True
         except BaseException:
             up.abort()  # an incomplete request must never reach a server as complete
@@ -311,9 +322,21 @@ class Forwarder:
 
     async def _read_head(self, up: Stream, upload: asyncio.Task[None] | None) -> ResponseHead:
         timeout = self._config.response_timeout_s
+        # Once a head has begun, all of it must arrive within the timeout: an upstream
+        # sending a byte at a time would otherwise hold the request for 64 KiB of them.
+        deadline = 0.0
         while (resp := self._head_in(up)) is None:
+            wait = timeout
+            if not up.buffer:
+                deadline = 0.0  # nothing begun (or only 1xx heads, relayed and gone)
+            elif deadline == 0.0:
+                deadline = up.loop.time() + timeout
+            else:
+                wait = deadline - up.loop.time()
             try:
-                more = await up.fill(timeout)
+                if wait <= 0:
+                    raise TimeoutError
+                more = await up.fill(wait)
             except StreamClosed as exc:
                 _raise_upload_error(upload)
                 raise UpstreamError(f"upstream reset the connection: {exc}") from exc
@@ -424,7 +447,7 @@ class Forwarder:
             if not more:
                 decoder.eof()
         if to_chunked:
-            parts.append(writer.last_chunk(decoder.trailers))
+            parts.append(writer.last_chunk(_trailers(decoder.trailers)))
         out.response_started = True
         client.writelines(parts)
         if client.must_drain:
@@ -482,6 +505,16 @@ async def _reap(task: asyncio.Task[None]) -> None:
         pass
     except Exception:
         pass  # already surfaced through the exchange's own error path
+
+
+def _trailers(fields: Headers) -> Headers:
+    """The trailer fields passed on: what a head would forward, less the fields a trailer
+    must not carry (RFC 9110 6.5.1: framing, routing). Proxy-Authorization (hop-by-hop)
+    never reaches the upstream from a trailer either."""
+    if not fields:
+        return fields
+    kept = end_to_end(fields, _NO_TOKENS, drop_length=True)
+    return [(n, v) for n, v in kept if len(n) != 4 or n.lower() != b"host"]
 
 
 def _raise_upload_error(upload: asyncio.Task[None] | None) -> None:

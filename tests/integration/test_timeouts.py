@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -79,3 +80,119 @@ def test_max_connections_queues_in_the_backlog(tmp_path: Path, upstream: Upstrea
         finally:
             first.close()
             second.close()
+
+
+class _Listener:
+    """A TCP listener on loopback whose connections a test drives by hand."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.held.append(conn)
+            self.serve(conn)
+
+    def serve(self, conn: socket.socket) -> None:
+        """Default: hold the connection and say nothing (a TLS server that never answers)."""
+
+    def __enter__(self) -> _Listener:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+class _Dribbler(_Listener):
+    """Reads a request, then sends a valid response head one byte every 0.2 s."""
+
+    def serve(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._dribble, args=(conn,), daemon=True).start()
+
+    def _dribble(self, conn: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: " + b"p" * 60 + b"\r\n\r\nok"
+        try:
+            conn.settimeout(10)
+            conn.recv(65536)
+            for i in range(len(head)):
+                if self._stop.is_set():
+                    return
+                conn.sendall(head[i : i + 1])
+                time.sleep(0.2)
+        except OSError:
+            return  # the proxy gave up on us: what the test wants
+
+
+def test_a_response_head_sent_a_byte_at_a_time_gets_504(tmp_path: Path, upstream: Upstream) -> None:
+    """--response-timeout bounds the whole head once it has begun, not each read."""
+    with (
+        _Dribbler() as slow,
+        running_proxy(
+            tmp_path / "state", "--response-timeout", "1", upstream_ca=upstream.ca_pem_path
+        ) as p,
+        requests.Session() as s,
+    ):
+        started = time.monotonic()
+        r = s.get(f"http://127.0.0.1:{slow.port}/", proxies={"http": p.url}, timeout=30)
+        assert r.status_code == 504, (r.status_code, r.text)
+        assert r.headers["Content-Type"].startswith("text/plain")
+        # 90 bytes at 0.2 s would take 18 s; a per-read timeout would never fire.
+        assert time.monotonic() - started < 10
+
+
+def test_a_destination_that_never_answers_tls_costs_other_hosts_nothing(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Connect timeouts cool the (address, host) pair, not the address: requests to
+    other hosts keep every address, and the client is told of the timeout (504)."""
+    with (
+        _Listener() as blackhole,
+        running_proxy(
+            tmp_path / "state",
+            "--workers",
+            "1",
+            "--connect-timeout",
+            "0.5",
+            upstream_ca=upstream.ca_pem_path,
+        ) as p,
+        requests.Session() as s,
+    ):
+        proxies = {"http": p.url, "https": p.url}
+        r = s.get(
+            f"https://127.0.0.1:{blackhole.port}/",
+            proxies=proxies,
+            timeout=30,
+            verify=str(p.ca_path),
+        )
+        assert r.status_code == 504, (r.status_code, r.text)
+        assert "timed out" in r.text, r.text
+        # Every address tried for the blackhole; none is kept from the healthy upstream.
+        for _ in range(6):
+            ok = s.get(upstream.http_url("/ip"), proxies=proxies, timeout=30)
+            assert ok.status_code == 200
+        deadline = time.monotonic() + 10  # log lines are written up to 50 ms late
+        while time.monotonic() < deadline:
+            lines = [ln for ln in p.lines if ln["message"] == "outbound request"]
+            healthy = [ln for ln in lines if f":{upstream.http_port}/" in ln["fields"]["url"]]
+            if len(healthy) == 6:
+                break
+            time.sleep(0.05)
+        assert len(healthy) == 6, healthy
+        assert not [ln for ln in healthy if ln["fields"].get("queued_ms")], healthy
+        assert not [ln for ln in p.lines if ln["message"] == "egress address resting"]
