@@ -85,6 +85,8 @@ class Resolver:
                 addrs: list[str] = []
             else:
                 raise UpstreamError(f"cannot resolve {host}: {exc.strerror}") from exc
+        except UnicodeError as exc:  # IDNA: an empty or over-long label ("a..b")
+            raise UpstreamError(f"cannot resolve {host}: not a valid host name") from exc
         else:
             addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
         self._cache[(host, family)] = (now + self._ttl, addrs)

@@ -485,6 +485,17 @@ def test_refused_upstream_is_502_plain_text(proxy: ProxyProcess, scheme: str) ->
         assert "refused" in r.text.lower()
 
 
+@pytest.mark.parametrize("host", ["a..b.test", "a" * 64 + ".test"])
+def test_a_host_name_with_a_bad_label_is_502_plain_text(proxy: ProxyProcess, host: str) -> None:
+    """IDNA refuses an empty or over-long label before any lookup is sent: the client
+    gets the reason, not a reset (and the proxy no internal error)."""
+    with _raw(proxy, "http", 80, host=host) as c:
+        resp = c.roundtrip("GET", "/")
+        assert resp.status == 502, (resp.status, resp.body)
+        assert b"not a valid host name" in resp.body
+    assert not [ln for ln in proxy.lines if ln["message"] == "internal error"]
+
+
 def test_refused_upstream_curl_http(proxy: ProxyProcess) -> None:
     port = _dead_port()
     res = _curl(proxy, "-w", "\n%{http_code}", f"http://127.0.0.1:{port}/")
