@@ -340,3 +340,53 @@ def test_chunked_bare_lf_and_trailing_space_fail_at_once(data: bytes) -> None:
 def test_chunk_extension_may_follow_whitespace() -> None:
     d = ChunkedDecoder(upstream=False)
     assert _decode_all(d, b"5 ;ext=1\r\nhello\r\n0\r\n\r\n") == b"hello"
+
+
+# --- HTTP/1.0 with Transfer-Encoding, misplaced chunked, status range ------------------
+
+
+def test_http10_request_with_transfer_encoding_closes_after_it() -> None:
+    """RFC 9112 6.1: faulty framing in 1.0 (a smuggling vector): answer, then close."""
+    req = parse_request_head(
+        b"POST http://a/ HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert req.chunked and not req.keep_alive
+    req = parse_request_head(b"POST http://a/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert req.chunked and req.keep_alive  # 1.1 is unaffected
+
+
+@pytest.mark.parametrize("te", [b"chunked", b"gzip"])
+def test_http10_response_with_transfer_encoding_is_not_reused(te: bytes) -> None:
+    resp = parse_response_head(
+        b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: %s\r\n\r\n" % te
+    )
+    assert not resp.keep_alive
+    resp = parse_response_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n")
+    assert resp.keep_alive  # keep-alive without Transfer-Encoding still holds
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked, chunked\r\n",
+        b"Transfer-Encoding: chunked, gzip\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n",
+        b"Transfer-Encoding: gzip, chunked, chunked\r\n",
+    ],
+)
+def test_response_chunked_not_last_or_twice_is_malformed(fields: bytes) -> None:
+    """Relayed as it was, the upstream's chunk framing would reach the client as content."""
+    with pytest.raises(UpstreamError, match="malformed upstream response"):
+        parse_response_head(b"HTTP/1.1 200 OK\r\n%s\r\n" % fields)
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+def test_response_status_outside_100_to_599_is_malformed(status: bytes) -> None:
+    """RFC 9110 15: three digits, 100-599; llhttp itself takes any three digits."""
+    with pytest.raises(
+        UpstreamError, match=f"malformed upstream response: status {status.decode()}"
+    ):
+        parse_response_head(b"HTTP/1.1 %s Odd\r\nContent-Length: 0\r\n\r\n" % status)
+    for ok in (100, 103, 204, 599):  # the bounds themselves stay valid
+        assert parse_response_head(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % ok).status == ok

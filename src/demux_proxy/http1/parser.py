@@ -182,12 +182,17 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list
     if length is not None:
         # Both present is the classic smuggling vector: refuse rather than pick one (6.1).
         _fail(upstream, "both Transfer-Encoding and Content-Length")
-    # chunked must be the final coding, and only once (RFC 9112 6.1).
-    chunked = bool(codings) and codings[-1] == b"chunked" and codings.count(b"chunked") == 1
-    others = [c for c in codings if c != b"chunked"]
-    if not all(others) or any(not _TOKEN.match(c) for c in others):
+    # chunked must be the final coding, and only once (RFC 9112 6.1). Anywhere else its
+    # framing would pass as content (a response) or leave the body undelimited: refuse.
+    n_chunked = codings.count(b"chunked")
+    chunked = n_chunked == 1 and codings[len(codings) - 1] == b"chunked"
+    if n_chunked and not chunked:
+        _fail(upstream, "chunked is not the final transfer coding, or not the only one")
+    if chunked:
+        codings.pop()  # the others, in order: passed on (a response) or refused (a request)
+    if not all(codings) or any(not _TOKEN.match(c) for c in codings):
         _fail(upstream, "invalid Transfer-Encoding")
-    return length, chunked, others, has_te
+    return length, chunked, codings, has_te
 
 
 def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
@@ -251,6 +256,10 @@ def parse_request_head(head: bytes) -> RequestHead:
         raise ProtocolError("Transfer-Encoding without chunked as the final coding")
     tokens = connection_tokens(c.headers)
     keep_alive = _keep_alive(version, tokens)
+    if has_te and version == b"1.0":
+        # RFC 9112 6.1: Transfer-Encoding in 1.0 is faulty framing (a smuggling vector):
+        # process this message, then close.
+        keep_alive = False
     upgrade = b"upgrade" in tokens and any(n.lower() == b"upgrade" for n, _ in c.headers)
     expect = False
     for n, v in c.headers:  # a loop, not any(genexpr): no generator per request
@@ -287,11 +296,17 @@ def parse_response_head(head: bytes) -> ResponseHead:
     version = head[5:8]  # accepted by llhttp: "HTTP/d.d " (see parse_request_head)
     if version != b"1.1" and version != b"1.0":
         version = _version(parser.get_http_version(), upstream=True)
-    length, chunked, codings, _ = _length(c.headers, upstream=True)
+    status = parser.get_status_code()
+    if not 100 <= status <= 599:
+        # llhttp takes any three digits; RFC 9110 15 defines 100-599 only.
+        raise UpstreamError(f"malformed upstream response: status {status:03d}")
+    length, chunked, codings, has_te = _length(c.headers, upstream=True)
     tokens = connection_tokens(c.headers)
     keep_alive = _keep_alive(version, tokens)
+    if has_te and version == b"1.0":
+        keep_alive = False  # RFC 9112 6.1, as for a request: never reuse this connection
     return ResponseHead(  # positional, in field order (see parse_request_head)
-        parser.get_status_code(),
+        status,
         c.reason,
         version,
         c.headers,
