@@ -88,9 +88,14 @@ def _host(raw: bytes) -> str:
 def parse_authority(target: bytes) -> tuple[str, int]:
     """CONNECT's authority-form `host:port` (RFC 9112 3.2.3); the port is required."""
     host, sep, port = target.rpartition(b":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit():
         raise ProtocolError("CONNECT target must be host:port")
-    return _host(host), int(port)
+    # 1-65535: port 0 is reserved (RFC 6335 6), nothing listens there. Leading zeros are
+    # allowed (RFC 3986 3.2.3), and int() of over 4300 digits would raise ValueError.
+    digits = port.lstrip(b"0")
+    if not digits or len(digits) > 5 or int(digits) > 65535:
+        raise ProtocolError("invalid port in CONNECT target")
+    return _host(host), int(digits)
 
 
 def _origin(path: bytes | None, query: bytes | None) -> bytes:
@@ -193,7 +198,12 @@ def _parsed(target: bytes) -> tuple[str, str, int, bytes | None, bytes | None]:
     if not url.host:
         raise ProtocolError("request target has no host")
     host = _host(url.host)
-    port = url.port or DEFAULT_PORTS[scheme]
+    port = url.port
+    if port is None:
+        port = DEFAULT_PORTS[scheme]
+    elif not 0 < port < 65536:
+        # ":0" is 0 here, not None (no port): reserved (RFC 6335 6), never the default.
+        raise ProtocolError(f"invalid port {port} in request target")
     return scheme, host, port, url.path, url.query
 
 

@@ -229,12 +229,29 @@ class ProxyServer:
         buf = stream.buffer
         loop = stream.loop
         deadline: float | None = None  # the whole head, not each read, is bounded
+        skipped = 0  # empty lines dropped before the request-line
         try:
-            while (end := find_head_end(buf, cfg.max_head_bytes, request=True)) < 0:
+            while True:
+                if buf and buf[0] == 0x0D:
+                    # RFC 9112 2.2: ignore empty lines before the request-line (a stray
+                    # CRLF after a body), or find_head_end would stop at them. Counted
+                    # against the head's size and time limits: a CRLF flood ends too.
+                    i = 0
+                    n = len(buf) - 1
+                    while i < n and buf[i] == 0x0D and buf[i + 1] == 0x0A:
+                        i += 2
+                    if i:
+                        del buf[:i]
+                        skipped += i
+                        if skipped > cfg.max_head_bytes:
+                            raise ProtocolError("too many empty lines before the request-line")
+                end = find_head_end(buf, cfg.max_head_bytes - skipped, request=True)
+                if end >= 0:
+                    break
                 idle = not buf
                 if idle:
-                    self._idle.add(stream)
-                if idle:
+                    self._idle.add(stream)  # nothing of a request yet: closed at shutdown
+                if idle and not skipped:
                     timeout = cfg.client_idle_timeout_s
                 else:
                     if deadline is None:

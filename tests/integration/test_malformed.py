@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
+import json
 import re
 import socket
 import ssl
@@ -195,6 +197,12 @@ def _te_cl_smuggle(prefix: str, host: str, marker: str) -> bytes:
     return build(prefix, host, marker)
 
 
+def _port_zero(prefix: str, host: str, marker: str) -> bytes:
+    # Absolute-form with port 0, also inside a tunnel (where the target must still be
+    # valid): once read as "no port" and sent to port 80, or to the tunnel's port.
+    return f"GET http://127.0.0.1:0/ip?case={marker} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
 BAD_REQUEST = frozenset({400})
 
 # id -> (builder, accepted statuses). Every one of these is refused from its head alone:
@@ -322,6 +330,7 @@ HEAD_CASES: dict[str, tuple[Build, frozenset[int]]] = {
     ),
     "http-2.0": (_req("GET", "/ip?{case}", [], version="HTTP/2.0"), frozenset({505})),
     "unknown-method": (_req("FROBNICATE", "/ip?{case}", []), frozenset({501})),
+    "absolute-form-port-0": (_port_zero, BAD_REQUEST),
 }
 
 _CHUNKED = ["Transfer-Encoding: chunked"]
@@ -432,6 +441,72 @@ def test_transfer_coding_under_chunked_is_not_silently_dropped(
     )
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_http10_request_with_transfer_encoding_is_answered_then_closed(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    """RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing (a smuggling vector).
+
+    The message is processed, then the connection closed, though it asked for keep-alive.
+    """
+    marker = f"{RUN}-{scheme}-http10-te"
+    headers = ["Connection: keep-alive", "Transfer-Encoding: chunked"]
+    build = _req("POST", "/upload?{case}", headers, b"5\r\nhello\r\n0\r\n\r\n", "HTTP/1.0")
+    with _client(proxy, _port(upstream, scheme), scheme) as (sock, prefix, host):
+        _send(sock, build(prefix, host, marker))
+        answer = _answer(sock)
+    assert answer.status == 200, answer.data[:300]
+    assert json.loads(answer.data.partition(b"\r\n\r\n")[2])["length"] == 5
+    assert re.search(rb"(?im)^connection: close(\r|$)", answer.head), answer.head
+    assert answer.end == "close"
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["together", "split"])
+@pytest.mark.parametrize("blank", [b"\r\n\r\n", b"\r\n" * 5], ids=["two", "five"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_empty_lines_before_the_request_line_are_ignored(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str, blank: bytes, split: bool
+) -> None:
+    """RFC 9112 2.2: empty lines before a request-line are ignored, even when they
+    arrive on their own (once, they ended a "head" of nothing: a 505 for HTTP/0.0)."""
+    build = _req("GET", "/ip?{case}", ["Connection: close"])
+    marker = f"{RUN}-{scheme}-blank-{len(blank)}-{split}"
+    with _client(proxy, _port(upstream, scheme), scheme) as (sock, prefix, host):
+        request = build(prefix, host, marker)
+        if split:
+            _send(sock, blank)
+            time.sleep(0.2)  # read by the proxy on their own
+            _send(sock, request)
+        else:
+            _send(sock, blank + request)
+        answer = _answer(sock)
+    assert answer.status == 200, answer.data[:300]
+    assert b'"peer"' in answer.data
+    assert _seen(upstream, marker), "the upstream never received the request"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_flood_of_empty_lines_is_refused(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    """Ignored empty lines still count against the head size limit (64 KiB)."""
+    with _client(proxy, _port(upstream, scheme), scheme) as (sock, _, _):
+        _send(sock, b"\r\n" * (32 * 1024 + 1))  # all of it is read: then a FIN, no RST
+        answer = _answer(sock)
+    assert answer.status == 400, answer.data[:300]
+    assert re.search(rb"(?im)^content-type: text/plain", answer.head), answer.head
+    assert answer.end == "close"
+
+
+def test_connect_to_port_0_is_refused(proxy: ProxyProcess) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT) as sock:
+        _send(sock, b"CONNECT 127.0.0.1:0 HTTP/1.1\r\nHost: 127.0.0.1:0\r\n\r\n")
+        answer = _answer(sock)
+    assert answer.status == 400, answer.data[:300]
+    assert b"invalid port" in answer.data
+    assert answer.end == "close"
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 # Pieces of HTTP syntax to splice with random bytes. Nothing here can form an
@@ -484,10 +559,17 @@ _HEADS = st.one_of(
 )
 @given(head=_HEADS)
 def test_random_heads_get_an_error_or_a_close(proxy: ProxyProcess, head: bytes) -> None:
+    blank_only = head == b"\r\n" * (len(head) // 2)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT) as sock:
         # The blank line ends the head: the proxy must decide now, not wait for more.
         _send(sock, head + b"\r\n\r\n")
+        if blank_only:
+            # Nothing but empty lines, which precede a request-line (RFC 9112 2.2): the
+            # proxy waits for one, so the client says there is none.
+            sock.shutdown(socket.SHUT_WR)
         answer = _answer(sock)
+    if blank_only:
+        assert answer.data == b"", answer.data[:300]
     if answer.data:
         status = answer.status
         assert status is not None, f"not a status line: {answer.data[:200]!r}"
@@ -540,6 +622,18 @@ BAD_RESPONSES: dict[str, bytes] = {
     "/bad-chunk-size-with-the-head": (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"
     ),
+    # chunked not last, or twice (RFC 9112 6.1): once relayed until the close, the chunk
+    # framing reaching the client as content, labelled with the other codings.
+    "/te-chunked-then-gzip": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    ),
+    "/te-chunked-twice": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    ),
+    # RFC 9110 15: 100-599 only (099 was relayed as "99", 600 with its body).
+    "/status-099": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
+    "/status-600": b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok",
 }
 # The head is relayed first, then the body goes wrong: the client sees an aborted transfer.
 MID_BODY = ("/bad-chunk-size", "/cut-mid-body", "/cut-mid-chunked", "/reset-mid-body")
@@ -608,6 +702,53 @@ def test_malformed_response_is_a_plain_502(
         assert b"hello" not in r.content
         assert r.content != b"ok"
     assert path in bad_upstreams[scheme].seen  # the 502 is about the response, not a connect
+
+
+class Http10ChunkedUpstream(RawServer):
+    """HTTP/1.0 answers with Transfer-Encoding and "Connection: keep-alive", on a
+    connection it keeps open for more: `connections` numbers each request's connection."""
+
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        super().__init__(tls)
+        self.connections: list[int] = []
+        self._numbers = itertools.count()
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        number = next(self._numbers)
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            data = data.partition(b"\r\n\r\n")[2]  # GETs: no body
+            self.connections.append(number)
+            sock.sendall(
+                b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n"
+                b"\r\n5\r\nhello\r\n0\r\n\r\n"
+            )
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_http10_upstream_with_transfer_encoding_is_never_reused(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    """RFC 9112 6.1: an HTTP/1.0 response with Transfer-Encoding has faulty framing, so
+    its connection is closed after it, whatever "Connection: keep-alive" says."""
+    with (
+        plain_and_tls(Http10ChunkedUpstream, upstream.ca) as servers,
+        requests_session(proxy) as s,
+    ):
+        # One more request than egress addresses: at least one address goes twice, and
+        # would find the connection it used before in the pool.
+        for i in range(len(EGRESS) + 1):
+            with s.get(_bad_url(servers, scheme, f"/{i}"), timeout=20) as r:
+                assert r.status_code == 200
+                assert r.content == b"hello"
+        connections = servers[scheme].connections
+    assert len(connections) == len(EGRESS) + 1
+    assert len(set(connections)) == len(connections), "an upstream connection was reused"
 
 
 def _assert_aborted(fetch: Callable[[], requests.Response]) -> None:

@@ -103,6 +103,43 @@ def test_connect_authority() -> None:
             parse_authority(bad)
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"http://127.0.0.1:0/",
+        b"http://a.test:00/x",
+        b"https://a.test:0",
+        b"http://a.test:0?q=1",
+        b"http://[::1]:0/",
+        b"ws://a.test:0/ws",
+    ],
+)
+def test_port_0_in_absolute_form_is_invalid(target: bytes) -> None:
+    """`url.port or default` read ":0" as no port: the request went to port 80 / 443."""
+    route._ORIGINS.clear()
+    for _ in range(2):  # and the memo of prefixes never learns it either
+        with pytest.raises(ProtocolError, match="invalid port") as info:
+            route_for(target, None)
+        assert info.value.status == 400
+    # Inside a tunnel the CONNECT authority decides, but the target must still be valid.
+    with pytest.raises(ProtocolError, match="invalid port"):
+        route_for(target, Tunnel("https", "a.test", 443, "a.test"))
+    for port in (1, 65535):  # the bounds themselves stay valid
+        assert route_for(b"http://a.test:%d/" % port, None).port == port
+
+
+@pytest.mark.parametrize(
+    "target", [b"a.test:0", b"a.test:00", b"[::1]:0", b"a.test:65536", b"a.test:" + b"9" * 5000]
+)
+def test_connect_port_out_of_range_is_an_invalid_port(target: bytes) -> None:
+    with pytest.raises(ProtocolError, match="invalid port") as info:
+        parse_authority(target)
+    assert info.value.status == 400
+    assert parse_authority(b"a.test:1") == ("a.test", 1)
+    assert parse_authority(b"a.test:65535") == ("a.test", 65535)
+    assert parse_authority(b"a.test:000443") == ("a.test", 443)
+
+
 # --- policy ------------------------------------------------------------------------
 
 
