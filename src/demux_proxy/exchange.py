@@ -178,6 +178,13 @@ class Forwarder:
             error = f"client connection lost: {exc or 'timed out'}"
             kind = "client_lost"
             client.abort()
+        except asyncio.CancelledError:
+            # Cut (the shutdown grace period ran out): a reset, not a clean close, so
+            # that a body cut short never looks complete (close-delimited, above all).
+            error = "cut short: the proxy is stopping"
+            kind = "cut"
+            client.abort()
+            raise
         finally:
             elapsed = time.perf_counter() - started
             used = out.egress

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import socket
 import ssl
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any, Final, cast
 
@@ -63,6 +65,8 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 def _no_tls(*args: object) -> Any:
     raise AssertionError("TLS method called before start_tls_server")
 
+
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets
 
 _NEVER: Final = float("inf")
 _TIMER_SLACK_S: Final = 0.001
@@ -410,8 +414,16 @@ class Stream(asyncio.Protocol):
         self.transport.close()
 
     def abort(self) -> None:
-        """Reset: the signal a client gets for a response we cannot finish."""
+        """Reset: the signal a client gets for a response we cannot finish.
+
+        An RST, not a FIN: closing a socket is a FIN whatever the transport's abort()
+        means by it, and a FIN ends a close-delimited body as if it were complete.
+        """
         if not self.closed:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.transport.abort()
 
     # --- TLS towards the client (memory BIOs) ------------------------------------------

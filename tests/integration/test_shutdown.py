@@ -202,3 +202,34 @@ def test_sigint_when_idle_exits_zero(tmp_path: Path) -> None:
     assert "KeyboardInterrupt" not in stderr
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", p.port), timeout=5).close()
+
+
+def test_a_download_cut_at_the_end_of_the_grace_period_is_reset_and_logged(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Past --shutdown-grace, a response in flight ends with a reset (a body cut short
+    must never look complete) and its log line says so."""
+    path = f"/slow/{SLOW_BYTES}?delay=1"  # ten pieces a second apart: ~9 s in all
+    with running_proxy(
+        tmp_path / "state", "--shutdown-grace", "1", upstream_ca=upstream.ca_pem_path
+    ) as p:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=20) as c:
+            c.sendall(
+                f"GET {upstream.http_url(path)} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{upstream.http_port}\r\n\r\n".encode()
+            )
+            got = c.recv(65536)
+            assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+            p.proc.send_signal(signal.SIGTERM)
+            ending = "close"
+            try:
+                while chunk := c.recv(65536):
+                    got += chunk
+            except ConnectionResetError:
+                ending = "reset"
+        assert ending == "reset"
+        assert len(got) < SLOW_BYTES
+        p.proc.wait(timeout=15)
+        line = p.wait_for_log("inbound response", lambda ln: "/slow/" in ln["fields"]["url"])
+    assert line["level"] == "warning"
+    assert "stopping" in line["fields"]["error"]
