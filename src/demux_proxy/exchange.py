@@ -301,7 +301,10 @@ class Forwarder:
                         up.writelines(writer.chunk(data))
                     else:
                         up.write(data)
-                    await up.drain()
+                    try:
+                        await up.drain(idle)
+                    except SinkClosed as exc:  # the upstream stopped reading our upload
+                        raise UpstreamTimeout(f"upstream took nothing for {idle:g} s") from exc
                 elif body.done:
                     break
                 else:
@@ -444,7 +447,7 @@ class Forwarder:
                 if moved:
                     continue
             looked = len(buf)  # what the decoder saw: bytes arriving during the drain count
-            await client.drain()
+            await client.drain(self._config.idle_timeout_s)
             try:
                 more = await up.fill(idle, have=looked)
             except StreamClosed as exc:
@@ -458,7 +461,7 @@ class Forwarder:
         out.response_started = True
         client.writelines(parts)
         if client.must_drain:
-            await client.drain()
+            await client.drain(self._config.idle_timeout_s)
 
     async def _splice(
         self, source: Stream, target: Stream, body: BodyDecoder, idle_s: float

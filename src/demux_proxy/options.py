@@ -206,7 +206,10 @@ START_OPTIONS: tuple[_Decorator, ...] = (
         show_default=True,
         envvar=_env("idle-timeout"),
         show_envvar=True,
-        help="Seconds without a byte mid-body before the transfer is declared dead.",
+        help=(
+            "Seconds without a byte mid-body, either way (a peer that sends nothing or "
+            "takes nothing), before the transfer is declared dead."
+        ),
     ),
     click.option(
         "--client-idle-timeout",

@@ -313,7 +313,12 @@ class Stream(asyncio.Protocol):
                 while n:
                     m = _splice_chunk(pipe_r, dst, n, SinkClosed)
                     if m < 0:
-                        await self._ready(loop.add_writer, loop.remove_writer, watch_dst, None)
+                        try:
+                            await self._ready(
+                                loop.add_writer, loop.remove_writer, watch_dst, idle_timeout
+                            )
+                        except TimeoutError:
+                            raise SinkClosed(f"peer took nothing for {idle_timeout:g} s") from None
                         continue
                     n -= m
                     self.spliced += m
@@ -389,17 +394,28 @@ class Stream(asyncio.Protocol):
         coroutine call per response, most of which find nothing to wait for."""
         return self.closed or self._write_paused
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait while the write buffer is above its high mark.
+
+        Raises SinkClosed when the peer took nothing for `timeout` seconds: a peer that
+        stops reading must not hold its connection (and ours upstream) forever.
+        """
         if self.closed:
             raise StreamClosed("connection closed by peer")
-        while self._write_paused:
-            self._drain_waiter = self.loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
-            if self.closed:
-                raise StreamClosed("connection closed by peer")
+        if not self._write_paused:
+            return
+        try:
+            async with asyncio.timeout(timeout):  # a timer only when writes are paused
+                while self._write_paused:
+                    self._drain_waiter = self.loop.create_future()
+                    try:
+                        await self._drain_waiter
+                    finally:
+                        self._drain_waiter = None
+                    if self.closed:
+                        raise StreamClosed("connection closed by peer")
+        except TimeoutError:
+            raise SinkClosed(f"peer took nothing for {timeout:g} s") from None
 
     def close(self) -> None:
         """Close cleanly: TLS close_notify where we run TLS, then FIN once writes drain."""

@@ -24,6 +24,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -407,6 +408,61 @@ def test_client_that_stops_reading_holds_proxy_memory_flat(
     assert line["fields"]["status_code"] == 200, line
     assert line["fields"]["bytes"] == size, line
     assert "error" not in line["fields"], line
+
+
+class FirehoseUpstream(RawServer):
+    """Answers with a 1 GiB Content-Length body and sends it as fast as it is taken,
+    until the proxy lets go (a raw server: resets are what this test causes)."""
+
+    SIZE = 1 << 30
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
+        piece = b"f" * 65536
+        for _ in range(self.SIZE // len(piece)):
+            sock.sendall(piece)  # raises once the proxy has closed: the end of it
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_client_that_stops_reading_past_the_idle_timeout_is_let_go(
+    tmp_path: Path, upstream: Upstream, scheme: str
+) -> None:
+    """No byte taken for --idle-timeout: both connections go (the upstream one too), and
+    the log line says why. Over plain HTTP the body moves by splice(2), over TLS by
+    writes: both ways are bounded."""
+    path = f"/big?case={RUN}-stops-reading-{scheme}"
+    with (
+        plain_and_tls(FirehoseUpstream, upstream.ca) as servers,
+        running_proxy(
+            tmp_path / "state", "--idle-timeout", "1", upstream_ca=upstream.ca_pem_path
+        ) as p,
+        contextlib.ExitStack() as stack,
+    ):
+        port = servers[scheme].port
+        authority = f"127.0.0.1:{port}"
+        sock, prefix = _client(stack, p, scheme, authority)
+        sock.sendall(f"GET {prefix}{path} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        line = p.wait_for_log("inbound response", lambda ln: path in ln["fields"]["url"])
+        assert "took nothing for 1 s" in line["fields"]["error"], line
+        assert line["level"] == "warning"
+        assert line["fields"]["bytes"] < FirehoseUpstream.SIZE
+        deadline = time.monotonic() + 10
+        while _upstream_connections(p, port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _upstream_connections(p, port) == 0
+
+
+def _upstream_connections(proxy: ProxyProcess, port: int) -> int:
+    root = psutil.Process(proxy.proc.pid)
+    conns = [c for pr in (root, *root.children()) for c in pr.net_connections(kind="tcp")]
+    return sum(1 for c in conns if c.raddr and c.raddr.port == port)
 
 
 class StallingUpstream(PartialUpstream):
