@@ -20,7 +20,13 @@ from itertools import count
 from typing import Final
 
 from demux_proxy.egress import Egress
-from demux_proxy.errors import EgressFailure, EgressTimeout, Forbidden, UpstreamError
+from demux_proxy.errors import (
+    EgressFailure,
+    EgressTimeout,
+    Forbidden,
+    Unavailable,
+    UpstreamError,
+)
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import PoolKey
 from demux_proxy.route import bracketed, is_ip_literal
@@ -31,6 +37,8 @@ from demux_proxy.stream import Stream
 _IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _ids: Final = count(1)
 _EGRESS_ERRNOS: Final = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EHOSTUNREACH})
+# The proxy short of descriptors or memory: resting an egress address would not help.
+_LOCAL_SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(eq=False)
@@ -87,6 +95,12 @@ class Resolver:
                 raise UpstreamError(f"cannot resolve {host}: {exc.strerror}") from exc
         except UnicodeError as exc:  # IDNA: an empty or over-long label ("a..b")
             raise UpstreamError(f"cannot resolve {host}: not a valid host name") from exc
+        except OSError as exc:  # the lookup itself could not run (out of descriptors...)
+            if exc.errno in _LOCAL_SHORTAGE_ERRNOS:
+                raise Unavailable(
+                    f"cannot resolve {host}: {exc.strerror}", retry_after_s=1
+                ) from exc
+            raise UpstreamError(f"cannot resolve {host}: {exc.strerror or exc}") from exc
         else:
             addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
         self._cache[(host, family)] = (now + self._ttl, addrs)
@@ -125,6 +139,10 @@ async def connect(
                 try:
                     sock = _bound_socket(egress)
                 except OSError as exc:
+                    if exc.errno in _LOCAL_SHORTAGE_ERRNOS:  # ours, not the address's
+                        raise Unavailable(
+                            f"cannot open a connection: {exc.strerror}", retry_after_s=1
+                        ) from exc
                     raise EgressFailure(
                         f"cannot bind egress address {egress.address}: {exc.strerror}"
                     ) from exc

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -196,3 +198,35 @@ def test_a_destination_that_never_answers_tls_costs_other_hosts_nothing(
         assert len(healthy) == 6, healthy
         assert not [ln for ln in healthy if ln["fields"].get("queued_ms")], healthy
         assert not [ln for ln in p.lines if ln["message"] == "egress address resting"]
+
+
+def test_out_of_descriptors_is_a_503_and_rests_no_address(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """EMFILE opening an upstream socket is the proxy's shortage, not the egress
+    address's: the client gets a 503 with Retry-After, and no address is rested."""
+    with running_proxy(tmp_path / "state", "--workers", "1", upstream_ca=upstream.ca_pem_path) as p:
+        pid = p.proc.pid
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+            c.sendall(b"GET " + upstream.http_url("/ip").encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.settimeout(10)
+            assert c.recv(65536).startswith(b"HTTP/1.1 200")  # accepted and pooled: warm
+            open_now = len(os.listdir(f"/proc/{pid}/fd"))
+            # Not one descriptor more: the next upstream socket() fails with EMFILE.
+            subprocess.run(
+                ["prlimit", f"--pid={pid}", f"--nofile={open_now}:{open_now}"], check=True
+            )
+            answers = []
+            # A new socket for an IP literal (another port: another pool key), then a name
+            # lookup (getaddrinfo needs a descriptor too).
+            for url in (
+                f"http://127.0.0.1:{upstream.https_port}/ip",
+                upstream.http_url("/ip", "localhost"),
+            ):
+                c.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                answers.append(c.recv(65536))
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b"Retry-After: 1" in answer
+            assert b"Too many open files" in answer
+        assert not p.logs("egress address resting")
