@@ -229,4 +229,5 @@ def test_out_of_descriptors_is_a_503_and_rests_no_address(
             assert answer.startswith(b"HTTP/1.1 503 "), answer
             assert b"Retry-After: 1" in answer
             assert b"Too many open files" in answer
+        time.sleep(0.2)  # log lines are written up to 50 ms late
         assert not p.logs("egress address resting")
