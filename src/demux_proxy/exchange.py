@@ -252,7 +252,7 @@ class Forwarder:
                 resp = await self._read_head(up, upload)
             out.status = resp.status
             if resp.status == 101:
-                return await self._switch(client, conn, req, resp, out)
+                return await self._switch(client, conn, req, resp, out, upload)
             retry_after, cooled = self._dispatch.learn(conn.egress.address, route.host, resp)
             if cooled is not None:  # kept across a retry: the log says what happened
                 out.cooldown_s = cooled
@@ -491,8 +491,14 @@ class Forwarder:
         req: RequestHead,
         resp: ResponseHead,
         out: Outcome,
+        upload: asyncio.Task[None] | None,
     ) -> bool:
-        """101 Switching Protocols: from here on, bytes both ways until either side closes."""
+        """101 Switching Protocols: from here on, bytes both ways until either side closes.
+
+        A server may switch before the request's body is all in: the new protocol starts
+        after that body (RFC 9110 7.8), so the upload ends first (its reads and writes
+        are bounded by the idle timeout) and only what follows is relayed.
+        """
         if not req.upgrade:
             raise UpstreamError("upstream switched protocols without being asked")
         headers: Headers = end_to_end(resp.headers, resp.connection, drop_length=False)
@@ -500,6 +506,8 @@ class Forwarder:
         headers.append((b"Upgrade", get(resp.headers, b"upgrade") or b""))
         client.write(writer.response_head(101, resp.reason, headers))
         out.response_started = True
+        if upload is not None:
+            await upload
         out.request_done = True
         await relay(client, conn.stream)
         return False

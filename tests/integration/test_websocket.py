@@ -7,7 +7,10 @@ case is plain HTTP inside the tunnel.
 
 from __future__ import annotations
 
+import socket
 import ssl
+import threading
+import time
 import uuid
 
 import aiohttp
@@ -16,6 +19,7 @@ import websockets.asyncio.client
 import websockets.sync.client
 
 from tests.proxy_process import AIOHTTP_CLEANUP_CLOSED, EGRESS, ProxyProcess
+from tests.rawserver import RawServer
 from tests.upstream import Upstream
 
 SCHEMES = ["ws", "wss"]
@@ -127,3 +131,57 @@ def test_websockets_sync_client_echo(proxy: ProxyProcess, upstream: Upstream, sc
     assert ws.protocol.close_rcvd is not None
     assert ws.protocol.close_rcvd.code == 1000
     _assert_went_through_proxy(proxy, tag)
+
+
+class _EarlySwitch(RawServer):
+    """Answers 101 as soon as the request head is in, then records every byte after it."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.after_head = b""
+        self.done = threading.Event()
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        rest = data.partition(b"\r\n\r\n")[2]
+        sock.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n"
+        )
+        while b"CLIENT-AFTER-UPGRADE" not in rest:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+        self.after_head = rest
+        sock.sendall(b"SERVER-AFTER-UPGRADE")
+        self.done.set()
+
+
+def test_a_101_before_the_request_body_ends_loses_no_byte(proxy: ProxyProcess) -> None:
+    """The server switches before the body is all in: the rest of the body still goes
+    up as body, then the client's bytes of the new protocol follow, both ways."""
+    server = _EarlySwitch()
+    try:
+        authority = f"127.0.0.1:{server.port}"
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+            c.sendall(
+                f"POST http://{authority}/up HTTP/1.1\r\nHost: {authority}\r\n"
+                "Connection: upgrade\r\nUpgrade: foo\r\nContent-Length: 10\r\n\r\n12345".encode()
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += c.recv(4096)
+            time.sleep(0.3)  # the rest of the body comes late
+            c.sendall(b"67890CLIENT-AFTER-UPGRADE")
+            assert answer.startswith(b"HTTP/1.1 101 "), answer
+            _, _, more = answer.partition(b"\r\n\r\n")
+            while b"SERVER-AFTER-UPGRADE" not in more:
+                chunk = c.recv(4096)
+                assert chunk, more
+                more += chunk
+        assert server.done.wait(10)
+        assert server.after_head == b"1234567890CLIENT-AFTER-UPGRADE"
+    finally:
+        server.close()
