@@ -663,6 +663,10 @@ class BadUpstream(RawServer):
             time.sleep(0.3)
             if path == "/reset-mid-body":
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif path == "/connection-names-content-length":
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
+            )
         elif path == "/cut-mid-chunked":
             sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             sock.sendall(b"%x\r\n%s\r\n" % (len(_PARTIAL), _PARTIAL))
@@ -702,6 +706,21 @@ def test_malformed_response_is_a_plain_502(
         assert b"hello" not in r.content
         assert r.content != b"ok"
     assert path in bad_upstreams[scheme].seen  # the 502 is about the response, not a connect
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_response_whose_connection_names_content_length_stays_framed(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str
+) -> None:
+    """The response keeps its Content-Length, so the client connection can go on (else
+    the next response would run on from this body)."""
+    url = _bad_url(bad_upstreams, scheme, "/connection-names-content-length")
+    with requests_session(proxy) as s:
+        for _ in range(2):  # the second on the same client connection
+            with s.get(url, timeout=20) as r:
+                assert r.status_code == 200
+                assert r.headers["Content-Length"] == "5"
+                assert r.content == b"hello"
 
 
 class Http10ChunkedUpstream(RawServer):
