@@ -148,6 +148,11 @@ class Stream(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if exc is None and self._native_tls and not self.eof:
+            # uvloop's TLS calls eof_received only for a close_notify: a bare TCP close
+            # comes here alone. What the close delimits is then truncated, not complete
+            # (RFC 9112 9.8): an error for the reader, never a clean end.
+            exc = ConnectionAbortedError("TLS connection closed without close_notify")
         self.closed = True
         self.eof = True
         if exc is not None and self._exc is None:

@@ -667,6 +667,11 @@ class BadUpstream(RawServer):
             sock.sendall(
                 b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
             )
+        elif path in ("/close-delimited", "/close-delimited-close-notify"):
+            sock.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + _PARTIAL)
+            time.sleep(0.3)
+            if path.endswith("close-notify") and isinstance(sock, ssl.SSLSocket):
+                sock.unwrap()  # a clean TLS end: close_notify, then the FIN
         elif path == "/cut-mid-chunked":
             sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             sock.sendall(b"%x\r\n%s\r\n" % (len(_PARTIAL), _PARTIAL))
@@ -706,6 +711,30 @@ def test_malformed_response_is_a_plain_502(
         assert b"hello" not in r.content
         assert r.content != b"ok"
     assert path in bad_upstreams[scheme].seen  # the 502 is about the response, not a connect
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_close_delimited_body_is_complete_only_with_a_clean_end(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str
+) -> None:
+    """RFC 9112 9.8: a body delimited by the close is complete after a FIN over plain
+    TCP, or a close_notify over TLS; a TLS connection that just drops is a truncation,
+    and the client must see an error (the proxy re-chunks, so it can signal one)."""
+    with requests_session(proxy) as s:
+        for path in ("/close-delimited-close-notify", "/close-delimited"):
+            url = _bad_url(bad_upstreams, scheme, path)
+            if scheme == "https" and path == "/close-delimited":
+                with pytest.raises(
+                    (
+                        requests.exceptions.ChunkedEncodingError,
+                        requests.exceptions.ConnectionError,
+                    )
+                ):
+                    s.get(url, timeout=20).content  # noqa: B018
+                continue
+            with s.get(url, timeout=20) as r:
+                assert r.status_code == 200
+                assert r.content == _PARTIAL
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
