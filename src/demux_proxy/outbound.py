@@ -62,7 +62,7 @@ class Outbound:
         self._events = events
         self._policy = policy
         self._metrics = metrics
-        self._resolver = Resolver()
+        self._resolver = Resolver(timeout_s=config.connect_timeout_s)
 
     async def open(
         self,

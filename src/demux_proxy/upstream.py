@@ -26,6 +26,7 @@ from demux_proxy.errors import (
     Forbidden,
     Unavailable,
     UpstreamError,
+    UpstreamTimeout,
 )
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import PoolKey
@@ -66,9 +67,15 @@ class Resolver:
     Only names are cached, never the verdict: `policy` judges each address at connect.
     """
 
-    def __init__(self, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        timeout_s: float = 10.0,
+    ) -> None:
         self._cache: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._ttl = ttl_s
+        self._timeout = timeout_s  # a resolver that never answers must not hold requests
         self._clock = clock
 
     async def resolve(self, host: str, family: int) -> list[str]:
@@ -87,7 +94,10 @@ class Resolver:
             return cached[1]
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_STREAM)
+            async with asyncio.timeout(self._timeout):
+                infos = await loop.getaddrinfo(host, None, family=family, type=socket.SOCK_STREAM)
+        except TimeoutError:
+            raise UpstreamTimeout(f"resolving {host} took over {self._timeout:g} s") from None
         except socket.gaierror as exc:
             if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)):
                 addrs: list[str] = []

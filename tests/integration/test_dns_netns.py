@@ -1,0 +1,90 @@
+"""A resolver that never answers: the request gets a 504 within --connect-timeout, not
+the resolver's own retries (seconds each, per address family).
+
+The proxy and its client run inside a network namespace of their own whose resolv.conf
+(`/etc/netns/NAME/resolv.conf`, which `ip netns exec` mounts over /etc/resolv.conf)
+names a nameserver on a veth link where nothing answers ARP: the queries go nowhere,
+and no packet leaves the namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netns import add_namespace_or_skip, ip, ns_ip
+
+pytestmark = pytest.mark.netns
+
+# Inside the namespace: start the proxy, ask it for a name only DNS could answer, print
+# what the client saw and how long it took.
+PROBE = r"""
+import json, socket, subprocess, sys, time
+proxy = subprocess.Popen(
+    [sys.executable, "-m", "demux_proxy", "start", "--workers", "1",
+     "--listen", "127.0.0.1:0", "--egress", "10.99.0.1", "--allow-private",
+     "--state-dir", sys.argv[1], "--connect-timeout", "1"],
+    stdout=subprocess.PIPE, text=True)
+try:
+    for line in proxy.stdout:
+        rec = json.loads(line)
+        if rec["message"] == "Starting Proxy":
+            port = int(rec["fields"]["listen"].rsplit(":", 1)[1])
+            break
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        c.sendall(b"GET http://never-answers.test/ HTTP/1.1\r\nHost: never-answers.test\r\n\r\n")
+        answer = c.recv(65536).decode("latin-1")
+    print(json.dumps({"answer": answer, "seconds": time.monotonic() - started}))
+finally:
+    proxy.terminate()
+    proxy.wait(10)
+"""
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"demuxdns-{secrets.token_hex(4)}"
+    add_namespace_or_skip(name)
+    conf_dir = Path("/etc/netns") / name
+    try:
+        proc = ip("-n", name, "link", "add", "dns0", "type", "dummy")
+        if proc.returncode != 0:  # no dummy links in this kernel: a veth pair, peer silent
+            ns_ip(name, "link", "add", "dns0", "type", "veth", "peer", "name", "dns0p")
+            ns_ip(name, "link", "set", "dns0p", "up")
+        ns_ip(name, "addr", "add", "10.99.0.1/24", "dev", "dns0")
+        ns_ip(name, "link", "set", "dns0", "up")
+        ns_ip(name, "link", "set", "lo", "up")
+        conf_dir.mkdir(parents=True)
+        (conf_dir / "resolv.conf").write_text(
+            "nameserver 10.99.0.2\noptions timeout:5 attempts:2\n"
+        )
+        yield name
+    finally:
+        ip("netns", "delete", name)
+        shutil.rmtree(conf_dir, ignore_errors=True)
+
+
+def test_a_resolver_that_never_answers_is_a_504_in_time(netns: str, tmp_path: Path) -> None:
+    proc = subprocess.run(  # this interpreter and environment: the build under test
+        ["ip", "netns", "exec", netns, sys.executable, "-c", PROBE, str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=dict(os.environ),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["answer"].startswith("HTTP/1.1 504 "), seen
+    assert "resolving never-answers.test took over 1 s" in seen["answer"]
+    # The resolver alone would take 5 s a try, two tries, per family.
+    assert seen["seconds"] < 5, seen
