@@ -64,6 +64,18 @@ class RawServer:
 S = TypeVar("S", bound=RawServer)
 
 
+def read_head(sock: socket.socket) -> bytes:
+    """Bytes up to and including the first blank line (and whatever came with them), or
+    b"" when the peer closes before one."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+
+
 @contextmanager
 def plain_and_tls(cls: type[S], ca: trustme.CA) -> Iterator[dict[str, S]]:
     """One `cls` server for "http" and one over TLS for "https", with a leaf from `ca`

@@ -32,7 +32,7 @@ import pytest
 import requests
 
 from tests.proxy_process import EGRESS, ProxyProcess, requests_session, running_proxy
-from tests.rawserver import RawServer, plain_and_tls
+from tests.rawserver import RawServer, plain_and_tls, read_head
 from tests.upstream import Upstream, expected_sha256
 
 pytestmark = pytest.mark.timeout(60)
@@ -257,12 +257,9 @@ class PartialUpstream(RawServer):
     SENT = 256 * 1024
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                return
-            head += chunk
+        head = read_head(sock)
+        if not head:
+            return
         self.seen.append(head.split(b" ", 2)[1].decode("latin-1"))
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
         sock.sendall(b"d" * self.SENT)
@@ -417,12 +414,8 @@ class FirehoseUpstream(RawServer):
     SIZE = 1 << 30
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = sock.recv(4096)
-            if not chunk:
-                return
-            head += chunk
+        if not read_head(sock):
+            return
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
         piece = b"f" * 65536
         for _ in range(self.SIZE // len(piece)):

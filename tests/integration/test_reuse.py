@@ -20,22 +20,12 @@ import psutil
 import pytest
 
 from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
-from tests.rawserver import RawServer
+from tests.rawserver import RawServer, read_head
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.timeout(60)
 
 PIN = EGRESS[0]
-
-
-def _read_head(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return b""
-        data += chunk
-    return data
 
 
 class SecondRequestFails(RawServer):
@@ -50,13 +40,13 @@ class SecondRequestFails(RawServer):
         self.closed_by_proxy = threading.Event()
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        first = _read_head(sock)
+        first = read_head(sock)
         if not first:
             return
         with self.lock:
             self.requests.append(first.split(b"\r\n", 1)[0].decode())
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        second = _read_head(sock)
+        second = read_head(sock)
         if not second:
             return
         with self.lock:
@@ -88,13 +78,7 @@ def _ask(proxy: ProxyProcess, request: bytes) -> bytes:
     """One request on a fresh client connection; everything the proxy answered."""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as c:
         c.sendall(request)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return read_head(c)
 
 
 def _request(method: str, port: int, path: str) -> bytes:
