@@ -293,17 +293,19 @@ def basic_credentials(headers: Headers) -> tuple[str, str] | None:
     return username, password
 
 
-def challenge_response(realm: str = DEFAULT_REALM) -> bytes:
+def challenge_response(realm: str = DEFAULT_REALM, *, close: bool = False) -> bytes:
     """A complete `407 Proxy Authentication Required` asking for Basic credentials.
 
-    Framed by Content-Length and without `Connection: close`: a client may answer the
-    challenge on the same connection (RFC 9110 11.7.1), as curl does.
+    Framed by Content-Length and, unless `close`, without `Connection: close`: a client
+    may answer the challenge on the same connection (RFC 9110 11.7.1), as curl does.
+    `close` is for a request whose body was not read: the connection ends after it, and
+    the answer says so (RFC 9112 9.6).
     """
-    return _challenge(realm)
+    return _challenge(realm, close)
 
 
 @lru_cache(maxsize=8)
-def _challenge(realm: str) -> bytes:
+def _challenge(realm: str, close: bool) -> bytes:
     if any(unicodedata.category(c) == "Cc" for c in realm):
         raise ValueError("realm must not contain control characters")
     quoted = realm.replace("\\", "\\\\").replace('"', '\\"').encode("utf-8")
@@ -313,6 +315,8 @@ def _challenge(realm: str) -> bytes:
         (b"Content-Type", b"text/plain; charset=utf-8"),
         (b"Content-Length", b"%d" % len(body)),
     ]
+    if close:
+        headers.append((b"Connection", b"close"))
     return response_head(407, b"Proxy Authentication Required", headers) + body
 
 

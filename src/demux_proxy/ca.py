@@ -117,6 +117,15 @@ def _remove_dir(path: Path) -> None:
         pass  # at exit, best effort: what is left is 0700 and holds throwaway files
 
 
+def valid_name(name: str) -> bool:
+    """Whether a leaf certificate can be made for `name` (a DNS name or an IP literal)."""
+    try:
+        _normalize(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _normalize(name: str) -> tuple[str, IPAddress | None]:
     """Return (cache key, IP address or None) for a DNS name or IP literal."""
     host = name.strip()

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from demux_proxy import log
 from demux_proxy.auth import ClientPolicy, challenge_response, session_of
-from demux_proxy.ca import CertificateAuthority
+from demux_proxy.ca import CertificateAuthority, valid_name
 from demux_proxy.config import Config
 from demux_proxy.errors import Forbidden, ProtocolError, ProxyError, StreamClosed
 from demux_proxy.exchange import Forwarder
@@ -220,7 +220,8 @@ class ProxyServer:
             method=req.method.decode("latin-1"),
             status_code=407,
         )
-        stream.write(challenge_response())
+        # A body we do not read leaves the connection off a message boundary: it ends.
+        stream.write(challenge_response(close=bool(req.content_length or req.chunked)))
         return False
 
     async def _next_request(self, stream: Stream) -> RequestHead | None:
@@ -291,6 +292,8 @@ class ProxyServer:
         """CONNECT host:port: say yes, then read what the client speaks in the tunnel."""
         try:
             host, port = parse_authority(req.target)
+            if not valid_name(host):  # before the 200: no leaf could be made for it
+                raise ProtocolError(f"CONNECT target is not a host name: {host[:64]!r}")
             self._destinations.check_name(host)
             if is_ip_literal(host):
                 why = self._destinations.refusal(host, host, port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,6 +103,28 @@ def test_curl_retries_with_credentials_on_the_same_connection(
     )  # fmt: skip
     code, connects = out.stdout.split()
     assert code == "200" and connects == "1"
+
+
+def test_a_407_to_a_request_with_a_body_says_the_connection_closes(
+    auth_proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """The body of a refused request is not read, so the connection ends after the 407,
+    and the 407 says so (RFC 9112 9.6): a client then retries on a new connection rather
+    than meeting a reset. Without a body the connection stays open for the retry."""
+    url = upstream.http_url("/upload")
+    with socket.create_connection(("127.0.0.1", auth_proxy.port), timeout=10) as c:
+        c.sendall(f"POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello".encode())
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 407 "), answer
+    assert b"\r\nconnection: close" in head
+    with socket.create_connection(("127.0.0.1", auth_proxy.port), timeout=10) as c:
+        c.sendall(f"GET {upstream.http_url('/ip')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = c.recv(65536).split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 407 ")
+    assert b"connection: close" not in head
 
 
 def test_allow_client_outside_the_networks_is_closed(tmp_path: Path, upstream: Upstream) -> None:

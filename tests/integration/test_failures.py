@@ -143,6 +143,21 @@ def test_leaf_is_for_the_sni_name_not_the_connect_host(
     assert b'"peer"' in answer
 
 
+@pytest.mark.parametrize("host", ["foo!bar", "ex~ample.test", "a..b", "x" * 300])
+def test_a_connect_to_a_name_no_certificate_can_hold_is_400_before_the_tunnel(
+    proxy: ProxyProcess, host: str
+) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT) as sock:
+        sock.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"not a host name" in answer
+    time.sleep(0.2)  # log lines are written up to 50 ms late
+    assert not proxy.logs("internal error")
+
+
 def _get_statuses(proxy: ProxyProcess, authority: str, sni: str, count: int) -> list[int]:
     """`count` GETs on one keep-alive tunnel to `authority` whose TLS names `sni`."""
     statuses = []
