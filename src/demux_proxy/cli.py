@@ -93,8 +93,21 @@ def _check_destinations(values: tuple[str, ...]) -> None:
 # What start would reject in a value click's types let through, checked where the value
 # is read (file, or `demux-proxy config`) so the error can say where it came from. Only
 # syntax: whether an address is on this host is for `start` to find out.
+def _check_host_rate(values: tuple[str, ...]) -> None:
+    from demux_proxy.limits import RateRules, parse_host_rate
+
+    RateRules([parse_host_rate(v) for v in values])  # a pattern given twice is refused too
+
+
+def _check_admin(value: str | None) -> None:
+    if value:
+        parse_listen(value, option="--admin")
+
+
 _CHECKS: Mapping[str, config_file.Check] = {
     "listen": parse_listen,
+    "host_rate": _check_host_rate,
+    "admin": _check_admin,
     "egress": parse_addresses,
     "deny": _check_destinations,
     "allow_dest": _check_destinations,
@@ -161,6 +174,7 @@ def start(
 
     try:
         host, port = parse_listen(listen)
+        _check_host_rate(host_rate)  # here, not after the exec into the serving process
         config = Config(
             listen_host=host,
             listen_port=port,

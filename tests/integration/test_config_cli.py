@@ -234,6 +234,21 @@ def test_flag_and_env_values_are_checked_by_config() -> None:
     _assert_refused(_run("config", env=env), "DEMUX_PROXY_EGRESS", "'10.0.0.x'")
 
 
+def test_host_rate_and_admin_are_checked_by_config_and_start(tmp_path: Path) -> None:
+    """Refused with the file and key named, by `config` and by `start` alike (before
+    `start` serves), not only once the serving process meets them."""
+    for text, key, reason in (
+        ('host_rate = ["bad=1"]\n', "key 'host_rate'", "bad rate"),
+        ('host_rate = ["a.test=1/s", "a.test=2/s"]\n', "key 'host_rate'", "given twice"),
+        ('admin = "nope"\n', "key 'admin'", "'nope'"),
+    ):
+        path = _write(tmp_path, text)
+        for command in ("config", "start"):
+            _assert_refused(_run(command, "--config", str(path)), str(path), key, reason)
+    _assert_refused(_run("config", "--host-rate", "bad"), "--host-rate", "'bad'")
+    _assert_refused(_run("config", "--admin", "nope"), "--admin", "'nope'")
+
+
 # --------------------------------------------------------------------------- start uses it
 
 
