@@ -30,6 +30,17 @@ def enable() -> str:
     return path
 
 
+def process_gone(pid: int) -> None:
+    """A worker died: its live gauges (queue depth, idle connections, cooling hosts) leave
+    what /metrics sums. Its counters stay: what it counted happened. A no-op without
+    --admin (no multiprocess directory)."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
 class Recorder(Protocol):
     def request(
         self, egress: str | None, status: int, seconds: float, down: int, up: int

@@ -26,6 +26,7 @@ from types import FrameType
 
 import uvloop
 
+from demux_proxy import metrics
 from demux_proxy.app import Shared, announce, listen_error, serve
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
@@ -131,6 +132,8 @@ class _Supervisor:
                     continue
                 proc.join()
                 del self.procs[index]
+                if proc.pid is not None:
+                    metrics.process_gone(proc.pid)
                 if not self.stopping:
                     self.restart(index, proc.exitcode)
 

@@ -62,3 +62,45 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path, upstream: Up
         p.proc.wait(timeout=10)
         _, alive = psutil.wait_procs(children, timeout=20)
         assert not alive, f"orphaned workers: {[c.pid for c in alive]}"
+
+
+def _idle_gauge(base: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(base + "/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "demux_upstream_connections_idle"
+    )
+
+
+def test_a_dead_workers_gauges_leave_the_metrics(tmp_path: Path, upstream: Upstream) -> None:
+    """Live gauges are summed over the workers alive now: a worker killed with idle
+    upstream connections in its pool must not leave them counted for good."""
+    with running_proxy(
+        tmp_path / "state",
+        "--workers",
+        "2",
+        "--admin",
+        "127.0.0.1:0",
+        upstream_ca=upstream.ca_pem_path,
+    ) as p:
+        base = "http://" + p.wait_for_log("Starting Proxy")["fields"]["admin"]
+        for _ in range(8):  # new connections each: both workers pool some
+            assert _peer(p.url, upstream) in EGRESS
+        deadline = time.monotonic() + 15  # the gauges are published every 1-2 s
+        while _idle_gauge(base) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _idle_gauge(base) > 0
+        for old in psutil.Process(p.proc.pid).children():
+            os.kill(old.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                pids = {c.pid for c in psutil.Process(p.proc.pid).children()}
+                if len(pids) == 2 and old.pid not in pids:
+                    break
+                time.sleep(0.05)
+        time.sleep(3)  # the new workers publish theirs: nothing pooled yet
+        assert _idle_gauge(base) == 0
