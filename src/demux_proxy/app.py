@@ -32,7 +32,7 @@ from demux_proxy.exchange import Forwarder
 from demux_proxy.limits import Cooldowns, RateRules, parse_host_rate
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
-from demux_proxy.scheduler import Cursor, LocalCursor, Scheduler
+from demux_proxy.scheduler import Cursor, LocalCursor, Scheduler, SharedBuckets
 from demux_proxy.server import ProxyServer
 from demux_proxy.tls import upstream_context
 from demux_proxy.upstream import UpstreamConnection
@@ -173,6 +173,7 @@ async def serve(
     *,
     worker: int = 0,
     ready: Callable[[int], None] | None = None,
+    buckets: SharedBuckets | None = None,
 ) -> None:
     """One event loop's proxy: listen, serve until SIGTERM/SIGINT, drain, return."""
     config, ca, tls, events = shared.config, shared.ca, shared.tls, shared.events
@@ -189,6 +190,7 @@ async def serve(
         rules=RateRules([parse_host_rate(r) for r in config.host_rate]),
         cooldowns=Cooldowns(),
         workers=config.workers,
+        buckets=buckets,
     )
     recorder: metrics.Recorder = (
         metrics.Metrics(config.egress) if config.admin is not None else metrics.NoMetrics()

@@ -24,8 +24,10 @@ __all__ = [
     "HostRate",
     "RateRules",
     "TokenBucket",
+    "bucket_wait_s",
     "parse_host_rate",
     "parse_retry_after",
+    "refilled",
     "session_egress",
 ]
 
@@ -110,10 +112,25 @@ class RateRules:
         return bool(self._exact or self._suffix)
 
 
+BUCKET_EPS: Final = 1e-9  # float slack: waiting exactly wait_s() always lets take() succeed
+
+
+def refilled(tokens: float, last: float, now: float, rate_per_s: float, burst: int) -> float:
+    """A token bucket's tokens at `now`, from `tokens` at `last` (a clock that goes back
+    adds nothing). The one refill rule, for `TokenBucket` and buckets kept elsewhere."""
+    if now > last:
+        return min(burst, tokens + (now - last) * rate_per_s)
+    return tokens
+
+
+def bucket_wait_s(tokens: float, rate_per_s: float) -> float:
+    """Seconds until a bucket holding `tokens` has one to give."""
+    missing = 1.0 - tokens
+    return 0.0 if missing <= BUCKET_EPS else missing / rate_per_s
+
+
 class TokenBucket:
     """rate_per_s tokens per second, at most `burst`; starts full."""
-
-    _EPS = 1e-9  # float slack so that waiting exactly wait_s() always lets take() succeed
 
     def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
         if not (rate_per_s > 0 and math.isfinite(rate_per_s)) or burst < 1:
@@ -124,21 +141,19 @@ class TokenBucket:
         self._last = now
 
     def _refill(self, now: float) -> None:
-        if now > self._last:  # a clock that goes back adds nothing
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate_per_s)
-            self._last = now
+        self._tokens = refilled(self._tokens, self._last, now, self.rate_per_s, self.burst)
+        self._last = max(self._last, now)
 
     def take(self, now: float) -> bool:
         self._refill(now)
-        if self._tokens >= 1.0 - self._EPS:
+        if self._tokens >= 1.0 - BUCKET_EPS:
             self._tokens = max(0.0, self._tokens - 1.0)
             return True
         return False
 
     def wait_s(self, now: float) -> float:
         self._refill(now)
-        missing = 1.0 - self._tokens
-        return 0.0 if missing <= self._EPS else missing / self.rate_per_s
+        return bucket_wait_s(self._tokens, self.rate_per_s)
 
 
 def parse_retry_after(value: bytes | str | None, now_epoch: float) -> float | None:

@@ -10,18 +10,29 @@
 
 Round-robin's position is a `Cursor`: a plain integer with one process, an integer in
 shared memory behind a process-shared lock with `--workers N`, so rotation is global.
-Budgets are per worker, each worker getting rate/N: the per-address bound holds whatever
-the spread of clients over workers (the aggregate reaches N x RATE when they are busy).
+Budgets likewise: with `--workers N` the buckets of the addresses known at start live in
+shared memory (`SharedBuckets`), so an address never sends more than RATE (nor BURST at
+once) to a host, however clients spread over the workers. Addresses that re-discovery
+adds later get per-worker buckets of RATE/N (and at least one token each).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from demux_proxy.egress import Egress
-from demux_proxy.limits import Cooldowns, HostRate, RateRules, TokenBucket
+from demux_proxy.limits import (
+    BUCKET_EPS,
+    Cooldowns,
+    HostRate,
+    RateRules,
+    TokenBucket,
+    bucket_wait_s,
+    refilled,
+)
 
 if TYPE_CHECKING:  # only --workers N > 1 imports multiprocessing
     from multiprocessing.context import BaseContext
@@ -75,6 +86,69 @@ class SharedCursor:
             if i is not None:
                 self._value.value = (i + 1) % n
             return i
+
+
+class Bucket(Protocol):
+    def take(self, now: float) -> bool: ...
+    def wait_s(self, now: float) -> float: ...
+
+
+class SharedBuckets:
+    """Token buckets in shared memory (created before the fork), one per (address, rule
+    pattern) given: every worker takes from the same bucket. Behind one process-shared
+    lock, as the cursor is; only requests to hosts with a --host-rate rule touch it."""
+
+    def __init__(self, context: BaseContext, keys: Sequence[tuple[str, str]]) -> None:
+        self._slots = {key: i for i, key in enumerate(keys)}
+        # (tokens, last refill) per bucket; NaN tokens: not used yet (starts full)
+        self._state = context.RawArray("d", 2 * max(1, len(keys)))
+        for i in range(len(keys)):
+            self._state[2 * i] = math.nan
+        self._lock = context.Lock()
+
+    def bucket(self, key: tuple[str, str], rate_per_s: float, burst: int) -> Bucket | None:
+        slot = self._slots.get(key)
+        return None if slot is None else _SharedBucket(self, slot, rate_per_s, burst)
+
+    def _tokens(self, slot: int, now: float, rate_per_s: float, burst: int) -> float:
+        """The slot's tokens at `now` (caller holds the lock), stored back refilled."""
+        tokens, last = self._state[2 * slot], self._state[2 * slot + 1]
+        tokens = (
+            float(burst) if math.isnan(tokens) else refilled(tokens, last, now, rate_per_s, burst)
+        )
+        self._state[2 * slot] = tokens
+        self._state[2 * slot + 1] = max(last, now)  # 0.0 until first used
+        return tokens
+
+    def take(self, slot: int, now: float, rate_per_s: float, burst: int) -> bool:
+        with self._lock:
+            tokens = self._tokens(slot, now, rate_per_s, burst)
+            if tokens >= 1.0 - BUCKET_EPS:
+                self._state[2 * slot] = max(0.0, tokens - 1.0)
+                return True
+            return False
+
+    def wait_s(self, slot: int, now: float, rate_per_s: float, burst: int) -> float:
+        with self._lock:
+            return bucket_wait_s(self._tokens(slot, now, rate_per_s, burst), rate_per_s)
+
+
+class _SharedBucket:
+    """One slot of `SharedBuckets`, with the `TokenBucket` interface."""
+
+    __slots__ = ("_burst", "_rate", "_slot", "_store")
+
+    def __init__(self, store: SharedBuckets, slot: int, rate_per_s: float, burst: int) -> None:
+        self._store = store
+        self._slot = slot
+        self._rate = rate_per_s
+        self._burst = burst
+
+    def take(self, now: float) -> bool:
+        return self._store.take(self._slot, now, self._rate, self._burst)
+
+    def wait_s(self, now: float) -> float:
+        return self._store.wait_s(self._slot, now, self._rate, self._burst)
 
 
 class Strategy(Protocol):
@@ -135,6 +209,7 @@ class Scheduler:
         rules: RateRules | None = None,
         cooldowns: Cooldowns | None = None,
         workers: int = 1,
+        buckets: SharedBuckets | None = None,
     ) -> None:
         if not egress:
             raise ValueError("Scheduler needs at least one egress address")
@@ -154,17 +229,25 @@ class Scheduler:
         self.rules = rules if rules is not None else RateRules(())
         self.cooldowns = cooldowns if cooldowns is not None else Cooldowns()
         self._workers = max(1, workers)
-        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._shared = buckets
+        self._buckets: dict[tuple[str, str], Bucket] = {}
         # Addresses whose connects fail (gone from the host, unroutable): rested with
         # backoff, then probed back in by the next request that may use them.
         self.health = Cooldowns(base_s=1.0, max_s=60.0)
 
-    def _bucket(self, address: str, rule: HostRate, now: float) -> TokenBucket:
-        bucket = self._buckets.get((address, rule.pattern))
+    def _bucket(self, address: str, rule: HostRate, now: float) -> Bucket:
+        key = (address, rule.pattern)
+        bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[(address, rule.pattern)] = TokenBucket(
-                rule.rate_per_s / self._workers, max(1, rule.burst // self._workers), now
-            )
+            shared = self._shared
+            found = shared.bucket(key, rule.rate_per_s, rule.burst) if shared else None
+            if found is not None:
+                bucket = found
+            else:  # one process, or an address added after the fork: this worker's share
+                bucket = TokenBucket(
+                    rule.rate_per_s / self._workers, max(1, rule.burst // self._workers), now
+                )
+            self._buckets[key] = bucket
         return bucket
 
     def pick(self, family: int | None = None) -> Egress | None:

@@ -30,7 +30,8 @@ from demux_proxy import metrics
 from demux_proxy.app import Shared, announce, listen_error, serve
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
-from demux_proxy.scheduler import SharedCursor
+from demux_proxy.limits import parse_host_rate
+from demux_proxy.scheduler import SharedBuckets, SharedCursor
 
 READY_TIMEOUT_S = 30.0
 _PR_SET_PDEATHSIG = 1
@@ -52,14 +53,24 @@ def reserve_port(config: Config, host: str, port: int) -> tuple[socket.socket, i
     return sock, sock.getsockname()[1]
 
 
-def _worker(shared: Shared, cursor: SharedCursor, index: int, conn: Connection) -> None:
+def _worker(
+    shared: Shared, cursor: SharedCursor, buckets: SharedBuckets, index: int, conn: Connection
+) -> None:
     # The parent's Python-level handlers were inherited by fork: the loop installs ours.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     _die_with_parent()
     try:
-        uvloop.run(serve(shared, cursor, worker=index, ready=lambda port: conn.send(port)))
+        uvloop.run(
+            serve(
+                shared,
+                cursor,
+                worker=index,
+                ready=lambda port: conn.send(port),
+                buckets=buckets,
+            )
+        )
     except ConfigError as exc:
         conn.send(str(exc))
         sys.exit(2)
@@ -85,6 +96,11 @@ class _Supervisor:
         self.events = shared.events
         self.ctx: ForkContext = multiprocessing.get_context("fork")
         self.cursor = SharedCursor(self.ctx)
+        # One bucket per (address, --host-rate rule), shared: budgets hold across workers.
+        config = shared.config
+        patterns = [parse_host_rate(text).pattern for text in config.host_rate]
+        keys = [(e.address, pattern) for e in config.egress for pattern in patterns]
+        self.buckets = SharedBuckets(self.ctx, keys)
         self.procs: dict[int, BaseProcess] = {}
         self.stopping = False
         self.restarts: list[float] = []
@@ -94,7 +110,7 @@ class _Supervisor:
         self.events.flush()  # nothing pending may be written twice by parent and child
         proc = self.ctx.Process(
             target=_worker,
-            args=(self.shared, self.cursor, index, child_end),
+            args=(self.shared, self.cursor, self.buckets, index, child_end),
             name=f"demux-proxy-worker-{index}",
         )
         proc.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -104,3 +105,45 @@ def test_a_dead_workers_gauges_leave_the_metrics(tmp_path: Path, upstream: Upstr
                 time.sleep(0.05)
         time.sleep(3)  # the new workers publish theirs: nothing pooled yet
         assert _idle_gauge(base) == 0
+
+
+def test_a_host_rate_holds_per_address_across_workers(tmp_path: Path, upstream: Upstream) -> None:
+    """--host-rate 1/min with two workers: each address sends one request, not one per
+    worker, however the clients spread; the rest wait their turn (here: a 503 once
+    --queue-timeout is over)."""
+    with running_proxy(
+        tmp_path / "state",
+        "--workers",
+        "2",
+        "--host-rate",
+        "127.0.0.1=1/min",
+        "--queue-timeout",
+        "2",
+        upstream_ca=upstream.ca_pem_path,
+    ) as p:
+        results: list[int] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            with requests.Session() as s:
+                s.trust_env = False
+                r = s.get(upstream.http_url("/ip"), proxies={"http": p.url}, timeout=30)
+                with lock:
+                    results.append(r.status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(3 * len(EGRESS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        # Both workers served some (SO_REUSEPORT spreads new connections)...
+        deadline = time.monotonic() + 5
+        while len(p.logs("inbound response")) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ids = {line["fields"]["session_id"] % 2 for line in p.logs("inbound response")}
+        sent = [line["fields"]["interface"] for line in p.logs("outbound request")]
+    assert ids == {0, 1}
+    # ...yet every address sent at most one request in the minute.
+    assert sorted(sent) == sorted(set(sent)), sent
+    assert results.count(200) == len(set(sent)) <= len(EGRESS)
+    assert results.count(503) == len(threads) - results.count(200)

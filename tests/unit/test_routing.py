@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from demux_proxy import route
 from demux_proxy.egress import Egress
 from demux_proxy.errors import ProtocolError
+from demux_proxy.limits import RateRules
 from demux_proxy.policy import refusal
 from demux_proxy.pool import Pool, PoolKey
 from demux_proxy.route import Tunnel, parse_authority, route_for
@@ -268,6 +269,35 @@ def test_shared_cursor_rotation_is_global_across_processes() -> None:
     child.join(10)
     assert child.exitcode == 0
     assert rr.pick() == V4[2]
+
+
+def test_shared_buckets_hold_one_budget_across_processes() -> None:
+    """Two forked processes with a burst of 1 between them: one token, not one each."""
+    import multiprocessing
+
+    from demux_proxy.limits import HostRate
+    from demux_proxy.scheduler import SharedBuckets
+
+    ctx = multiprocessing.get_context("fork")
+    rule = HostRate("a.test", rate_per_s=1 / 60, burst=1)
+    buckets = SharedBuckets(ctx, [("127.0.0.2", "a.test"), ("127.0.0.3", "a.test")])
+    workers = [Scheduler(V4, rules=RateRules([rule]), workers=2, buckets=buckets)]
+    took = ctx.Value("i", 0)
+
+    def child() -> None:
+        other = Scheduler(V4, rules=RateRules([rule]), workers=2, buckets=buckets)
+        got = other.acquire("a.test", 100.0, exclude=[], only="127.0.0.2")
+        took.value = 1 if isinstance(got, Egress) else 2
+
+    assert isinstance(workers[0].acquire("a.test", 100.0, exclude=[], only="127.0.0.2"), Egress)
+    proc = ctx.Process(target=child)
+    proc.start()
+    proc.join(10)
+    assert proc.exitcode == 0
+    assert took.value == 2  # the child found the one token spent: it must wait
+    # 127.0.0.3's bucket is its own; and after 60 s the shared one has a token again.
+    assert isinstance(workers[0].acquire("a.test", 100.0, exclude=[], only="127.0.0.3"), Egress)
+    assert isinstance(workers[0].acquire("a.test", 161.0, exclude=[], only="127.0.0.2"), Egress)
 
 
 def test_pool_counts_idle_connections_per_egress() -> None:
