@@ -90,9 +90,6 @@ def _check_destinations(values: tuple[str, ...]) -> None:
     DestinationPolicy(deny=_split(values))
 
 
-# What start would reject in a value click's types let through, checked where the value
-# is read (file, or `demux-proxy config`) so the error can say where it came from. Only
-# syntax: whether an address is on this host is for `start` to find out.
 def _check_host_rate(values: tuple[str, ...]) -> None:
     from demux_proxy.limits import RateRules, parse_host_rate
 
@@ -104,6 +101,9 @@ def _check_admin(value: str | None) -> None:
         parse_listen(value, option="--admin")
 
 
+# What start would reject in a value click's types let through, checked where the value
+# is read (file, or `demux-proxy config`) so the error can say where it came from. Only
+# syntax: whether an address is on this host is for `start` to find out.
 _CHECKS: Mapping[str, config_file.Check] = {
     "listen": parse_listen,
     "host_rate": _check_host_rate,
