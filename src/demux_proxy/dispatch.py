@@ -122,7 +122,7 @@ class Dispatcher:
         lock = self._queues.setdefault(host, asyncio.Lock())
         self._queued[host] = self._queued.get(host, 0) + 1
         queued = loop.time()
-        wait = 0.0
+        ready_at = 0.0  # when the last check said an address would have budget
         rule = scheduler.rules.match(host) if scheduler.rules else None
         label = rule.pattern if rule is not None else "cooldown"
         self._metrics.queued(label, 1)
@@ -134,13 +134,13 @@ class Dispatcher:
                         return got, round((loop.time() - queued) * 1000, 1)
                     if got is None:
                         raise NoEgressLeft(f"no egress address left to try for {host}")
-                    wait = got
+                    ready_at = loop.time() + got
                     await asyncio.sleep(got)
         except TimeoutError:
             raise Unavailable(
                 f"no egress address may send to {host} within "
                 f"{self._config.queue_timeout_s:g} s (--host-rate budgets or cooldowns)",
-                retry_after_s=max(1, math.ceil(wait)),
+                retry_after_s=max(1, math.ceil(ready_at - loop.time())),  # what is left
             ) from None
         finally:
             self._metrics.queued(label, -1)
