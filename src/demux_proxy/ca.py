@@ -117,6 +117,16 @@ def _remove_dir(path: Path) -> None:
         pass  # at exit, best effort: what is left is 0700 and holds throwaway files
 
 
+def read_ca_cert(path: Path) -> bytes:
+    """The PEM of a CA certificate file of the user's (--ca-cert), checked to parse."""
+    data = _read(path, "CA cert")
+    try:
+        x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise ConfigError(f"cannot parse CA cert {path}: {exc}") from exc
+    return data
+
+
 def valid_name(name: str) -> bool:
     """Whether a leaf certificate can be made for `name` (a DNS name or an IP literal)."""
     try:

@@ -24,6 +24,7 @@ from demux_proxy.egress import parse_addresses, resolve_egress
 from demux_proxy.errors import ConfigError
 from demux_proxy.options import (
     START_OPTIONS,
+    ca_cert_option,
     egress_options,
     insecure_upstream_option,
     state_dir_option,
@@ -429,16 +430,31 @@ def ca() -> None:
 @ca.command("export")
 @_config_option
 @state_dir_option
-def ca_export(state_dir: Path | None) -> None:
-    """Print the CA certificate (PEM) to stdout; creates the CA if there is none yet."""
+@ca_cert_option
+def ca_export(state_dir: Path | None, ca_cert: Path | None) -> None:
+    """Print the CA certificate (PEM) to stdout: --ca-cert's, else the generated one
+    (created if there is none yet)."""
+    if ca_cert is not None:
+        from demux_proxy.ca import read_ca_cert
+
+        try:
+            click.echo(read_ca_cert(ca_cert).decode(), nl=False)
+        except ConfigError as exc:
+            _fail(exc)
+        return
     click.echo(_load_ca(state_dir).cert_pem.decode(), nl=False)
 
 
 @ca.command("path")
 @_config_option
 @state_dir_option
-def ca_path(state_dir: Path | None) -> None:
-    """Print the path of the CA certificate file; creates the CA if there is none yet."""
+@ca_cert_option
+def ca_path(state_dir: Path | None, ca_cert: Path | None) -> None:
+    """Print the path of the CA certificate `start` signs with: --ca-cert, else the
+    generated one (created if there is none yet)."""
+    if ca_cert is not None:
+        click.echo(str(ca_cert))
+        return
     click.echo(str(_load_ca(state_dir).cert_path))
 
 

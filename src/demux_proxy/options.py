@@ -26,6 +26,17 @@ _env = env_name
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def ca_cert_option(f: F) -> F:
+    return click.option(
+        "--ca-cert",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=_env("ca-cert"),
+        show_envvar=True,
+        metavar="PEM",
+        help="Sign intercepted sites with this CA certificate instead of the generated one.",
+    )(f)
+
+
 def state_dir_option(f: F) -> F:
     return click.option(
         "--state-dir",
@@ -146,14 +157,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     upstream_ca_option("upstream servers"),
     insecure_upstream_option("upstream certificates"),
     state_dir_option,
-    click.option(
-        "--ca-cert",
-        type=click.Path(dir_okay=False, path_type=Path),
-        envvar=_env("ca-cert"),
-        show_envvar=True,
-        metavar="PEM",
-        help="Sign intercepted sites with this CA certificate instead of the generated one.",
-    ),
+    ca_cert_option,
     click.option(
         "--ca-key",
         type=click.Path(dir_okay=False, path_type=Path),

@@ -228,6 +228,25 @@ def test_other_commands_take_the_file_and_use_what_applies(tmp_path: Path) -> No
     _assert_refused(_run("addresses", "--config", str(bad)), str(bad), "key 'workers'")
 
 
+def test_ca_path_and_export_name_the_ca_start_signs_with(tmp_path: Path) -> None:
+    """With ca_cert in the file, `ca path` and `ca export` give that CA, not the
+    generated one `start` would not use."""
+    generated = _run("ca", "path", "--state-dir", str(tmp_path / "gen"))
+    assert generated.returncode == 0, generated.stderr
+    own = tmp_path / "own-ca.pem"
+    own.write_bytes(Path(generated.stdout.strip()).read_bytes())
+    path = _write(tmp_path, f'ca_cert = "own-ca.pem"\nstate_dir = "{tmp_path / "other"}"\n')
+    out = _run("ca", "path", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{own}\n"
+    exported = _run("ca", "export", "--config", str(path))
+    assert exported.returncode == 0, exported.stderr
+    assert exported.stdout.encode() == own.read_bytes()
+    assert not (tmp_path / "other").exists()  # no CA generated on the side
+    own.write_text("not a certificate\n")
+    _assert_refused(_run("ca", "export", "--config", str(path)), str(own), "cannot parse")
+
+
 def test_flag_and_env_values_are_checked_by_config() -> None:
     _assert_refused(_run("config", "--listen", "nope"), "--listen", "'nope'")
     env = _env(DEMUX_PROXY_EGRESS="10.0.0.x")
