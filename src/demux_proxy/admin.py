@@ -141,7 +141,9 @@ class AdminServer:
             if find_head_end(head, _MAX_HEAD, request=True) < 0:
                 raise ProtocolError("incomplete request head")
             req = parse_request_head(head)
-            allowed = not self._require_auth or await self._authorized(req.headers)
+            # /healthz says "ok" and nothing else: open, for load balancers' checks.
+            public = req.target.split(b"?", 1)[0] == b"/healthz"
+            allowed = public or not self._require_auth or await self._authorized(req.headers)
             writer_.write(self._answer(req.method, req.target, allowed))
             await writer_.drain()
         except ProtocolError as exc:
