@@ -139,7 +139,7 @@ class EventLog:
         else:
             stamp = self._clock.stamp(time.time_ns())
             name = _LEVEL_NAMES.get(level, "info")
-            pairs = " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+            pairs = " ".join(f"{k}={_text_value(v)}" for k, v in sorted(fields.items()))
             line = f"{stamp} {name:7} {message} {pairs}".rstrip().encode() + b"\n"
         self._pending.append(line)
         self._pending_bytes += len(line)
@@ -181,6 +181,15 @@ class EventLog:
 
     def error(self, message: str, **fields: Any) -> None:
         self.emit(ERROR, message, fields)
+
+
+def _text_value(value: Any) -> str:
+    """A value for `--log-format text`: as it is when it is one plain word, else quoted
+    as a JSON string (logfmt's rule), so that `key=value` pairs always split back."""
+    text = _str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return _dumps(text).decode()
 
 
 class EventHandler(logging.Handler):

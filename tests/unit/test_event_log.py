@@ -112,3 +112,28 @@ def test_flush_writes_what_is_pending_before_the_timer(pipe: tuple[int, int]) ->
     assert [line["message"] for line in _read(r)] == ["Proxy stopped"]
     events.info("after the loop")
     assert [line["message"] for line in _read(r)] == ["after the loop"]
+
+
+def test_text_lines_split_back_into_their_fields(pipe: tuple[int, int]) -> None:
+    """--log-format text: a value with spaces, quotes or '=' is quoted (logfmt's rule),
+    so every line splits back into exactly the fields it was given."""
+    import json
+    import os
+    import re
+
+    r, w = pipe
+    events = log.EventLog(fmt="text", fd=w)
+    fields = {
+        "error": 'connection reset by 10.0.0.1:80 "peer"',
+        "method": "GET",
+        "url": "http://a.test/?x=1&y=two words",
+        "status_code": 502,
+        "empty": "",
+        "backslash": "a\\b",
+    }
+    events.warning("inbound response", **fields)
+    line = os.read(r, 65536).decode().rstrip("\n")
+    pairs = re.findall(r' (\w+)=("(?:[^"\\]|\\.)*"|\S+)', line)
+    back = {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+    assert back == {k: str(v) for k, v in fields.items()}, line
+    assert "method=GET" in line and "status_code=502" in line  # plain words stay bare
