@@ -59,7 +59,9 @@ def _worker(
     # The parent's Python-level handlers were inherited by fork: the loop installs ours.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    # Ignored, not the default (which kills), until serve() installs its handler: the
+    # supervisor forwards SIGHUP to workers still starting too.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _die_with_parent()
     try:
         uvloop.run(
