@@ -195,8 +195,7 @@ class ClientPolicy:
         if verifier.kind == "plain":
             if _plain_matches(verifier, secret):
                 return user
-            if self._dummy is not None:
-                self._refusal_cost(secret)
+            self._refusal_cost(secret)
             return None
         key = self._key(user, secret)
         with self._lock:

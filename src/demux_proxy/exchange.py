@@ -41,7 +41,7 @@ from demux_proxy.http1.framing import (
     request_decoder,
     response_decoder,
 )
-from demux_proxy.http1.headers import Headers, end_to_end, get, replace
+from demux_proxy.http1.headers import Headers, end_to_end, forwarded_trailers, get, replace
 from demux_proxy.http1.parser import (
     RequestHead,
     ResponseHead,
@@ -72,7 +72,6 @@ _KIND: Final[dict[type[ProxyError], str]] = {
 }
 
 
-_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 _RETRY: Final = object()  # _respond's answer when the exchange should go again elsewhere
 
 
@@ -315,7 +314,7 @@ class Forwarder:
                     if not moved and not await client.fill(idle):
                         body.eof()
             if chunked:
-                up.write(writer.last_chunk(_trailers(body.trailers)))
+                up.write(writer.last_chunk(forwarded_trailers(body.trailers)))
             out.request_done = True
         except BaseException:
             up.abort()  # an incomplete request must never reach a server as complete
@@ -457,7 +456,7 @@ class Forwarder:
             if not more:
                 decoder.eof()
         if to_chunked:
-            parts.append(writer.last_chunk(_trailers(decoder.trailers)))
+            parts.append(writer.last_chunk(forwarded_trailers(decoder.trailers)))
         out.response_started = True
         client.writelines(parts)
         if client.must_drain:
@@ -523,16 +522,6 @@ async def _reap(task: asyncio.Task[None]) -> None:
         pass
     except Exception:
         pass  # already surfaced through the exchange's own error path
-
-
-def _trailers(fields: Headers) -> Headers:
-    """The trailer fields passed on: what a head would forward, less the fields a trailer
-    must not carry (RFC 9110 6.5.1: framing, routing). Proxy-Authorization (hop-by-hop)
-    never reaches the upstream from a trailer either."""
-    if not fields:
-        return fields
-    kept = end_to_end(fields, _NO_TOKENS, drop_length=True)
-    return [(n, v) for n, v in kept if len(n) != 4 or n.lower() != b"host"]
 
 
 def _raise_upload_error(upload: asyncio.Task[None] | None) -> None:

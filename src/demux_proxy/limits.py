@@ -29,6 +29,7 @@ __all__ = [
     "parse_retry_after",
     "refilled",
     "session_egress",
+    "taken",
 ]
 
 RETRY_AFTER_CAP_S: Final = 3600.0
@@ -123,6 +124,11 @@ def refilled(tokens: float, last: float, now: float, rate_per_s: float, burst: i
     return tokens
 
 
+def taken(tokens: float) -> float | None:
+    """A bucket's tokens after giving one, or None when it holds none to give."""
+    return max(0.0, tokens - 1.0) if tokens >= 1.0 - BUCKET_EPS else None
+
+
 def bucket_wait_s(tokens: float, rate_per_s: float) -> float:
     """Seconds until a bucket holding `tokens` has one to give."""
     missing = 1.0 - tokens
@@ -146,10 +152,11 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         self._refill(now)
-        if self._tokens >= 1.0 - BUCKET_EPS:
-            self._tokens = max(0.0, self._tokens - 1.0)
-            return True
-        return False
+        left = taken(self._tokens)
+        if left is None:
+            return False
+        self._tokens = left
+        return True
 
     def wait_s(self, now: float) -> float:
         self._refill(now)

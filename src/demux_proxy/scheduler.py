@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from demux_proxy.egress import Egress
 from demux_proxy.limits import (
-    BUCKET_EPS,
     Cooldowns,
     HostRate,
     RateRules,
     TokenBucket,
     bucket_wait_s,
     refilled,
+    taken,
 )
 
 if TYPE_CHECKING:  # only --workers N > 1 imports multiprocessing
@@ -122,11 +122,11 @@ class SharedBuckets:
 
     def take(self, slot: int, now: float, rate_per_s: float, burst: int) -> bool:
         with self._lock:
-            tokens = self._tokens(slot, now, rate_per_s, burst)
-            if tokens >= 1.0 - BUCKET_EPS:
-                self._state[2 * slot] = max(0.0, tokens - 1.0)
-                return True
-            return False
+            left = taken(self._tokens(slot, now, rate_per_s, burst))
+            if left is None:
+                return False
+            self._state[2 * slot] = left
+            return True
 
     def wait_s(self, slot: int, now: float, rate_per_s: float, burst: int) -> float:
         with self._lock:

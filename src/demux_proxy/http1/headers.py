@@ -117,6 +117,16 @@ def end_to_end(headers: Headers, tokens: frozenset[bytes], *, drop_length: bool)
     return out
 
 
+def forwarded_trailers(trailers: Headers) -> Headers:
+    """The trailer fields a proxy passes on: what `end_to_end` keeps of a head, less the
+    fields a trailer must not carry (RFC 9110 6.5.1: framing, routing). Proxy-Authorization
+    (hop-by-hop) never reaches the upstream from a trailer either."""
+    if not trailers:
+        return trailers
+    kept = end_to_end(trailers, _NO_TOKENS, drop_length=True)
+    return [(n, v) for n, v in kept if len(n) != 4 or n.lower() != b"host"]
+
+
 def get(headers: Headers, lname: bytes) -> bytes | None:
     """The first value of the field named `lname` (lower case), or None."""
     # Comparing lengths first spares a lower() (an allocation) for nearly every field.
