@@ -36,6 +36,7 @@ from demux_proxy.limits import (
 
 if TYPE_CHECKING:  # only --workers N > 1 imports multiprocessing
     from multiprocessing.context import BaseContext
+    from multiprocessing.synchronize import Lock
 
 STRATEGIES: Final = ("round-robin", "random", "least-busy")
 
@@ -69,6 +70,21 @@ class LocalCursor:
         return i
 
 
+def release_if_stuck(lock: Lock, wait_s: float) -> bool:
+    """Release a process-shared lock that a dead worker held, if it did.
+
+    A worker killed inside a critical section (SIGKILL, the OOM killer) never releases
+    the lock, and every other worker would block on it for good. The sections last
+    microseconds, so a lock still not free after wait_s is held by the dead: the
+    supervisor, which reaped it, lets the others go on. True when it released one.
+    """
+    if lock.acquire(timeout=wait_s):
+        lock.release()
+        return False
+    lock.release()
+    return True
+
+
 class SharedCursor:
     """A position shared by forked worker processes (created before the fork).
 
@@ -86,6 +102,9 @@ class SharedCursor:
             if i is not None:
                 self._value.value = (i + 1) % n
             return i
+
+    def release_if_stuck(self, wait_s: float) -> bool:
+        return release_if_stuck(self._lock, wait_s)
 
 
 class Bucket(Protocol):
@@ -131,6 +150,9 @@ class SharedBuckets:
     def wait_s(self, slot: int, now: float, rate_per_s: float, burst: int) -> float:
         with self._lock:
             return bucket_wait_s(self._tokens(slot, now, rate_per_s, burst), rate_per_s)
+
+    def release_if_stuck(self, wait_s: float) -> bool:
+        return release_if_stuck(self._lock, wait_s)
 
 
 class _SharedBucket:

@@ -37,6 +37,9 @@ READY_TIMEOUT_S = 30.0
 _PR_SET_PDEATHSIG = 1
 # A worker that keeps dying is a bug, not bad luck: stop restarting after this many a minute.
 MAX_RESTARTS_PER_MINUTE = 5
+# How long a shared lock may stay taken after a worker died before the dead one is
+# taken to hold it: its critical sections last microseconds.
+STUCK_LOCK_S = 0.5
 
 
 def reserve_port(config: Config, host: str, port: int) -> tuple[socket.socket, int]:
@@ -152,8 +155,25 @@ class _Supervisor:
                 del self.procs[index]
                 if proc.pid is not None:
                     metrics.process_gone(proc.pid)
+                if proc.exitcode != 0:
+                    self.release_locks(index, proc.exitcode)
                 if not self.stopping:
                     self.restart(index, proc.exitcode)
+
+    def release_locks(self, index: int, exitcode: int | None) -> None:
+        """A worker that died mid-request may have held the cursor's or the buckets' lock."""
+        released = {
+            "rotation": self.cursor.release_if_stuck(STUCK_LOCK_S),
+            "host-rate": self.buckets.release_if_stuck(STUCK_LOCK_S),
+        }
+        for name, stuck in released.items():
+            if stuck:
+                self.events.warning(
+                    "a dead worker held a shared lock: released",
+                    worker=index,
+                    exitcode=exitcode,
+                    lock=name,
+                )
 
     def restart(self, index: int, exitcode: int | None) -> None:
         now = time.monotonic()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -298,6 +300,45 @@ def test_shared_buckets_hold_one_budget_across_processes() -> None:
     # 127.0.0.3's bucket is its own; and after 60 s the shared one has a token again.
     assert isinstance(workers[0].acquire("a.test", 100.0, exclude=[], only="127.0.0.3"), Egress)
     assert isinstance(workers[0].acquire("a.test", 161.0, exclude=[], only="127.0.0.2"), Egress)
+
+
+@pytest.mark.parametrize("which", ["cursor", "buckets"])
+def test_a_lock_held_by_a_killed_process_is_released(which: str) -> None:
+    """A worker SIGKILLed inside a critical section leaves the lock taken: the
+    supervisor's release_if_stuck frees it, and only then (never a free lock)."""
+    import multiprocessing
+    import signal
+
+    from demux_proxy.scheduler import SharedBuckets, SharedCursor
+
+    ctx = multiprocessing.get_context("fork")
+    shared = SharedCursor(ctx) if which == "cursor" else SharedBuckets(ctx, [("a", "b")])
+    lock = shared._lock
+    assert shared.release_if_stuck(0.05) is False  # free: left alone
+    holding = ctx.Event()
+
+    def hold() -> None:
+        lock.acquire()
+        holding.set()
+        time.sleep(60)
+
+    proc = ctx.Process(target=hold)
+    proc.start()
+    assert holding.wait(10)
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(10)
+    assert proc.exitcode == -signal.SIGKILL
+    assert not lock.acquire(timeout=0.1)  # what every worker would block on, for good
+    assert shared.release_if_stuck(0.05) is True
+    if isinstance(shared, SharedCursor):
+        assert Scheduler(V4, cursor=shared).pick() == V4[0]
+    else:
+        assert shared.take(0, 100.0, 1.0, 1) is True
+    assert lock.acquire(timeout=1)
+    assert not lock.acquire(timeout=0.05)  # released once, not twice: still a lock
+    lock.release()
+    assert shared.release_if_stuck(0.05) is False
 
 
 def test_pool_counts_idle_connections_per_egress() -> None:
