@@ -174,8 +174,10 @@ async def serve(
     worker: int = 0,
     ready: Callable[[int], None] | None = None,
     buckets: SharedBuckets | None = None,
+    rediscover: bool = False,
 ) -> None:
-    """One event loop's proxy: listen, serve until SIGTERM/SIGINT, drain, return."""
+    """One event loop's proxy: listen, serve until SIGTERM/SIGINT, drain, return.
+    `rediscover`: look for the host's addresses now (a restarted worker)."""
     config, ca, tls, events = shared.config, shared.ca, shared.tls, shared.events
     policy, destinations = shared.policy, shared.destinations
     pool: Pool[UpstreamConnection] = Pool(
@@ -192,6 +194,8 @@ async def serve(
         workers=config.workers,
         buckets=buckets,
     )
+    if rediscover and config.egress_discovered:
+        _rediscover(config, scheduler, events)
     recorder: metrics.Recorder = (
         metrics.Metrics(config.egress) if config.admin is not None else metrics.NoMetrics()
     )
@@ -278,11 +282,14 @@ def _rediscover(config: Config, scheduler: Scheduler, events: log.EventLog) -> N
     if not config.egress_discovered:
         events.info("SIGHUP: egress addresses are named with --egress; nothing to re-discover")
         return
+    skipped: list[str] = []  # a named interface gone down or away: its addresses go
     try:
-        found = resolve_egress([], config.egress_interfaces)
+        found = resolve_egress([], config.egress_interfaces, skipped=skipped)
     except ConfigError as exc:  # no address left: keep the old list, say why
-        events.error("egress re-discovery found nothing usable", error=str(exc))
+        events.error("egress re-discovery found nothing usable", error=str(exc), down=skipped)
         return
+    if skipped:
+        events.warning("egress interfaces down or gone: their addresses left out", down=skipped)
     added, removed = scheduler.update(found)
     if added or removed:
         events.info("egress addresses changed", added=added, removed=removed)

@@ -40,6 +40,17 @@ _SESSION_LEN: Final = len(_SESSION)
 _CREDENTIALS_LEN: Final = len(_CREDENTIALS)
 
 
+class _HostQueue:
+    """The requests of one host waiting for an address with budget, in FIFO order."""
+
+    __slots__ = ("lock", "ready_at", "waiting")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+        self.ready_at = 0.0  # when the head of the queue last expected an address free
+
+
 class Dispatcher:
     def __init__(
         self, config: Config, scheduler: Scheduler, events: log.EventLog, metrics: Recorder
@@ -48,8 +59,7 @@ class Dispatcher:
         self.scheduler = scheduler
         self._events = events
         self._metrics = metrics
-        self._queues: dict[str, asyncio.Lock] = {}  # per host: FIFO for budget
-        self._queued: dict[str, int] = {}  # per host: requests in that queue
+        self._queues: dict[str, _HostQueue] = {}  # per host: FIFO for budget
         self.retries = config.retries
         self._cooling_statuses = frozenset({429, 503, *config.ban_status})
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,14 +108,18 @@ class Dispatcher:
             )
         return chosen
 
-    def acquire_now(self, route: Route, exclude: list[str], only: str | None) -> Egress | None:
+    def acquire_now(
+        self, route: Route, exclude: list[str], only: str | None, family: int | None
+    ) -> Egress | None:
         """An egress with budget for the host now, when nobody queues for it; else None,
         and `acquire` queues. Not a coroutine: most requests need no wait, and a coroutine
         call costs about as much as the choice itself."""
         host = route.host
-        if host in self._queued:  # others wait: no overtaking them
+        if host in self._queues:  # others wait: no overtaking them
             return None
-        got = self.scheduler.acquire(host, self._clock().time(), exclude=exclude, only=only)
+        got = self.scheduler.acquire(
+            host, self._clock().time(), exclude=exclude, only=only, family=family
+        )
         if isinstance(got, Egress):
             return got
         if got is None:
@@ -113,40 +127,43 @@ class Dispatcher:
         return None
 
     async def acquire(
-        self, route: Route, exclude: list[str], only: str | None
+        self, route: Route, exclude: list[str], only: str | None, family: int | None
     ) -> tuple[Egress, float]:
         """(An egress with budget for the host, ms queued), after `acquire_now` found none:
         in the host's FIFO queue until one has."""
         scheduler, host = self.scheduler, route.host
         loop = self._clock()
-        lock = self._queues.setdefault(host, asyncio.Lock())
-        self._queued[host] = self._queued.get(host, 0) + 1
+        queue = self._queues.get(host)
+        if queue is None:
+            queue = self._queues[host] = _HostQueue()
+        queue.waiting += 1
         queued = loop.time()
-        ready_at = 0.0  # when the last check said an address would have budget
         rule = scheduler.rules.match(host) if scheduler.rules else None
         label = rule.pattern if rule is not None else "cooldown"
         self._metrics.queued(label, 1)
         try:
-            async with asyncio.timeout(self._config.queue_timeout_s), lock:
+            async with asyncio.timeout(self._config.queue_timeout_s), queue.lock:
                 while True:
-                    got = scheduler.acquire(host, loop.time(), exclude=exclude, only=only)
+                    got = scheduler.acquire(
+                        host, loop.time(), exclude=exclude, only=only, family=family
+                    )
                     if isinstance(got, Egress):
                         return got, round((loop.time() - queued) * 1000, 1)
                     if got is None:
                         raise NoEgressLeft(f"no egress address left to try for {host}")
-                    ready_at = loop.time() + got
+                    queue.ready_at = loop.time() + got
                     await asyncio.sleep(got)
         except TimeoutError:
+            # What is left of the head's wait, also for those that never reached the head.
             raise Unavailable(
                 f"no egress address may send to {host} within "
                 f"{self._config.queue_timeout_s:g} s (--host-rate budgets or cooldowns)",
-                retry_after_s=max(1, math.ceil(ready_at - loop.time())),  # what is left
+                retry_after_s=max(1, math.ceil(queue.ready_at - loop.time())),
             ) from None
         finally:
             self._metrics.queued(label, -1)
-            self._queued[host] -= 1
-            if not self._queued[host]:  # the last one out takes the queue away
-                del self._queued[host]
+            queue.waiting -= 1
+            if not queue.waiting:  # the last one out takes the queue away
                 del self._queues[host]
 
     def rest(self, egress: Egress, exc: EgressFailure) -> None:
@@ -174,7 +191,20 @@ class Dispatcher:
             cooldown_s=round(seconds, 3),
         )
 
-    def learn(self, address: str, host: str, resp: ResponseHead) -> tuple[int | None, float | None]:
+    def _peers(self, address: str, only: str | None) -> list[str]:
+        """The addresses a request sent from `address` could go from instead: itself when
+        pinned, else every address of its family (the host is reachable in that one)."""
+        if only is not None:
+            return [only]
+        scheduler = self.scheduler
+        if len(scheduler.families) == 1:
+            return scheduler.addresses()
+        family = next((e.family for e in scheduler.egress if e.address == address), None)
+        return [e.address for e in scheduler.egress if e.family == family]
+
+    def learn(
+        self, address: str, host: str, resp: ResponseHead, only: str | None
+    ) -> tuple[int | None, float | None]:
         """Cool (address, host) down on 429/503/--ban-status: (the Retry-After to relay,
         the cooldown applied), both None for other statuses."""
         cooldowns = self.scheduler.cooldowns
@@ -185,10 +215,10 @@ class Dispatcher:
         now = self._clock().time()
         told = parse_retry_after(get(resp.headers, b"retry-after"), time.time())
         applied = cooldowns.cool(address, host, now, told)
-        soonest = cooldowns.soonest(self.scheduler.addresses(), host, now)
+        soonest = cooldowns.soonest(self._peers(address, only), host, now)
         return max(1, math.ceil(soonest)), applied
 
     def another_address_free(self, host: str, address: str) -> bool:
         now = self._clock().time()
-        others = [a for a in self.scheduler.addresses() if a != address]
+        others = [a for a in self._peers(address, None) if a != address]
         return bool(others) and self.scheduler.cooldowns.soonest(others, host, now) == 0

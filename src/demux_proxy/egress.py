@@ -102,7 +102,7 @@ def _usable(ip: IPAddress, *, explicit: bool) -> bool:
     return explicit or not (ip.is_loopback or ip.is_link_local)
 
 
-def discover(interfaces: Sequence[str] = ()) -> list[Egress]:
+def discover(interfaces: Sequence[str] = (), *, skipped: list[str] | None = None) -> list[Egress]:
     """Return the usable egress addresses of the host's interfaces.
 
     "Up" is psutil's ``isup``, i.e. RUNNING (administratively up *and* with carrier): an
@@ -110,8 +110,10 @@ def discover(interfaces: Sequence[str] = ()) -> list[Egress]:
 
     With no ``interfaces``: every interface that is up, non-loopback IPv4 and global IPv6.
     With ``interfaces``: only those, including loopback addresses; an unknown or down interface
-    is a ConfigError because the user asked for it by name.  Interfaces are visited in name order
-    (so the result is stable across runs) and addresses in the order psutil reports them.
+    is a ConfigError because the user asked for it by name, unless a ``skipped`` list is given
+    (re-discovery: the interface's addresses drop out, its name goes in the list).  Interfaces
+    are visited in name order (so the result is stable across runs) and addresses in the order
+    psutil reports them.
     """
     import psutil  # here, not at the top: the serving process needs it only to re-discover
 
@@ -119,12 +121,18 @@ def discover(interfaces: Sequence[str] = ()) -> list[Egress]:
     stats = psutil.net_if_stats()
     explicit = bool(interfaces)
     if explicit:
-        names = sorted(set(_split(interfaces)))
-        for name in names:
+        names = []
+        for name in sorted(set(_split(interfaces))):
             if name not in addrs and name not in stats:
-                raise ConfigError(f"no such interface: {name!r}")
-            if name not in stats or not stats[name].isup:
-                raise ConfigError(f"interface {name!r} is down (not up and running)")
+                problem = f"no such interface: {name!r}"
+            elif name not in stats or not stats[name].isup:
+                problem = f"interface {name!r} is down (not up and running)"
+            else:
+                names.append(name)
+                continue
+            if skipped is None:
+                raise ConfigError(problem)
+            skipped.append(name)
     else:
         names = sorted(name for name, st in stats.items() if st.isup)
 
@@ -191,13 +199,15 @@ def check_bindable(address: str) -> None:
         ) from None
 
 
-def resolve_egress(addresses: Sequence[str], interfaces: Sequence[str]) -> list[Egress]:
+def resolve_egress(
+    addresses: Sequence[str], interfaces: Sequence[str], *, skipped: list[str] | None = None
+) -> list[Egress]:
     """Build the rotation list from ``--egress`` and ``--egress-interface``.
 
     Named addresses come first (in the order given, each checked with check_bindable), then every
     address of the named interfaces.  With neither, the host's addresses are discovered.  The
     result is de-duplicated by address; an empty result is a ConfigError, since a proxy with
-    nothing to rotate through cannot do its job.
+    nothing to rotate through cannot do its job. ``skipped``: see `discover`.
     """
     named = parse_addresses(addresses)
     ifaces = list(dict.fromkeys(_split(interfaces)))
@@ -208,7 +218,7 @@ def resolve_egress(addresses: Sequence[str], interfaces: Sequence[str]) -> list[
         ip = ipaddress.ip_address(addr)
         result.setdefault(addr, Egress(addr, interface_of(addr), _family(ip)))
     if ifaces:
-        for egress in discover(ifaces):
+        for egress in discover(ifaces, skipped=skipped):
             result.setdefault(egress.address, egress)
     if not named and not ifaces:
         for egress in discover():

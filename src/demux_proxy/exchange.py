@@ -137,7 +137,7 @@ class Forwarder:
                     if len(tried) >= self._dispatch.retries or only is not None:
                         raise
                     tried.append(failed.address)
-                    self._scheduler.in_flight[failed.address] -= 1
+                    self._scheduler.finished(failed.address)
                     out.egress = None
                     failure = exc
                     continue
@@ -149,13 +149,15 @@ class Forwarder:
                     route,
                     body,
                     out,
-                    replayable and len(tried) < self._dispatch.retries,
+                    only,
+                    # A pinned request cannot move to another address: its answer stands.
+                    replayable and only is None and len(tried) < self._dispatch.retries,
                 )
                 if result is not _RETRY:
                     keep = result is True
                     break
                 tried.append(egress.address)
-                self._scheduler.in_flight[egress.address] -= 1
+                self._scheduler.finished(egress.address)
                 out.egress = None
         except ProxyError as exc:
             error = exc.reason
@@ -200,7 +202,7 @@ class Forwarder:
                 fields["error"] = error
             if used is not None:
                 fields["interface"] = used.address
-                self._scheduler.in_flight[used.address] -= 1
+                self._scheduler.finished(used.address)
             fields["method"] = method
             if tried:
                 fields["retried_from"] = tried
@@ -231,7 +233,8 @@ class Forwarder:
         route: Route,
         body: BodyDecoder,
         out: Outcome,
-        may_retry: bool = False,
+        only: str | None,
+        may_retry: bool,
     ) -> bool | object:
         """Relay the answer; `_RETRY` when it cooled the address and another may go."""
         up = conn.stream
@@ -252,7 +255,7 @@ class Forwarder:
             out.status = resp.status
             if resp.status == 101:
                 return await self._switch(client, conn, req, resp, out, upload)
-            retry_after, cooled = self._dispatch.learn(conn.egress.address, route.host, resp)
+            retry_after, cooled = self._dispatch.learn(conn.egress.address, route.host, resp, only)
             if cooled is not None:  # kept across a retry: the log says what happened
                 out.cooldown_s = cooled
             if (

@@ -2,8 +2,8 @@
 
 `Outbound.open` picks the egress for the request (waiting in the host's queue when every
 address is out of budget), takes an idle connection for (egress, scheme, host, port)
-from the pool or dials one (from another address family where the host has only that
-one), writes the request head and logs the "outbound request" line. A pooled connection
+from the pool or dials one (with mixed IPv4/IPv6 egress, only from a family the host
+has), writes the request head and logs the "outbound request" line. A pooled connection
 the server closed just before our head is replaced once, for a request that is safe to
 send again. The bodies and the answer are `exchange.py`'s.
 """
@@ -81,17 +81,24 @@ class Outbound:
         The request is counted in `scheduler.in_flight` for the address in `out.egress`
         from the moment it is picked, also when this raises: the caller uncounts it.
         """
-        egress = self._dispatch.acquire_now(route, tried, only)
+        policy = self._policy
+        if policy.names_ruled:
+            # The tunnel's SNI and the Host field inside it (absolute-form replaces Host).
+            host_field = get(req.headers, b"host") if route.host_header is None else None
+            policy.check_request(route.host, route.tls_name, host_field)
+        # Mixed IPv4/IPv6 egress: only addresses of a family the host has may be chosen.
+        family = await self._family(route) if len(self._scheduler.families) > 1 else None
+        egress = self._dispatch.acquire_now(route, tried, only, family)
         if egress is None:
-            egress, out.queued_ms = await self._dispatch.acquire(route, tried, only)
+            egress, out.queued_ms = await self._dispatch.acquire(route, tried, only, family)
         else:
             out.queued_ms = 0.0
         out.egress = egress
-        self._scheduler.in_flight[egress.address] += 1
+        self._scheduler.started(egress.address)
         key = (egress.address, route.scheme, route.host, route.port, route.tls_name)
         conn = self._pool.checkout(key)
         if conn is None:
-            conn, egress = await self._switch_family(egress, route, out)
+            conn = await self._dial(egress, route)
         else:
             self._metrics.upstream_connection(egress.address, reused=True)
         fields: dict[str, object] = {  # keys in sorted order (emit's in_order)
@@ -124,37 +131,33 @@ class Outbound:
                 raise
             if stale:
                 conn.close()
-                conn, egress = await self._switch_family(egress, route, out)
+                conn = await self._dial(egress, route)
                 conn.stream.write(head)
         conn.requests += 1
         return conn, egress
 
-    async def _switch_family(
-        self, egress: Egress, route: Route, out: Outcome
-    ) -> tuple[UpstreamConnection, Egress]:
-        conn, chosen = await self._dial(egress, route)
-        if chosen is not egress:  # the destination lacked this family: keep counts right
-            self._scheduler.in_flight[egress.address] -= 1
-            self._scheduler.in_flight[chosen.address] += 1
-            out.egress = chosen
-        return conn, chosen
+    async def _family(self, route: Route) -> int | None:
+        """The one family of egress addresses that can reach the host, or None if both
+        can. Resolved (and cached) before an address is chosen, so that the choice keeps
+        to budgets, cooldowns and the addresses already tried."""
+        families = sorted(self._scheduler.families)
+        reachable = [f for f in families if await self._resolver.resolve(route.host, f)]
+        if not reachable:
+            names = "/".join(_FAMILY_NAME[f] for f in families)
+            raise UpstreamError(
+                f"{route.host} has no {names} address that an egress address can reach"
+            )
+        return reachable[0] if len(reachable) == 1 else None
 
-    async def _dial(self, egress: Egress, route: Route) -> tuple[UpstreamConnection, Egress]:
-        """Connect from `egress`, or from the next address of a family the host has."""
+    async def _dial(self, egress: Egress, route: Route) -> UpstreamConnection:
+        """A new connection from `egress`, verified as the route's TLS name."""
         self._policy.check_name(route.host)
         addresses = await self._resolver.resolve(route.host, egress.family)
         if not addresses:
-            for family in self._scheduler.families - {egress.family}:
-                addresses = await self._resolver.resolve(route.host, family)
-                other = self._scheduler.pick(family) if addresses else None
-                if other is not None:
-                    egress = other
-                    break
-            else:
-                families = "/".join(sorted(_FAMILY_NAME[f] for f in self._scheduler.families))
-                raise UpstreamError(
-                    f"{route.host} has no {families} address that an egress address can reach"
-                )
+            raise UpstreamError(
+                f"{route.host} has no {_FAMILY_NAME[egress.family]} address "
+                "that an egress address can reach"
+            )
         key = (egress.address, route.scheme, route.host, route.port, route.tls_name)
         conn = await connect(
             egress=egress,
@@ -168,7 +171,7 @@ class Outbound:
         self._pool.created += 1
         self._scheduler.healthy(egress.address)
         self._metrics.upstream_connection(egress.address, reused=False)
-        return conn, egress
+        return conn
 
     async def _await_first_byte(self, conn: UpstreamConnection) -> None:
         up = conn.stream

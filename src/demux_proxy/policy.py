@@ -104,9 +104,16 @@ def _rule(text: str) -> tuple[str | None, ipaddress.IPv4Network | ipaddress.IPv6
         return None, ipaddress.ip_network(text.strip("[]"), strict=False)
     except ValueError:
         pass
-    name = text[2:] if text.startswith("*.") else text
+    wildcard = text.startswith("*.")
+    name = text[2:] if wildcard else text
     if not name or any(c in name for c in " /:@*"):
         raise ConfigError(f"not a host name, *.domain or CIDR: {text!r}")
+    if not name.isascii():  # clients send A-labels (xn--...): the rule must be one too
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ConfigError(f"not a valid international host name: {text!r}") from None
+        text = "*." + name if wildcard else name
     return text, None
 
 
@@ -120,6 +127,14 @@ def _name_matches(host: str, patterns: frozenset[str]) -> str | None:
         if candidate in patterns:
             return candidate
     return None
+
+
+def _field_host(value: bytes) -> str:
+    """The host of a Host field ("name:port", "[v6]:port"), lower-case; "" if none."""
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else ""
+    return text.partition(":")[0]
 
 
 class DestinationPolicy:
@@ -146,6 +161,8 @@ class DestinationPolicy:
         self._allow_names = frozenset(n for n, _ in allow_rules if n)
         self._allow_nets = tuple(net for _, net in allow_rules if net)
         self._restricted = bool(allow_rules)
+        # Whether any rule names hosts: only then does each request's names need a look.
+        self.names_ruled = bool(self._deny_names or self._allow_names)
         self._self: frozenset[str] = frozenset()
         self._self_port = -1
 
@@ -162,11 +179,26 @@ class DestinationPolicy:
         if self._restricted and not self._allow_nets and not self._allow_names_match(host):
             raise Forbidden(f"destination {host} is not allowed by --allow-dest")
 
+    def check_request(self, host: str, tls_name: str, host_field: bytes | None) -> None:
+        """The names a request carries besides its host meet the name rules too: the name
+        the upstream's certificate is verified as (the client's SNI in a tunnel), and the
+        Host field inside a tunnel (a server behind an allowed name may serve a denied
+        one: domain fronting). Raises Forbidden, as `check_name` does."""
+        if tls_name != host:
+            self.check_name(tls_name)
+        if host_field:
+            name = _field_host(host_field)
+            if name and name != host and name != tls_name:
+                self.check_name(name)
+
     def _allow_names_match(self, host: str) -> bool:
         return _name_matches(host, self._allow_names) is not None
 
-    def refusal(self, host: str, address: str, port: int) -> str | None:
-        """Why connecting to `address` for `host` is refused, or None. Raises on a loop."""
+    def refusal(
+        self, host: str, address: str, port: int, tls_name: str | None = None
+    ) -> str | None:
+        """Why connecting to `address` for `host` (verified as `tls_name`) is refused, or
+        None. Raises on a loop."""
         ip, inner, kind = _parse(address)
         # Rules and the loop check see both forms: an IPv4 CIDR catches the IPv4 address a
         # NAT64 or 6to4 address delivers to, an IPv6 CIDR still matches the IPv6 form.
@@ -179,7 +211,9 @@ class DestinationPolicy:
         if self._restricted:
             if any(a in net for net in self._allow_nets for a in forms):
                 return None
-            if not self._allow_names_match(host):
+            if not self._allow_names_match(host) or (
+                tls_name is not None and tls_name != host and not self._allow_names_match(tls_name)
+            ):
                 return "not allowed by --allow-dest"
         if self.allow_private:
             return None

@@ -273,7 +273,7 @@ class Scheduler:
         return bucket
 
     def pick(self, family: int | None = None) -> Egress | None:
-        """The next address by strategy alone (no host known yet, or family fallback)."""
+        """The next address by strategy alone, no host, budget or cooldown considered."""
         egress = self.egress
         i = self._strategy.choose(
             len(egress), lambda j: family is None or egress[j].family == family
@@ -287,13 +287,22 @@ class Scheduler:
         *,
         exclude: Sequence[str] = (),
         only: str | None = None,
+        family: int | None = None,
     ) -> Egress | float | None:
         """An address that may send to `host` now (its budget token taken), else the
-        seconds until one may, else None when no address could ever (all excluded)."""
+        seconds until one may, else None when no address could ever (all excluded, or
+        none of `family`, the one address family the host has when egress is mixed)."""
         egress = self.egress
         rule = self.rules.match(host) if self.rules else None
         cooldowns = self.cooldowns
-        if rule is None and not exclude and only is None and not cooldowns and not self.health:
+        if (
+            rule is None
+            and not exclude
+            and only is None
+            and family is None
+            and not cooldowns
+            and not self.health
+        ):
             # Nothing cools, no budget, no constraint (most requests): every address may
             # send, the strategy alone picks.
             i = self._strategy.choose(len(egress), _any)
@@ -302,7 +311,11 @@ class Scheduler:
 
         def possible(i: int) -> bool:
             e = egress[i]
-            return e.address not in exclude and (only is None or e.address == only)
+            return (
+                e.address not in exclude
+                and (only is None or e.address == only)
+                and (family is None or e.family == family)
+            )
 
         def ready(i: int) -> bool:
             if not possible(i):
@@ -327,6 +340,17 @@ class Scheduler:
             if possible(j)
         ]
         return min(waits) if waits else None
+
+    def started(self, address: str) -> None:
+        """One more request in flight from `address` (re-discovery may have removed it)."""
+        n = self.in_flight.get(address)
+        if n is not None:
+            self.in_flight[address] = n + 1
+
+    def finished(self, address: str) -> None:
+        n = self.in_flight.get(address)
+        if n:
+            self.in_flight[address] = n - 1
 
     def rest(self, address: str, now: float) -> float:
         """The address failed to connect: keep it out for a growing while."""

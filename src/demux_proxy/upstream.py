@@ -37,6 +37,14 @@ from demux_proxy.stream import Stream
 # address to different destinations can share ports (IP_BIND_ADDRESS_NO_PORT, 4.2+).
 _IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _ids: Final = count(1)
+# getaddrinfo's "no address (of this family)": the name is fine, the answer is empty.
+_NO_ADDRESS_ERRNOS: Final = frozenset(
+    {
+        socket.EAI_NONAME,
+        getattr(socket, "EAI_NODATA", -5),
+        getattr(socket, "EAI_ADDRFAMILY", -9),
+    }
+)
 _EGRESS_ERRNOS: Final = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EHOSTUNREACH})
 # The proxy short of descriptors or memory: resting an egress address would not help.
 _LOCAL_SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -99,7 +107,7 @@ class Resolver:
         except TimeoutError:
             raise UpstreamTimeout(f"resolving {host} took over {self._timeout:g} s") from None
         except socket.gaierror as exc:
-            if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)):
+            if exc.errno in _NO_ADDRESS_ERRNOS:  # e.g. "2130706433" asked for IPv6
                 addrs: list[str] = []
             else:
                 raise UpstreamError(f"cannot resolve {host}: {exc.strerror}") from exc
@@ -134,7 +142,7 @@ async def connect(
     allowed: list[str] = []
     why: str | None = None
     for address in addresses:
-        reason = policy.refusal(key[2], address, port)
+        reason = policy.refusal(key[2], address, port, key[4])
         if reason is None:
             allowed.append(address)
         elif why is None:

@@ -57,7 +57,12 @@ def reserve_port(config: Config, host: str, port: int) -> tuple[socket.socket, i
 
 
 def _worker(
-    shared: Shared, cursor: SharedCursor, buckets: SharedBuckets, index: int, conn: Connection
+    shared: Shared,
+    cursor: SharedCursor,
+    buckets: SharedBuckets,
+    index: int,
+    conn: Connection,
+    restarted: bool,
 ) -> None:
     # The parent's Python-level handlers were inherited by fork: the loop installs ours.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -74,6 +79,7 @@ def _worker(
                 worker=index,
                 ready=lambda port: conn.send(port),
                 buckets=buckets,
+                rediscover=restarted,
             )
         )
     except ConfigError as exc:
@@ -110,12 +116,14 @@ class _Supervisor:
         self.stopping = False
         self.restarts: list[float] = []
 
-    def spawn(self, index: int) -> Connection:
+    def spawn(self, index: int, restarted: bool = False) -> Connection:
+        """Fork worker `index`. A restarted one looks for the host's addresses first: the
+        others may have re-discovered since start, and rotation needs the same list."""
         parent_end, child_end = self.ctx.Pipe(duplex=False)
         self.events.flush()  # nothing pending may be written twice by parent and child
         proc = self.ctx.Process(
             target=_worker,
-            args=(self.shared, self.cursor, self.buckets, index, child_end),
+            args=(self.shared, self.cursor, self.buckets, index, child_end, restarted),
             name=f"demux-proxy-worker-{index}",
         )
         proc.start()
@@ -184,7 +192,7 @@ class _Supervisor:
             return
         self.events.error("worker died: restarting it", worker=index, exitcode=exitcode)
         try:
-            self.await_ready(index, self.spawn(index))
+            self.await_ready(index, self.spawn(index, restarted=True))
         except ConfigError as exc:
             self.events.error("worker restart failed", worker=index, error=str(exc))
 

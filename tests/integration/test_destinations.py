@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
 from pathlib import Path
 
 import requests
 
 from tests.proxy_process import ProxyProcess, running_proxy
+from tests.rawserver import read_head
 from tests.upstream import Upstream
 
 
@@ -41,3 +44,46 @@ def test_deny_and_allow_dest(tmp_path: Path, upstream: Upstream) -> None:
         # ...and nothing else.
         r = _get(p, f"http://127.0.0.2:{upstream.http_port}/ip")
         assert r.status_code == 403 and "--allow-dest" in r.text
+
+
+def _in_tunnel(p: ProxyProcess, connect: str, sni: str, host: str) -> bytes:
+    """CONNECT to `connect`, TLS with the proxy as `sni`, one GET with `host`: the
+    answer's head (and whatever came with it)."""
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
+        raw.sendall(f"CONNECT {connect} HTTP/1.1\r\nHost: {connect}\r\n\r\n".encode())
+        assert read_head(raw).startswith(b"HTTP/1.1 200 ")
+        ctx = ssl.create_default_context(cafile=str(p.ca_path))
+        with ctx.wrap_socket(raw, server_hostname=sni) as tls:
+            tls.sendall(f"GET /ip HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            return read_head(tls)
+
+
+def test_deny_judges_the_sni_and_the_host_inside_a_tunnel(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """A CONNECT to an allowed name must not reach a denied one: not as the TLS name
+    the upstream is verified as, nor as the Host asked of the server (fronting)."""
+    connect = f"localhost:{upstream.https_port}"
+    with running_proxy(
+        tmp_path / "deny", "--deny", "*.example.com", upstream_ca=upstream.ca_pem_path
+    ) as p:
+        assert _in_tunnel(p, connect, "localhost", "localhost").startswith(b"HTTP/1.1 200 ")
+        for sni, host in (("evil.example.com", "evil.example.com"), ("localhost", "a.example.com")):
+            answer = _in_tunnel(p, connect, sni, host)
+            assert answer.startswith(b"HTTP/1.1 403 "), answer
+            assert b"--deny *.example.com" in answer
+    with running_proxy(
+        tmp_path / "allow", "--allow-dest", "localhost", upstream_ca=upstream.ca_pem_path
+    ) as p:
+        answer = _in_tunnel(p, connect, "upstream.test", "upstream.test")
+        assert answer.startswith(b"HTTP/1.1 403 ") and b"--allow-dest" in answer, answer
+
+
+def test_an_international_deny_rule_matches_its_a_label(tmp_path: Path) -> None:
+    """Clients send xn--bcher-kva.de: a rule written as bücher.de must catch it (it was
+    accepted and never matched), before any DNS lookup."""
+    with running_proxy(tmp_path / "idn", "--deny", "*.bücher.de", "--deny", "bücher.de") as p:
+        for host in ("xn--bcher-kva.de", "XN--BCHER-KVA.DE.", "www.xn--bcher-kva.de"):
+            r = _get(p, f"http://{host}/")
+            assert r.status_code == 403, (host, r.text)
+            assert "xn--bcher-kva.de" in r.text

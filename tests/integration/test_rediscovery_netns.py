@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,14 @@ WAIT_S = 10.0
 
 # Answers every request with the peer address it sees; one connection per request.
 UPSTREAM_CODE = r"""
-import http.server, sys
+import http.server, sys, time
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
+        if self.path.startswith("/slow"):
+            time.sleep(2)
         body = (self.client_address[0] + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -227,7 +230,7 @@ class Proxy:
         self.started = self.lines.wait_for(lambda d: d.get("message") == "Starting Proxy", 30)
         self.port = int(self.started["fields"]["listen"].rsplit(":", 1)[1])
 
-    def get(self, *headers: str) -> str:
+    def get(self, *headers: str, path: str = "/") -> str:
         """One request through the proxy; the source address the upstream saw."""
         args = []
         for header in headers:
@@ -246,7 +249,7 @@ class Proxy:
                 "--proxy",
                 f"http://127.0.0.1:{self.port}",
                 *args,
-                URL,
+                URL.rstrip("/") + path,
             ],
             capture_output=True,
             text=True,
@@ -343,3 +346,88 @@ def test_sighup_rediscovers(netns: str, tmp_path: Path) -> None:
     finally:
         proxy.close()
     assert proxy.proc.returncode == 0, proxy.lines.raw[-20:]
+
+
+def test_an_address_removed_mid_request_ends_that_request_cleanly(
+    netns: str, tmp_path: Path
+) -> None:
+    """Its in-flight count was gone with it: the request's end raised KeyError (an
+    internal error, no "inbound response" line, the client connection reset). The
+    address is on eg2, which loses its carrier: re-discovery drops it, the socket lives."""
+    ns_ip(netns, "link", "add", "eg2", "type", "veth", "peer", "name", "eg2p")
+    try:
+        ns_ip(netns, "addr", "add", "10.77.0.6/32", "dev", "eg2")
+        for link in ("eg2", "eg2p"):
+            ns_ip(netns, "link", "set", link, "up")
+        proxy = Proxy(netns, tmp_path, "--egress-interface", "eg2")
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(proxy.get, "X-Demux-Egress: 10.77.0.6", path="/slow")
+                proxy.lines.wait_for(lambda d: d.get("message") == "outbound request")
+                mark = len(proxy.lines.events())
+                ns_ip(netns, "link", "set", "eg2p", "down")
+                os.kill(_proxy_pid(proxy.proc), signal.SIGHUP)
+                proxy.changed(mark, added=[], removed=["10.77.0.6"])
+                assert slow.result(30) == "10.77.0.6"
+            done = proxy.lines.wait_for(lambda d: d.get("message") == "inbound response")
+            assert done["fields"]["status_code"] == 200, done
+            assert "error" not in done["fields"], done
+            assert proxy.get() != "10.77.0.6"
+        finally:
+            proxy.close()
+    finally:
+        ip("-n", netns, "link", "del", "eg2")
+    assert not [d for d in proxy.lines.events() if d.get("level") == "error"]
+    assert proxy.proc.returncode == 0, proxy.lines.raw[-20:]
+
+
+def test_a_named_interface_going_down_drops_only_its_addresses(netns: str, tmp_path: Path) -> None:
+    """Re-discovery used to give up on every interface when one named interface was
+    down: the new address on eg0 was never taken, the dead one on eg1 kept."""
+    ns_ip(netns, "link", "add", "eg1", "type", "veth", "peer", "name", "eg1p")
+    try:
+        ns_ip(netns, "addr", "add", "10.78.0.2/24", "dev", "eg1")
+        for link in ("eg1", "eg1p"):
+            ns_ip(netns, "link", "set", link, "up")
+        proxy = Proxy(netns, tmp_path, "--egress-interface", "eg1")
+        try:
+            assert "10.78.0.2" in proxy.started["fields"]["egress"]
+            mark = len(proxy.lines.events())
+            ns_ip(netns, "link", "set", "eg1p", "down")  # eg1 loses its carrier
+            ns_ip(netns, "addr", "add", "10.77.0.7/24", "dev", "eg0")
+            os.kill(_proxy_pid(proxy.proc), signal.SIGHUP)
+            proxy.changed(mark, added=["10.77.0.7"], removed=["10.78.0.2"])
+            warned = proxy.lines.wait_for(
+                lambda d: d.get("message", "").startswith("egress interfaces down"), start=mark
+            )
+            assert warned["fields"]["down"] == ["eg1"]
+            assert proxy.get("X-Demux-Egress: 10.77.0.7") == "10.77.0.7"
+        finally:
+            proxy.close()
+    finally:
+        ip("-n", netns, "link", "del", "eg1")
+
+
+def test_a_restarted_worker_knows_the_addresses_found_since_start(
+    netns: str, tmp_path: Path
+) -> None:
+    """A worker restarted after a SIGKILL started from the start-time list: rotation
+    skewed, and a pin to an address found later failed on that worker alone."""
+    proxy = Proxy(netns, tmp_path, "--workers", "2")
+    try:
+        supervisor = psutil.Process(_proxy_pid(proxy.proc))
+        mark = len(proxy.lines.events())
+        ns_ip(netns, "addr", "add", "10.77.0.8/24", "dev", "eg0")
+        supervisor.send_signal(signal.SIGHUP)  # forwarded to both workers
+        first = proxy.changed(mark, added=["10.77.0.8"], removed=[])
+        proxy.changed(proxy.lines.events().index(first) + 1, added=["10.77.0.8"], removed=[])
+        victim = supervisor.children()[0]
+        mark = len(proxy.lines.events())
+        victim.kill()
+        proxy.lines.wait_for(lambda d: d.get("message") == "worker died: restarting it", start=mark)
+        proxy.changed(mark, added=["10.77.0.8"], removed=[])  # the new worker's own look
+        # Each curl is a new connection: SO_REUSEPORT spreads them over both workers.
+        pinned = {proxy.get("X-Demux-Egress: 10.77.0.8") for _ in range(8)}
+        assert pinned == {"10.77.0.8"}
+    finally:
+        proxy.close()

@@ -7,6 +7,7 @@ Retry-After when it is empty, as the services users crawl do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ JITTER_S = 0.02
 @dataclass
 class Limited:
     port: int = 0
+    ipv6: bool = False  # also listening on [::1]
     rate: float = 5.0
     banned: set[str] = field(default_factory=set)  # sources answered 429 always
     retry_after: int = 1
@@ -67,6 +69,9 @@ def limited() -> Iterator[Limited]:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         state.port = runner.addresses[0][1]
+        with contextlib.suppress(OSError):  # and on [::1], same port, where IPv6 works
+            await web.TCPSite(runner, "::1", state.port).start()
+            state.ipv6 = True
         return runner
 
     runner_box: list[web.AppRunner] = []
@@ -159,6 +164,70 @@ def test_queue_timeout_is_a_503_with_retry_after(tmp_path: Path, limited: Limite
         # What is left of the minute after the 2 s already waited, not the whole minute.
         assert 50 <= int(r.headers["Retry-After"]) <= 59
         assert r.headers["Content-Type"].startswith("text/plain") and "--host-rate" in r.text
+
+
+def test_queued_requests_all_get_what_is_left_of_the_wait(tmp_path: Path, limited: Limited) -> None:
+    """Requests that time out behind the head of the queue were told Retry-After: 1."""
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(
+        tmp_path / "state",
+        "--workers", "1",
+        "--host-rate", "127.0.0.1=6/min",
+        "--queue-timeout", "2",
+        egress=["127.0.0.2", "127.0.0.3"],
+    ) as p:  # fmt: skip
+        assert [_get(p, url).status_code for _ in range(2)] == [200, 200]  # both tokens
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda _: _get(p, url), range(5)))
+    assert [r.status_code for r in answers] == [503] * 5
+    # The next token is about 10 s after the first request, 2 s of it already waited.
+    assert all(5 <= int(r.headers["Retry-After"]) <= 10 for r in answers), [
+        r.headers["Retry-After"] for r in answers
+    ]
+
+
+def test_a_pinned_request_gets_the_servers_429(tmp_path: Path, limited: Limited) -> None:
+    """A pinned request cannot move: the 429 and its Retry-After are the client's, not
+    a 502 "no egress address left" after a retry that could only fail."""
+    limited.rate = 1000.0
+    limited.banned = {"127.0.0.3"}
+    limited.retry_after = 30
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(tmp_path / "state", "--workers", "1") as p:
+        r = _get(p, url, headers={"X-Demux-Egress": "127.0.0.3"})
+        assert r.status_code == 429 and r.text == "slow down"
+        assert 29 <= int(r.headers["Retry-After"]) <= 30  # its address's cooldown
+        assert limited.refused["127.0.0.3"] == 1
+        assert _get(p, url).status_code == 200  # the others are free
+
+
+def test_mixed_families_choose_among_the_hosts_family_only(
+    tmp_path: Path, limited: Limited
+) -> None:
+    """IPv4 and IPv6 egress, an IPv6-only destination: its one IPv6 address cools on a
+    429 like any other, and is not retried from itself nor counted free."""
+    if not limited.ipv6:
+        pytest.skip("no IPv6 on loopback here")
+    limited.rate = 1000.0
+    limited.banned = {"::1"}
+    limited.retry_after = 30
+    with running_proxy(
+        tmp_path / "state",
+        "--workers", "1",
+        "--queue-timeout", "1",
+        egress=["127.0.0.2", "::1"],
+    ) as p:  # fmt: skip
+        r = _get(p, f"http://[::1]:{limited.port}/item")
+        assert r.status_code == 429
+        assert 29 <= int(r.headers["Retry-After"]) <= 30  # not 1: 127.0.0.2 cannot go
+        assert limited.refused["::1"] == 1  # asked once, not retried from itself
+        r = _get(p, f"http://[::1]:{limited.port}/item")
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 25  # it cools
+        assert limited.refused["::1"] == 1
+        # 127.0.0.1 written as one number: getaddrinfo says "no IPv6 address for it"
+        # (EAI_ADDRFAMILY), which is an empty answer, not an error.
+        peers = {_get(p, f"http://2130706433:{limited.port}/item").text for _ in range(4)}
+        assert peers == {"127.0.0.2"}
 
 
 def test_sessions_stick_and_egress_can_be_pinned(tmp_path: Path, limited: Limited) -> None:

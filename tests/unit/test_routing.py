@@ -341,6 +341,22 @@ def test_a_lock_held_by_a_killed_process_is_released(which: str) -> None:
     assert shared.release_if_stuck(0.05) is False
 
 
+def test_a_request_in_flight_may_outlive_its_address() -> None:
+    """Re-discovery removed the address mid-request: its end must not raise (it was a
+    KeyError) nor bring the address's count back."""
+    sched = Scheduler(V4)
+    gone = V4[1].address
+    sched.started(gone)
+    sched.update([V4[0], V4[2]])
+    sched.finished(gone)
+    sched.started(gone)  # a dial that picked it before the update
+    assert gone not in sched.in_flight
+    sched.started(V4[0].address)
+    sched.finished(V4[0].address)
+    sched.finished(V4[0].address)  # never below zero
+    assert sched.in_flight[V4[0].address] == 0
+
+
 def test_pool_counts_idle_connections_per_egress() -> None:
     pool: Pool[FakeConn] = Pool(max_idle_per_key=4, idle_s=10, clock=lambda: 0.0)
     other: PoolKey = ("127.0.0.3", "http", "b.test", 80, "b.test")
