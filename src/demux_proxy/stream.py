@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import select
 import socket
 import ssl
 import struct
@@ -237,6 +238,17 @@ class Stream(asyncio.Protocol):
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
 
     # --- splicing: received bytes straight to another stream ------------------------
+
+    def unread_in_kernel(self) -> bool:
+        """Whether the socket holds bytes (or an end) the loop has not read yet. After a
+        splice moved exactly a body's length, what the peer sent after it is still
+        there, and the loop may not look before the connection is used again."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+        return bool(poller.poll(0))
 
     def can_splice_to(self, target: Stream) -> bool:
         """Whether `splice` may move bytes from here to `target` now: both plain TCP (no

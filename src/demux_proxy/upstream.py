@@ -61,9 +61,12 @@ class UpstreamConnection:
     id: int = field(default_factory=lambda: next(_ids))
 
     def usable(self) -> bool:
-        """Idle and healthy: the server has not closed it nor sent anything unasked."""
+        """Idle and healthy: the server has not closed it nor sent anything unasked
+        (also not in the kernel, unread, after a spliced body)."""
         s = self.stream
-        return not s.closed and not s.eof and not s.buffer
+        return (
+            not s.closed and not s.eof and not s.buffer and not (s.spliced and s.unread_in_kernel())
+        )
 
     def close(self) -> None:
         self.stream.close()

@@ -132,3 +132,50 @@ def test_a_reused_connection_that_times_out_is_closed(
         while _upstream_sockets(proxy, server.port) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _upstream_sockets(proxy, server.port) == 0
+
+
+BIG = 1 << 20
+POISON = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nPOISON"
+
+
+class PoisonAfterBody(RawServer):
+    """/big: a 1 MiB body with an answer nobody asked for right behind it, in the same
+    write; any other request: its own answer. Keeps each connection for more."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.connections = 0
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        self.connections += 1
+        while head := read_head(sock):
+            if head.split(b" ", 2)[1].endswith(b"/big"):
+                sock.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG + b"x" * BIG + POISON
+                )
+            else:
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine")
+
+
+def test_bytes_left_behind_a_spliced_body_are_never_anothers_answer(tmp_path: Path) -> None:
+    """A plain body is spliced to exactly its length: what the server sent after it was
+    still in the kernel when the connection went back to the pool, and the next request
+    on it (pipelined, or another client's) got those bytes as its answer."""
+    server = PoisonAfterBody()
+    try:
+        with running_proxy(tmp_path / "state", "--workers", "1") as proxy:
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=20) as c:
+                    c.sendall(
+                        _request("GET", server.port, "/big") + _request("GET", server.port, "/next")
+                    )
+                    data = b""
+                    while not data.endswith((b"\r\n\r\nmine", b"POISON")):
+                        chunk = c.recv(1 << 16)
+                        assert chunk, data[-200:]
+                        data += chunk
+                assert b"POISON" not in data
+                assert len(data) > BIG
+        assert server.connections >= 4  # each /next on a fresh connection, not the poisoned one
+    finally:
+        server.close()
