@@ -72,6 +72,8 @@ _KIND: Final[dict[type[ProxyError], str]] = {
 }
 
 
+# More than any server has a reason to send before its answer (100, a few 103s).
+MAX_INTERIM_RESPONSES: Final = 32
 _RETRY: Final = object()  # _respond's answer when the exchange should go again elsewhere
 
 
@@ -246,11 +248,20 @@ class Forwarder:
             resp = self._head_in(up)  # usually there with the first byte: no coroutine
             if resp is None:
                 resp = await self._read_head(up, upload)
+            interim = 0
             while 100 <= resp.status < 200 and resp.status != 101:
-                # Interim responses (100 Continue, 103) go to 1.1 clients (RFC 9110 15.2).
+                # Interim responses (100 Continue, 103) go to 1.1 clients (RFC 9110 15.2),
+                # at the pace the client takes them, and only so many: an endless run of
+                # them would hold the request forever and fill our memory.
+                interim += 1
+                if interim > MAX_INTERIM_RESPONSES:
+                    raise UpstreamError(
+                        f"upstream sent over {MAX_INTERIM_RESPONSES} interim (1xx) responses"
+                    )
                 if req.version == b"1.1":
                     headers = end_to_end(resp.headers, resp.connection, drop_length=True)
                     client.write(writer.response_head(resp.status, resp.reason, headers))
+                    await client.drain(self._config.idle_timeout_s)
                 resp = await self._read_head(up, upload)
             out.status = resp.status
             if resp.status == 101:

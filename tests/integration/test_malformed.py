@@ -635,6 +635,12 @@ BAD_RESPONSES: dict[str, bytes] = {
     "/status-099": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
     "/status-600": b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok",
 }
+# An endless run of interim responses (here 200 of them) held the request for ever and
+# grew the proxy's memory by a GiB in seconds.
+ENDLESS_INTERIM = (
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" * 200
+    + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+)
 # The head is relayed first, then the body goes wrong: the client sees an aborted transfer.
 MID_BODY = ("/bad-chunk-size", "/cut-mid-body", "/cut-mid-chunked", "/reset-mid-body")
 
@@ -653,6 +659,8 @@ class BadUpstream(RawServer):
         self.seen.append(path)
         if path in BAD_RESPONSES:
             sock.sendall(BAD_RESPONSES[path])
+        elif path == "/endless-interim":
+            sock.sendall(ENDLESS_INTERIM)
         elif path == "/bad-chunk-size":
             sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
             time.sleep(0.3)  # the head and first chunk are relayed by now
@@ -711,6 +719,22 @@ def test_malformed_response_is_a_plain_502(
         assert b"hello" not in r.content
         assert r.content != b"ok"
     assert path in bad_upstreams[scheme].seen  # the 502 is about the response, not a connect
+
+
+def test_interim_responses_are_relayed_up_to_a_bound_then_502(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream]
+) -> None:
+    url = _bad_url(bad_upstreams, "http", "/endless-interim")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT) as c:
+        c.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while b"HTTP/1.1 502 " not in data and b"\r\n\r\nok" not in data:
+            chunk = c.recv(65536)
+            assert chunk, data[-300:]
+            data += chunk
+    statuses = [int(m) for m in STATUS_LINE.findall(data)]
+    assert statuses == [103] * 32 + [502], statuses
+    assert b"interim" in data.rsplit(b"\r\n\r\n", 1)[1]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
