@@ -28,6 +28,8 @@ from demux_proxy.stream import Stream
 
 _internal: Final = logging.getLogger(log.LOGGER_NAME)
 _TLS_HANDSHAKE: Final = 0x16
+# Pipelined requests answered from one buffer before the loop may run other clients.
+_PIPELINED_BATCH: Final = 8
 LISTEN_BACKLOG: Final = 4096  # first byte of a TLS record carrying a ClientHello
 
 
@@ -173,7 +175,19 @@ class ProxyServer:
             stream.close()
 
     async def _serve(self, stream: Stream, tunnel: Tunnel | None) -> None:
+        idle_timeout = self._config.idle_timeout_s
+        served = 0
         while not self._closing:
+            if stream.buffer:
+                served += 1
+                if not served % _PIPELINED_BATCH:
+                    # Requests pipelined in one read are all in the buffer, and answering
+                    # one need not wait for anything (a refusal): let the others run.
+                    await asyncio.sleep(0)
+            # A client that sends requests without reading the answers stops being read
+            # until it takes them, also the answers the proxy writes itself (407, 403).
+            if stream.must_drain:
+                await stream.drain(idle_timeout)
             req = await self._next_request(stream)
             if req is None:
                 return
@@ -183,8 +197,8 @@ class ProxyServer:
                 and self._policy.auth_required
                 and not await self._authorized(stream, req)
             ):
-                if req.content_length or req.chunked:
-                    return  # its body was not read: the connection is not at a boundary
+                if req.content_length or req.chunked or not req.keep_alive:
+                    return  # a body not read (off a message boundary), or "close" asked
                 continue
             if req.method == b"CONNECT":
                 if tunnel is not None:
@@ -220,8 +234,11 @@ class ProxyServer:
             method=req.method.decode("latin-1"),
             status_code=407,
         )
-        # A body we do not read leaves the connection off a message boundary: it ends.
-        stream.write(challenge_response(close=bool(req.content_length or req.chunked)))
+        # A body we do not read leaves the connection off a message boundary: it ends;
+        # and so it does when the client asked for that (close, HTTP/1.0).
+        stream.write(
+            challenge_response(close=bool(req.content_length or req.chunked) or not req.keep_alive)
+        )
         return False
 
     async def _next_request(self, stream: Stream) -> RequestHead | None:

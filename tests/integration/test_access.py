@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
+import psutil
 import pytest
 import requests
 
@@ -125,6 +126,53 @@ def test_a_407_to_a_request_with_a_body_says_the_connection_closes(
         head = c.recv(65536).split(b"\r\n\r\n", 1)[0].lower()
     assert head.startswith(b"http/1.1 407 ")
     assert b"connection: close" not in head
+
+
+@pytest.mark.parametrize(
+    "request_line", ["GET {url} HTTP/1.1\r\nConnection: close", "GET {url} HTTP/1.0"]
+)
+def test_a_407_honours_a_close_the_client_asked_for(
+    auth_proxy: ProxyProcess, upstream: Upstream, request_line: str
+) -> None:
+    """RFC 9112 9.6: "close", or HTTP/1.0 without keep-alive, ends the connection after
+    the answer; the 407 kept it open until --client-idle-timeout."""
+    line = request_line.format(url=upstream.http_url("/ip"))
+    with socket.create_connection(("127.0.0.1", auth_proxy.port), timeout=5) as c:
+        c.sendall(f"{line}\r\nHost: x\r\n\r\n".encode())
+        answer = b""
+        while chunk := c.recv(65536):  # a timeout here: the proxy kept it open
+            answer += chunk
+    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 407 ") and b"\r\nconnection: close" in head, answer
+
+
+def test_a_client_that_reads_no_answers_stops_being_read(
+    auth_proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """Requests pipelined by a client that never reads the 407s: the proxy read them all,
+    its memory growing with what the client sent (200 MB for 200 MB), and answered
+    them all while other clients waited. Now it stops reading once its answers back up."""
+    request = f"GET {upstream.http_url('/ip')} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    stream = memoryview(request * 800_000)  # about 50 MB
+    total = len(stream)
+    proc = psutil.Process(auth_proxy.proc.pid)
+    rss_before = proc.memory_info().rss
+    sent = 0
+    with socket.socket() as c:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # little kernel slack
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+        c.connect(("127.0.0.1", auth_proxy.port))
+        c.settimeout(3)
+        try:
+            while sent < total:
+                sent += c.send(stream[sent : sent + (1 << 20)])
+        except TimeoutError:
+            pass  # the proxy stopped reading: what it should do
+        grown = proc.memory_info().rss - rss_before
+        # Another client is answered meanwhile.
+        assert _get(auth_proxy, upstream.http_url("/ip")).status_code == 407
+    assert sent < total / 4, f"the proxy took {sent} bytes from a client that read nothing"
+    assert grown < 32 << 20, grown
 
 
 def test_allow_client_outside_the_networks_is_closed(tmp_path: Path, upstream: Upstream) -> None:
