@@ -126,7 +126,7 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(
-            self._handle, host, port, reuse_address=True, reuse_port=True
+            self._handle, host, port, reuse_address=True, reuse_port=self._workers > 1
         )
         return int(self._server.sockets[0].getsockname()[1])
 

@@ -59,7 +59,8 @@ class ProxyServer:
         self._task_of: dict[Stream, asyncio.Task[None]] = {}
 
     async def start(self) -> int:
-        """Listen (SO_REUSEPORT, shared with other workers) and accept; return the port.
+        """Listen (with SO_REUSEPORT when shared with other workers) and accept; return the
+        port.
 
         Our own accept loop rather than `loop.create_server`, so that at
         `max_connections` we simply stop accepting: new clients wait in the kernel's
@@ -73,7 +74,8 @@ class ProxyServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if cfg.workers > 1:  # only then: any process of ours that sets it could join
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)

@@ -43,8 +43,22 @@ STUCK_LOCK_S = 0.5
 
 
 def reserve_port(config: Config, host: str, port: int) -> tuple[socket.socket, int]:
-    """Bind (never listen) host:port with SO_REUSEPORT: workers can join, nobody else."""
+    """Bind (never listen) host:port with SO_REUSEPORT, for the workers to join.
+
+    Any socket of this user that sets SO_REUSEPORT may join a port, another demux-proxy
+    started on it by mistake too (the kernel would then split clients between the two).
+    So the port is first bound without it: that fails while anyone holds the port.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            probe.bind((host, port))
+        except OSError as exc:
+            raise listen_error(replace(config, listen_host=host, listen_port=port), exc) from exc
+        finally:
+            probe.close()
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

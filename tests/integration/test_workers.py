@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 
-from tests.proxy_process import EGRESS, running_proxy
+from tests.proxy_process import EGRESS, proxy_command, running_proxy
 from tests.upstream import Upstream
 
 
@@ -147,3 +149,22 @@ def test_a_host_rate_holds_per_address_across_workers(tmp_path: Path, upstream: 
     assert sorted(sent) == sorted(set(sent)), sent
     assert results.count(200) == len(set(sent)) <= len(EGRESS)
     assert results.count(503) == len(threads) - results.count(200)
+
+
+@pytest.mark.parametrize("first, second", [("1", "1"), ("2", "2"), ("1", "2"), ("2", "1")])
+def test_a_second_proxy_on_a_port_in_use_is_refused(
+    tmp_path: Path, first: str, second: str
+) -> None:
+    """SO_REUSEPORT let a second instance (same user) join the port and take part of the
+    clients, with its own options; it must fail as the README says: one line, status 2."""
+    with running_proxy(tmp_path / "a", "--workers", first) as p:
+        out = subprocess.run(
+            proxy_command(
+                ["start", "--listen", f"127.0.0.1:{p.port}", "--egress", "127.0.0.3",
+                 "--allow-private", "--state-dir", str(tmp_path / "b"), "--workers", second]
+            ),
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stdout[-500:] + out.stderr
+        assert "address already in use" in out.stderr and "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
