@@ -24,6 +24,7 @@ from demux_proxy.egress import parse_addresses, resolve_egress
 from demux_proxy.errors import ConfigError
 from demux_proxy.options import (
     START_OPTIONS,
+    Seconds,
     ca_cert_option,
     egress_options,
     insecure_upstream_option,
@@ -292,7 +293,9 @@ def _shown(name: str, value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     if isinstance(value, Path):
-        return str(value)
+        # Absolute: a config file's relative paths are read relative to the file, so a
+        # printed "state" would name another directory (and CA) once saved elsewhere.
+        return str(value.absolute())
     return value
 
 
@@ -304,6 +307,9 @@ def _mask(credential: str) -> str:
 def _toml_line(key: str, value: Any) -> str:
     if value is None:
         return f"# {key} = (not set)"
+    if key == "auth" and value:
+        # Commented out: saved as is, "user:****" would be a password anyone can guess.
+        return f"# {key} = {_toml_value(value)}  (passwords masked: write them in)"
     return f"{key} = {_toml_value(value)}"
 
 
@@ -352,7 +358,7 @@ def addresses(egress: tuple[str, ...], egress_interfaces: tuple[str, ...]) -> No
 @insecure_upstream_option("the --url server's certificate")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0.1),
+    type=Seconds(min=0.1),
     default=10.0,
     show_default=True,
     metavar="SECONDS",

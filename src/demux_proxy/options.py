@@ -6,6 +6,7 @@ keys of the `--config` TOML file (config_file.py derives them from these declara
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,17 @@ import click
 from demux_proxy.config import DEFAULT_LISTEN
 
 _Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+class Seconds(click.FloatRange):
+    """A FloatRange that refuses nan and inf, which it lets through: a nan timeout was
+    accepted at start and then failed every request."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def env_name(name: str) -> str:
@@ -187,7 +199,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     ),
     click.option(
         "--connect-timeout",
-        type=click.FloatRange(min=0.1),
+        type=Seconds(min=0.1),
         default=10.0,
         show_default=True,
         envvar=_env("connect-timeout"),
@@ -196,7 +208,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     ),
     click.option(
         "--response-timeout",
-        type=click.FloatRange(min=0.1),
+        type=Seconds(min=0.1),
         default=120.0,
         show_default=True,
         envvar=_env("response-timeout"),
@@ -205,7 +217,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     ),
     click.option(
         "--idle-timeout",
-        type=click.FloatRange(min=0.1),
+        type=Seconds(min=0.1),
         default=120.0,
         show_default=True,
         envvar=_env("idle-timeout"),
@@ -217,7 +229,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     ),
     click.option(
         "--client-idle-timeout",
-        type=click.FloatRange(min=0.1),
+        type=Seconds(min=0.1),
         default=75.0,
         show_default=True,
         envvar=_env("client-idle-timeout"),
@@ -226,7 +238,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     ),
     click.option(
         "--head-timeout",
-        type=click.FloatRange(min=0.1),
+        type=Seconds(min=0.1),
         default=30.0,
         show_default=True,
         envvar=_env("head-timeout"),
@@ -235,7 +247,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     ),
     click.option(
         "--handshake-timeout",
-        type=click.FloatRange(min=0.1),
+        type=Seconds(min=0.1),
         default=10.0,
         show_default=True,
         envvar=_env("handshake-timeout"),
@@ -253,7 +265,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     ),
     click.option(
         "--rediscover",
-        type=click.FloatRange(min=1),
+        type=Seconds(min=1),
         envvar=_env("rediscover"),
         show_envvar=True,
         metavar="SECONDS",
@@ -281,7 +293,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     ),
     click.option(
         "--queue-timeout",
-        type=click.FloatRange(min=0),
+        type=Seconds(min=0),
         default=30.0,
         show_default=True,
         envvar=_env("queue-timeout"),
@@ -338,7 +350,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     ),
     click.option(
         "--shutdown-grace",
-        type=click.FloatRange(min=0),
+        type=Seconds(min=0),
         default=30.0,
         show_default=True,
         envvar=_env("shutdown-grace"),

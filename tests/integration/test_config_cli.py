@@ -122,7 +122,9 @@ def test_config_output_is_a_config_file(tmp_path: Path) -> None:
     path = _write(tmp_path, FILE + 'auth = ["alice:pw"]\n')
     first = _run("config", "--config", str(path))
     assert first.returncode == 0, first.stderr
-    again = _write(tmp_path, first.stdout.replace("alice:****", "alice:pw"), "again.toml")
+    masked = '# auth = ["alice:****"]  (passwords masked: write them in)'
+    assert masked in first.stdout
+    again = _write(tmp_path, first.stdout.replace(masked, 'auth = ["alice:pw"]'), "again.toml")
     second = _run("config", "--config", str(again))
     assert second.returncode == 0, second.stderr
     settings = [line.split("  #")[0].rstrip() for line in first.stdout.splitlines()[1:]]
@@ -146,7 +148,7 @@ def test_auth_passwords_are_masked(tmp_path: Path) -> None:
     path = _write(tmp_path, 'auth = ["alice:file-secret", "bob:pa:ss"]\n')
     out = _run("config", "--config", str(path))
     assert out.returncode == 0, out.stderr
-    assert 'auth = ["alice:****", "bob:****"]' in out.stdout
+    assert '# auth = ["alice:****", "bob:****"]  (passwords masked' in out.stdout
     assert "file-secret" not in out.stdout
     assert "pa:ss" not in out.stdout
 
@@ -160,6 +162,34 @@ def test_auth_passwords_are_masked(tmp_path: Path) -> None:
     assert flag.returncode == 0, flag.stderr
     assert json.loads(flag.stdout)["options"]["auth"]["value"] == ["dave:****"]
     assert "secret" not in flag.stdout
+
+
+def test_saved_as_is_the_output_never_logs_in_with_a_masked_password(tmp_path: Path) -> None:
+    """The masked line is a comment: "alice:****" was taken as alice's real password."""
+    saved = _write(tmp_path, _run("config", "--auth", "alice:s3cret").stdout, "saved.toml")
+    assert _config("--config", str(saved))["auth"]["value"] == []
+
+
+def test_printed_paths_are_absolute(tmp_path: Path) -> None:
+    """A config file reads relative paths relative to itself: "state" printed from
+    another directory named another state dir, and another CA, once saved."""
+    out = subprocess.run(
+        proxy_command(["config", "--json", "--state-dir", "./state"]),
+        capture_output=True, text=True, timeout=30, cwd=tmp_path, env=_env(), check=True,
+    )  # fmt: skip
+    shown = json.loads(out.stdout)["options"]["state_dir"]["value"]
+    assert shown == str(tmp_path / "state")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-nan"])
+def test_a_timeout_that_is_not_a_finite_number_is_refused(value: str) -> None:
+    """--connect-timeout nan started, then every request failed with an internal error."""
+    for command in ("config", "start"):
+        out = _run(command, "--connect-timeout", value)
+        assert out.returncode == 2, out.stdout
+        assert "not a finite number" in out.stderr and "Traceback" not in out.stderr
+    out = _run("start", env=_env(DEMUX_PROXY_SHUTDOWN_GRACE="inf"))
+    assert out.returncode == 2 and "not a finite number" in out.stderr
 
 
 # --------------------------------------------------------------------------- refusals
