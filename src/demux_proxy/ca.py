@@ -35,7 +35,8 @@ _CACHE_SIZE = 4096  # contexts kept; each holds only a parsed cert, so this is a
 _LEAF_LIFETIME = timedelta(days=397)  # browsers refuse leaf certificates valid over 398 days
 _CA_LIFETIME = timedelta(days=3650)
 _BACKDATE = timedelta(days=1)  # tolerate clients whose clocks run a little behind
-_HOST_RE = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")  # no wildcards: SNI never has them
+# Labels of 1-63 characters (RFC 1035 2.3.4); no wildcards: SNI never has them.
+_HOST_RE = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*\.?")
 _PEM = serialization.Encoding.PEM
 _log = logging.getLogger("demux_proxy")  # log.setup routes it into the JSON log
 

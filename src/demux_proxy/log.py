@@ -218,4 +218,11 @@ def setup(level: str, fmt: str) -> EventLog:
         logger.handlers[:] = [handler]
         logger.setLevel(events.level)
         logger.propagate = False
+    # What Python reports as "Exception ignored in ..." (one client's undecodable SNI
+    # name, in the ssl module's callback) goes to the same log, not raw to stderr.
+    sys.unraisablehook = lambda raised: events.warning(
+        "exception ignored",
+        error=repr(raised.exc_value),
+        where=str(raised.err_msg or "")[:200],
+    )
     return events

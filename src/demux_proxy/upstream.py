@@ -185,6 +185,11 @@ async def connect(
                 except ssl.SSLError as exc:
                     sock.close()
                     raise UpstreamError(f"TLS with {server_hostname} failed: {exc}") from exc
+                except UnicodeError as exc:  # the ssl module's IDNA check of the name
+                    sock.close()
+                    raise UpstreamError(
+                        f"cannot verify {server_hostname[:80]!r}: not a valid host name"
+                    ) from exc
                 except OSError as exc:
                     sock.close()
                     # The address's own fault (gone, unroutable) or the destination's.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
+import subprocess
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.proxy_process import ProxyProcess, running_proxy
@@ -46,13 +49,16 @@ def test_deny_and_allow_dest(tmp_path: Path, upstream: Upstream) -> None:
         assert r.status_code == 403 and "--allow-dest" in r.text
 
 
-def _in_tunnel(p: ProxyProcess, connect: str, sni: str, host: str) -> bytes:
+def _in_tunnel(
+    p: ProxyProcess, connect: str, sni: str, host: str, check_name: bool = True
+) -> bytes:
     """CONNECT to `connect`, TLS with the proxy as `sni`, one GET with `host`: the
     answer's head (and whatever came with it)."""
     with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
         raw.sendall(f"CONNECT {connect} HTTP/1.1\r\nHost: {connect}\r\n\r\n".encode())
         assert read_head(raw).startswith(b"HTTP/1.1 200 ")
         ctx = ssl.create_default_context(cafile=str(p.ca_path))
+        ctx.check_hostname = check_name
         with ctx.wrap_socket(raw, server_hostname=sni) as tls:
             tls.sendall(f"GET /ip HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
             return read_head(tls)
@@ -87,3 +93,34 @@ def test_an_international_deny_rule_matches_its_a_label(tmp_path: Path) -> None:
             r = _get(p, f"http://{host}/")
             assert r.status_code == 403, (host, r.text)
             assert "xn--bcher-kva.de" in r.text
+
+
+def _openssl_in_tunnel(proxy: ProxyProcess, connect: str, sni: str) -> bytes:
+    """One GET in a tunnel through openssl s_client, which sends any server name."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    return subprocess.run(
+        ["openssl", "s_client", "-quiet", "-proxy", f"127.0.0.1:{proxy.port}",
+         "-connect", connect, "-servername", sni],
+        input=b"GET /ip HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        capture_output=True, timeout=30, check=False,
+    ).stdout  # fmt: skip
+
+
+def test_an_sni_no_certificate_can_hold_gets_the_connect_hosts(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """A 64-character label: a leaf was minted for it, then the upstream side failed
+    with an internal error and the client got a reset. It is served as the CONNECT host."""
+    answer = _openssl_in_tunnel(proxy, f"localhost:{upstream.https_port}", "a" * 64 + ".example")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert not proxy.logs("internal error")
+
+
+def test_an_undecodable_sni_is_logged_not_printed(proxy: ProxyProcess, upstream: Upstream) -> None:
+    """A non-ASCII server name fails in the ssl module's callback, which Python reports
+    as "Exception ignored" on stderr, outside the log: it is a warning line now."""
+    _openssl_in_tunnel(proxy, f"localhost:{upstream.https_port}", "\u00ff.com")
+    line = proxy.wait_for_log("exception ignored")
+    assert "UnicodeDecodeError" in line["fields"]["error"]
+    assert _get(proxy, upstream.http_url("/ip")).status_code == 200
