@@ -205,6 +205,12 @@ def test_truncated_length_body_raises_on_eof() -> None:
 CHUNKED = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: yes\r\n\r\n"
 
 
+def test_trailer_values_may_hold_tabs_and_obs_text() -> None:
+    d = ChunkedDecoder(upstream=True)
+    _decode_all(d, b"0\r\nX-T: a\tb \xe9\r\n\r\n")
+    assert d.done and d.trailers == [(b"X-T", b"a\tb \xe9")]
+
+
 @pytest.mark.parametrize("step", [None, 1, 2, 5])
 def test_chunked_decoder_whole_and_byte_by_byte(step: int | None) -> None:
     d = ChunkedDecoder(upstream=False)
@@ -223,6 +229,13 @@ def test_chunked_decoder_whole_and_byte_by_byte(step: int | None) -> None:
         b"10000000000000000\r\n",  # 17 hex digits
         b" 5\r\nhello\r\n",
         b"0\r\nbad trailer\r\n\r\n",
+        # Trailer fields meet the rules of head fields (they were relayed as they came).
+        b"0\r\nX-T: a\x00b\r\n\r\n",
+        b"0\r\nX T: 1\r\n\r\n",
+        b"0\r\nX(T)@: 1\r\n\r\n",
+        b"0\r\nX-T: a\x1b[31mred\r\n\r\n",
+        b"0\r\nX-T: a\x7f\r\n\r\n",
+        b"0\r\n: empty name\r\n\r\n",
     ],
 )
 def test_chunked_decoder_rejects_malformed(data: bytes) -> None:

@@ -9,6 +9,7 @@ body and raises for a truncated one, so a short body never looks complete.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from demux_proxy.errors import ProtocolError, UpstreamError
@@ -19,6 +20,9 @@ from demux_proxy.http1.headers import Headers
 MAX_CHUNK_LINE: Final = 16 * 1024
 MAX_TRAILER_BYTES: Final = 64 * 1024
 _HEX: Final = frozenset(b"0123456789abcdefABCDEF")
+# Trailer fields meet the rules head fields do (llhttp checks those).
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _take(buf: bytearray, limit: int) -> bytes:
@@ -173,9 +177,9 @@ class ChunkedDecoder(BodyDecoder):
                 name, sep, value = line.partition(b":")
                 if (
                     not sep
-                    or not name
-                    or name != name.strip()
-                    or self._trailer_bytes > (MAX_TRAILER_BYTES)
+                    or self._trailer_bytes > MAX_TRAILER_BYTES
+                    or _TOKEN.fullmatch(name) is None  # RFC 9110 5.1, as llhttp has it
+                    or _CONTROL.search(value) is not None  # 5.5: no NUL, CR, LF, CTLs
                 ):
                     raise self._error("invalid trailer field")
                 self.trailers.append((name, value.strip(b" \t")))
