@@ -203,6 +203,16 @@ def _port_zero(prefix: str, host: str, marker: str) -> bytes:
     return f"GET http://127.0.0.1:0/ip?case={marker} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
 
 
+def _all_bare_lf(prefix: str, host: str, marker: str) -> bytes:
+    # No CRLF ever comes: it waited out --head-timeout for a 408.
+    return f"GET {prefix}/ip?case={marker} HTTP/1.1\nHost: {host}\n\n".encode()
+
+
+def _client_hello(prefix: str, host: str, marker: str) -> bytes:
+    # A client told the proxy URL is https://: a TLS record where a request-line goes.
+    return b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + marker.encode()
+
+
 BAD_REQUEST = frozenset({400})
 
 # id -> (builder, accepted statuses). Every one of these is refused from its head alone:
@@ -331,6 +341,8 @@ HEAD_CASES: dict[str, tuple[Build, frozenset[int]]] = {
     "http-2.0": (_req("GET", "/ip?{case}", [], version="HTTP/2.0"), frozenset({505})),
     "unknown-method": (_req("FROBNICATE", "/ip?{case}", []), frozenset({501})),
     "absolute-form-port-0": (_port_zero, BAD_REQUEST),
+    "all-bare-lf": (_all_bare_lf, BAD_REQUEST),
+    "tls-client-hello": (_client_hello, BAD_REQUEST),
 }
 
 _CHUNKED = ["Transfer-Encoding: chunked"]
@@ -637,6 +649,12 @@ BAD_RESPONSES: dict[str, bytes] = {
 }
 # An endless run of interim responses (here 200 of them) held the request for ever and
 # grew the proxy's memory by a GiB in seconds.
+# The upstream keeps the connection open after these: an answer that never ends waited
+# out --response-timeout (a 504 "no response" after 2 minutes).
+NEVER_ENDING_HEADS: dict[str, bytes] = {
+    "/bare-lf-head": b"HTTP/1.1 200 OK\nContent-Type: text/plain\nContent-Length: 2\n\nok",
+    "/not-http-open": b"SSH-2.0-OpenSSH_9.2\r\n",
+}
 ENDLESS_INTERIM = (
     b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n" * 200
     + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -659,6 +677,9 @@ class BadUpstream(RawServer):
         self.seen.append(path)
         if path in BAD_RESPONSES:
             sock.sendall(BAD_RESPONSES[path])
+        elif path in NEVER_ENDING_HEADS:
+            sock.sendall(NEVER_ENDING_HEADS[path])
+            time.sleep(ANSWER_TIMEOUT + 1)
         elif path == "/endless-interim":
             sock.sendall(ENDLESS_INTERIM)
         elif path == "/bad-chunk-size":
@@ -719,6 +740,16 @@ def test_malformed_response_is_a_plain_502(
         assert b"hello" not in r.content
         assert r.content != b"ok"
     assert path in bad_upstreams[scheme].seen  # the 502 is about the response, not a connect
+
+
+@pytest.mark.parametrize("path", list(NEVER_ENDING_HEADS))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_head_that_can_never_end_is_a_502_at_once(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str, path: str
+) -> None:
+    with requests_session(proxy) as s:
+        r = s.get(_bad_url(bad_upstreams, scheme, path), timeout=ANSWER_TIMEOUT)
+    assert r.status_code == 502 and "malformed upstream response" in r.text, r.text
 
 
 def test_interim_responses_are_relayed_up_to_a_bound_then_502(

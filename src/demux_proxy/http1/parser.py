@@ -147,7 +147,32 @@ def find_head_end(buf: bytes | bytearray, max_bytes: int, *, request: bool) -> i
                 raise ProtocolError("request line too long", status=414)
             raise ProtocolError("request header block too large", status=431)
         raise UpstreamError("upstream response head too large")
+    if buf:
+        _check_partial_head(buf, request)
     return -1
+
+
+# A request-line starts with a method (a token); a status-line with "HTTP/".
+_TCHAR: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+_BARE_LF: Final = re.compile(rb"(?<!\r)\n")
+
+
+def _check_partial_head(buf: bytes | bytearray, request: bool) -> None:
+    """Refuse at once a head that can never end: it would wait out a timeout (408, 504)
+    for a blank line that never comes. A TLS ClientHello (a client told to speak https
+    to the proxy itself), bare-LF line ends (strict: RFC 9112 2.2 allows refusing them)."""
+    first = buf[0]
+    if first != 0x0D and (first not in _TCHAR if request else first != 0x48):
+        if request:
+            hint = " (TLS? the proxy URL is http://, not https://)" if first == 0x16 else ""
+            raise ProtocolError(f"not an HTTP request{hint}")
+        raise UpstreamError("malformed upstream response: not HTTP")
+    if _BARE_LF.search(buf) is not None:
+        if request:
+            raise ProtocolError("bare LF in the request head: lines end with CRLF")
+        raise UpstreamError("malformed upstream response: bare LF in the head")
 
 
 def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list[bytes], bool]:
