@@ -403,3 +403,32 @@ def test_response_status_outside_100_to_599_is_malformed(status: bytes) -> None:
         parse_response_head(b"HTTP/1.1 %s Odd\r\nContent-Length: 0\r\n\r\n" % status)
     for ok in (100, 103, 204, 599):  # the bounds themselves stay valid
         assert parse_response_head(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % ok).status == ok
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        b"Content-Length: 5\r\nContent-Length: 5\r\n",
+        b"Content-Length: 5, 5\r\n",
+        b"content-length: 5\r\nX-A: b\r\nCONTENT-LENGTH:5 , 5\r\n",
+    ],
+)
+def test_a_response_repeating_one_content_length_is_read_as_that_length(lines: bytes) -> None:
+    """RFC 9110 8.6: identical values may be taken as one (curl and requests do)."""
+    head = parse_response_head(b"HTTP/1.1 200 OK\r\n" + lines + b"X-Z: 1\r\n\r\n")
+    assert head.content_length == 5 and head.status == 200
+    assert [n.lower() for n, _ in head.headers].count(b"content-length") == 1
+    assert (b"X-Z", b"1") in head.headers
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        b"Content-Length: 5\r\nContent-Length: 6\r\n",
+        b"Content-Length: 5, 6\r\n",
+        b"Content-Length: 5, x\r\n",
+    ],
+)
+def test_differing_content_lengths_stay_refused(lines: bytes) -> None:
+    with pytest.raises(UpstreamError):
+        parse_response_head(b"HTTP/1.1 200 OK\r\n" + lines + b"\r\n")

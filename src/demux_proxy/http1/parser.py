@@ -315,6 +315,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
     except httptools.HttpParserUpgrade:
         pass
     except httptools.HttpParserError as exc:
+        merged = _one_length(head)
+        if merged is not None:
+            return parse_response_head(merged)
         raise UpstreamError(f"malformed upstream response: {exc}") from None
     if len(c.headers) > MAX_HEADER_COUNT:
         raise UpstreamError("malformed upstream response: too many header fields")
@@ -341,6 +344,22 @@ def parse_response_head(head: bytes) -> ResponseHead:
         codings,
         tokens,
     )
+
+
+_LENGTH_LINE: Final = re.compile(rb"(?im)^content-length:[ \t]*([^\r\n]*?)[ \t]*\r\n")
+
+
+def _one_length(head: bytes) -> bytes | None:
+    """The head with one Content-Length line, when its several lines or list members
+    all say the same number (RFC 9110 8.6 lets a recipient take that one value; llhttp
+    refuses any repeat). None for anything else: differing values stay a 502."""
+    found: list[bytes] = _LENGTH_LINE.findall(head)
+    values = [v.strip() for line in found for v in line.split(b",")]
+    if len(values) < 2 or len(set(values)) != 1 or not values[0].isdigit():
+        return None
+    rest: bytes = _LENGTH_LINE.sub(b"", head)
+    line_end = rest.find(b"\r\n") + 2
+    return rest[:line_end] + b"Content-Length: " + values[0] + b"\r\n" + rest[line_end:]
 
 
 def response_has_body(request_method: bytes, status: int) -> bool:
