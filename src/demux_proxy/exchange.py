@@ -164,10 +164,11 @@ class Forwarder:
         except ProxyError as exc:
             error = exc.reason
             kind = _KIND.get(type(exc), "proxy_error")
-            out.status = exc.status
             if out.response_started:
+                # The status the client got stays the one logged; `error` says it was cut.
                 client.abort()  # a truncated body must not look complete
             else:
+                out.status = exc.status
                 keep = out.request_done and req.keep_alive and not self.closing
                 extra = (
                     [(b"Retry-After", b"%d" % exc.retry_after_s)]
@@ -400,8 +401,8 @@ class Forwarder:
                 )
             else:
                 keep = False  # an HTTP/1.0 client learns the end from the close
-        if upload is not None and not upload.done():
-            keep = False
+        if upload is not None and (not upload.done() or not out.request_done):
+            keep = False  # the body is not all read (or its upload failed): we close
         if not keep:
             headers.append((b"Connection", b"close"))
         elif req.version == b"1.0":

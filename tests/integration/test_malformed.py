@@ -872,6 +872,12 @@ def test_response_broken_mid_body_is_aborted_requests(
     url = _bad_url(bad_upstreams, scheme, path)
     with requests_session(proxy) as s:
         _assert_aborted(lambda: s.get(url, timeout=20))
+        # The log says what the client got, a 200 cut short (it said 502).
+        line = proxy.wait_for_log(
+            "inbound response",
+            lambda d: d["fields"]["url"].endswith(path) and "error" in d["fields"],
+        )
+        assert line["fields"]["status_code"] == 200, line
         # The client's next request, on a fresh connection, is served.
         with s.get(url.rsplit("/", 1)[0] + "/two-content-lengths", timeout=20) as r:
             assert r.status_code == 502
