@@ -87,10 +87,9 @@ class Dispatcher:
             elif size == _CREDENTIALS_LEN and field.lower() == _CREDENTIALS:
                 credentials = True
         if pinned is not None:
-            address = pinned.decode("latin-1").strip()
-            if address not in self.scheduler.in_flight:
-                raise ProtocolError(f"X-Demux-Egress {address!r} is not an egress address")
-            return address
+            return self.pin(pinned)
+        if route.pin is not None:
+            return self.pin(route.pin.encode("latin-1"))  # named on CONNECT
         name = session.decode("latin-1").strip() if session is not None else route.session
         if not name and credentials:
             name = session_of(req.headers)
@@ -107,6 +106,13 @@ class Dispatcher:
                 "session moved: its address is resting", session=name, home=home, now=chosen
             )
         return chosen
+
+    def pin(self, value: bytes) -> str:
+        """The egress address an X-Demux-Egress value names; 400 if it names none."""
+        address = value.decode("latin-1").strip()
+        if address not in self.scheduler.in_flight:
+            raise ProtocolError(f"X-Demux-Egress {address!r} is not an egress address")
+        return address
 
     def acquire_now(
         self, route: Route, exclude: list[str], only: str | None, family: int | None

@@ -102,6 +102,10 @@ class Forwarder:
         self._sessions = sessions if sessions is not None else count(1)
         self.closing = False  # set at shutdown: answers then carry Connection: close
 
+    def pin(self, value: bytes) -> str:
+        """The egress address an X-Demux-Egress value names (400 when none)."""
+        return self._dispatch.pin(value)
+
     async def forward(self, client: Stream, req: RequestHead, route: Route) -> bool:
         """Relay `req` to `route`; True when the client connection may continue."""
         sid = next(self._sessions)

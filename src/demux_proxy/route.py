@@ -24,7 +24,8 @@ class Tunnel:
     host: str
     port: int
     tls_name: str  # the name the client asked for in SNI, else the CONNECT host
-    session: str | None = None  # sticky session named on CONNECT (proxy user name)
+    session: str | None = None  # sticky session named on CONNECT (user name, header)
+    pin: str | None = None  # X-Demux-Egress sent on CONNECT: every request inside
 
 
 # Not frozen: a frozen dataclass pays an object.__setattr__ per field (about 1 us for a
@@ -39,6 +40,7 @@ class Route:
     host_header: bytes | None  # replaces Host (absolute-form, RFC 9112 3.2.2), else None
     tls_name: str  # server name to verify upstream
     session: str | None
+    pin: str | None
     # For the two log lines of every request: formatted once, here.
     url: str = field(repr=False, compare=False)
 
@@ -51,6 +53,7 @@ class Route:
         host_header: bytes | None,
         tls_name: str,
         session: str | None = None,  # sticky session inherited from the tunnel
+        pin: str | None = None,  # an address pinned for the whole tunnel
     ) -> None:
         self.scheme = scheme
         self.host = host
@@ -59,6 +62,7 @@ class Route:
         self.host_header = host_header
         self.tls_name = tls_name
         self.session = session
+        self.pin = pin
         self.url = f"{scheme}://{bracketed(host)}:{port}{target.decode('latin-1')}"
 
 
@@ -113,7 +117,14 @@ def route_for(target: bytes, tunnel: Tunnel | None) -> Route:
         else:
             origin = _origin(*_parsed(target)[3:5])  # absolute-form is allowed too
         return Route(
-            tunnel.scheme, tunnel.host, tunnel.port, origin, None, tunnel.tls_name, tunnel.session
+            tunnel.scheme,
+            tunnel.host,
+            tunnel.port,
+            origin,
+            None,
+            tunnel.tls_name,
+            tunnel.session,
+            tunnel.pin,
         )
     if target.startswith(b"/") or target == b"*":
         raise ProtocolError(

@@ -21,6 +21,7 @@ from demux_proxy.config import Config
 from demux_proxy.errors import Forbidden, ProtocolError, ProxyError, StreamClosed
 from demux_proxy.exchange import Forwarder
 from demux_proxy.http1 import writer
+from demux_proxy.http1.headers import get
 from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
@@ -31,6 +32,17 @@ _TLS_HANDSHAKE: Final = 0x16
 # Pipelined requests answered from one buffer before the loop may run other clients.
 _PIPELINED_BATCH: Final = 8
 LISTEN_BACKLOG: Final = 4096  # first byte of a TLS record carrying a ClientHello
+
+
+def _numeric_ipv4(host: str) -> str | None:
+    """The IPv4 address a numeric host that is no dotted quad names ("127.1", "0x7f.1",
+    "2130706433": getaddrinfo reads them so), for judging a CONNECT before its 200."""
+    if not host or not all(c in "0123456789abcdefxABCDEFX." for c in host):
+        return None
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
 
 
 class ProxyServer:
@@ -314,22 +326,29 @@ class ProxyServer:
             if not valid_name(host):  # before the 200: no leaf could be made for it
                 raise ProtocolError(f"CONNECT target is not a host name: {host[:64]!r}")
             self._destinations.check_name(host)
-            if is_ip_literal(host):
-                why = self._destinations.refusal(host, host, port)
+            literal = host if is_ip_literal(host) else _numeric_ipv4(host)
+            if literal is not None:
+                why = self._destinations.refusal(host, literal, port)
                 if why is not None:
                     raise Forbidden(f"destination {host} is {why}")
+            # X-Demux-Egress and X-Demux-Session on CONNECT hold for every request inside,
+            # as a session in the proxy user name does (a request's own header wins).
+            pin_field = get(req.headers, b"x-demux-egress")
+            pin = self._forwarder.pin(pin_field) if pin_field is not None else None
         except ProxyError as exc:
             self._refuse(stream, exc)
             return
-        # A session named on CONNECT (proxy user name) holds for every request inside.
-        session = session_of(req.headers)
+        session_field = get(req.headers, b"x-demux-session")
+        session = (
+            session_field.decode("latin-1").strip() if session_field else session_of(req.headers)
+        )
         stream.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         cfg = self._config
         if not stream.buffer and not await stream.fill(cfg.handshake_timeout_s):
             return
         if stream.buffer[0] != _TLS_HANDSHAKE:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
-            await self._serve(stream, Tunnel("http", host, port, host, session))
+            await self._serve(stream, Tunnel("http", host, port, host, session, pin))
             return
         context = self._ca.server_context(host)
         context.sni_callback = self._on_sni
@@ -346,7 +365,7 @@ class ProxyServer:
             return
         finally:
             sni = self._sni.pop(id(stream.ssl_object), None)
-        await self._serve(stream, Tunnel("https", host, port, sni or host, session))
+        await self._serve(stream, Tunnel("https", host, port, sni or host, session, pin))
 
     def _on_sni(self, sslobj: Any, server_name: str | None, context: ssl.SSLContext) -> None:
         """Serve a leaf for the name the client asked for (SNI), else the CONNECT host's.

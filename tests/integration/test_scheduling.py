@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -21,6 +24,7 @@ import requests
 from aiohttp import web
 
 from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
+from tests.rawserver import read_head
 from tests.upstream import Upstream
 
 # Loopback delivery can reorder two requests by a fraction of a millisecond: the
@@ -299,3 +303,40 @@ def test_a_session_named_on_connect_holds_inside_the_tunnel(
                 for _ in range(6)
             }
         assert len(peers) == 1  # one tunnel, one session, one address
+
+
+def _curl_through(p: ProxyProcess, upstream: Upstream, *proxy_headers: str) -> list[str]:
+    """Four https requests in one curl run (one tunnel); the peers the upstream saw."""
+    args = [a for h in proxy_headers for a in ("--proxy-header", h)]
+    out = subprocess.run(
+        ["curl", "-sS", "--proxy", p.url, "--cacert", str(p.ca_path), *args,
+         "-w", "\\n", *[upstream.https_url("/ip")] * 4],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line)["peer"] for line in out.stdout.splitlines() if line]
+
+
+def test_pin_and_session_headers_sent_on_connect_hold_in_the_tunnel(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Clients that can set only proxy headers (curl --proxy-header, aiohttp
+    proxy_headers): the headers were ignored, and a bad pin got a 200."""
+    with running_proxy(tmp_path / "state", upstream_ca=upstream.ca_pem_path) as p:
+        assert len(set(_curl_through(p, upstream))) > 1  # rotation, as a baseline
+        assert _curl_through(p, upstream, "X-Demux-Egress: 127.0.0.3") == ["127.0.0.3"] * 4
+        assert len(set(_curl_through(p, upstream, "X-Demux-Session: s1"))) == 1
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+            target = f"127.0.0.1:{upstream.https_port}"
+            c.sendall(f"CONNECT {target} HTTP/1.1\r\nX-Demux-Egress: 10.9.9.9\r\n\r\n".encode())
+            assert read_head(c).startswith(b"HTTP/1.1 400 ")
+
+
+def test_connect_to_a_numeric_loopback_form_is_refused_before_the_tunnel(
+    tmp_path: Path,
+) -> None:
+    with running_proxy(tmp_path / "state", allow_private=False) as p:
+        for host in ("127.1", "0x7f.1", "2130706433"):
+            with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+                c.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+                assert read_head(c).startswith(b"HTTP/1.1 403 "), host
