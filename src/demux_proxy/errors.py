@@ -104,6 +104,11 @@ class SinkClosed(StreamClosed):
     """During `Stream.splice`, the stream we were writing to went away."""
 
 
+class PeerGone(StreamClosed):
+    """While we waited on this stream, the one it serves (`Stream.watcher`) went away:
+    the client of an upstream wait reset its connection."""
+
+
 class SpliceUnavailable(Exception):
     """`Stream.splice` could not start (no descriptors to spare): nothing was moved, the
     caller copies instead."""

@@ -25,6 +25,7 @@ from demux_proxy.errors import (
     Forbidden,
     LoopDetected,
     NoEgressLeft,
+    PeerGone,
     ProtocolError,
     ProxyError,
     SinkClosed,
@@ -252,7 +253,7 @@ class Forwarder:
         try:
             resp = self._head_in(up)  # usually there with the first byte: no coroutine
             if resp is None:
-                resp = await self._read_head(up, upload)
+                resp = await self._read_head(up, upload, client)
             interim = 0
             while 100 <= resp.status < 200 and resp.status != 101:
                 # Interim responses (100 Continue, 103) go to 1.1 clients (RFC 9110 15.2),
@@ -267,7 +268,7 @@ class Forwarder:
                     headers = end_to_end(resp.headers, resp.connection, drop_length=True)
                     client.write(writer.response_head(resp.status, resp.reason, headers))
                     await client.drain(self._config.idle_timeout_s)
-                resp = await self._read_head(up, upload)
+                resp = await self._read_head(up, upload, client)
             out.status = resp.status
             if resp.status == 101:
                 return await self._switch(client, conn, req, resp, out, upload)
@@ -348,7 +349,20 @@ class Forwarder:
         del up.buffer[:end]
         return parse_response_head(head)
 
-    async def _read_head(self, up: Stream, upload: asyncio.Task[None] | None) -> ResponseHead:
+    async def _read_head(
+        self, up: Stream, upload: asyncio.Task[None] | None, client: Stream
+    ) -> ResponseHead:
+        """The next response head from `up`. A client that resets meanwhile ends the
+        wait (PeerGone): its upstream connection is not held to --response-timeout."""
+        if client.closed:
+            raise PeerGone("client connection lost while waiting for the upstream")
+        client.watcher = up
+        try:
+            return await self._wait_head(up, upload)
+        finally:
+            client.watcher = None
+
+    async def _wait_head(self, up: Stream, upload: asyncio.Task[None] | None) -> ResponseHead:
         timeout = self._config.response_timeout_s
         # Once a head has begun, all of it must arrive within the timeout: an upstream
         # sending a byte at a time would otherwise hold the request for 64 KiB of them.
@@ -365,6 +379,8 @@ class Forwarder:
                 if wait <= 0:
                     raise TimeoutError
                 more = await up.fill(wait)
+            except PeerGone:
+                raise  # the client's loss, not the upstream's: the exchange ends
             except StreamClosed as exc:
                 _raise_upload_error(upload)
                 raise UpstreamError(f"upstream reset the connection: {exc}") from exc

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any, Final, cast
 
-from demux_proxy.errors import SinkClosed, SpliceUnavailable, StreamClosed
+from demux_proxy.errors import PeerGone, SinkClosed, SpliceUnavailable, StreamClosed
 
 READ_HIGH: Final = 256 * 1024
 WRITE_HIGH: Final = 512 * 1024
@@ -112,6 +112,9 @@ class Stream(asyncio.Protocol):
         self.spliced = 0
         self._sink_error: StreamClosed | None = None
         self._source: Stream | None = None
+        # While an upstream wait serves this (client) stream: its loss ends that wait.
+        self.watcher: Stream | None = None
+        self._peer_lost: PeerGone | None = None
 
     # --- asyncio.Protocol callbacks -------------------------------------------------
 
@@ -163,6 +166,10 @@ class Stream(asyncio.Protocol):
             self._drain_waiter.set_result(None)
         if self._source is not None:
             self._source._sink_gone(StreamClosed(str(exc) if exc else "connection closed"))
+        watcher = self.watcher
+        if watcher is not None:
+            watcher._peer_lost = PeerGone(f"client connection lost: {exc or 'closed'}")
+            watcher._wake()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -190,6 +197,8 @@ class Stream(asyncio.Protocol):
         """
         before = len(self.buffer) if have < 0 else have
         while len(self.buffer) <= before:
+            if self._peer_lost is not None:
+                raise self._peer_lost
             if self._exc is not None:
                 raise StreamClosed(str(self._exc) or type(self._exc).__name__) from self._exc
             if self.eof:

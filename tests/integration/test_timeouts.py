@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -13,6 +15,7 @@ import pytest
 import requests
 
 from tests.proxy_process import running_proxy
+from tests.rawserver import RawServer, plain_and_tls, read_head
 from tests.upstream import Upstream
 
 
@@ -231,3 +234,51 @@ def test_out_of_descriptors_is_a_503_and_rests_no_address(
             assert b"Too many open files" in answer
         time.sleep(0.2)  # log lines are written up to 50 ms late
         assert not p.logs("egress address resting")
+
+
+class _Silent(RawServer):
+    """Reads a request head and never answers; notes when the proxy lets go."""
+
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        super().__init__(tls)
+        self.let_go = threading.Event()
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        if not read_head(sock):
+            return
+        sock.settimeout(30)
+        try:
+            sock.recv(1)  # b"" or a reset: the proxy closed its side
+        except OSError:
+            pass
+        self.let_go.set()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_client_that_resets_while_waiting_releases_its_upstream(
+    tmp_path: Path, upstream: Upstream, scheme: str
+) -> None:
+    """The upstream connection was held until --response-timeout (120 s) and the
+    request logged as a 504; the client's reset now ends the wait."""
+    with (
+        plain_and_tls(_Silent, upstream.ca) as servers,
+        running_proxy(tmp_path / "state", "--workers", "1", upstream_ca=upstream.ca_pem_path) as p,
+    ):
+        server = servers[scheme]
+        c = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        target = f"127.0.0.1:{server.port}"
+        if scheme == "https":
+            c.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+            assert read_head(c).startswith(b"HTTP/1.1 200 ")
+            ctx = ssl.create_default_context(cafile=str(p.ca_path))
+            c = ctx.wrap_socket(c, server_hostname="127.0.0.1")
+            c.sendall(b"GET /wait HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        else:
+            c.sendall(f"GET http://{target}/wait HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        p.wait_for_log("outbound request")
+        time.sleep(0.2)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()  # a reset
+        assert server.let_go.wait(5), "the upstream connection was kept for the gone client"
+        line = p.wait_for_log("inbound response")
+        assert "client connection lost" in line["fields"]["error"], line
