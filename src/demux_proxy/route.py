@@ -109,10 +109,14 @@ def _origin(path: bytes | None, query: bytes | None) -> bytes:
     return target
 
 
-def route_for(target: bytes, tunnel: Tunnel | None) -> Route:
-    """The Route of a request: absolute-form outside a tunnel, origin-form inside one."""
+def route_for(target: bytes, tunnel: Tunnel | None, options: bool = False) -> Route:
+    """The Route of a request: absolute-form outside a tunnel, origin-form inside one.
+
+    `options`: an OPTIONS request, whose asterisk-form ("*") a tunnel passes on, and
+    whose absolute-form without path or query goes on as "*" (RFC 9112 3.2.4).
+    """
     if tunnel is not None:
-        if target.startswith(b"/"):
+        if target.startswith(b"/") or (options and target == b"*"):
             origin = target
         else:
             origin = _origin(*_parsed(target)[3:5])  # absolute-form is allowed too
@@ -140,6 +144,8 @@ def route_for(target: bytes, tunnel: Tunnel | None) -> Route:
             return Route(known[0], known[1], known[2], target[path_at:], known[3], known[1])
     scheme, host, port, path, query = _parsed(target)
     host_header = authority(host, port, DEFAULT_PORTS[scheme]).encode()
+    if options and not path and query is None:
+        return Route(scheme, host, port, b"*", host_header, host)
     origin = _origin(path, query)
     if path_at > 0 and target[path_at:] == origin:
         # Only a prefix whose parse left the rest of the target as the origin-form

@@ -221,7 +221,7 @@ class ProxyServer:
                 await self._tunnel(stream, req)
                 return
             try:
-                route = route_for(req.target, tunnel)
+                route = route_for(req.target, tunnel, req.method == b"OPTIONS")
             except ProtocolError as exc:
                 self._refuse(stream, exc)
                 return

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests.proxy_process import EGRESS, ProxyProcess, requests_session, running_proxy
+from tests.rawserver import RawServer, plain_and_tls, read_head
 from tests.upstream import Upstream, expected_bytes, expected_sha256, iter_expected_bytes
 
 pytestmark = pytest.mark.timeout(60)
@@ -858,3 +859,37 @@ def test_proxy_credentials_never_logged(tmp_path: Path, upstream: Upstream) -> N
     assert len(p.logs("inbound response")) == 4
     leaks = [ln for ln in p.raw_lines if CREDENTIALS in ln or "foo:bar" in ln]
     assert not leaks
+
+
+class _RequestLines(RawServer):
+    """Answers 204 to each request; keeps the request-lines it received."""
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        while head := read_head(sock):
+            self.seen.append(head.split(b"\r\n", 1)[0].decode())
+            sock.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+
+def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream) -> None:
+    """RFC 9112 3.2.4: OPTIONS http://host:port goes on as OPTIONS * (it went as
+    "OPTIONS /"), and OPTIONS * inside a tunnel is passed on (it was a 400)."""
+    with plain_and_tls(_RequestLines, upstream.ca) as servers:
+        plain, tls = servers["http"], servers["https"]
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+            target = f"127.0.0.1:{plain.port}"
+            c.sendall(f"OPTIONS http://{target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert read_head(c).startswith(b"HTTP/1.1 204 ")
+            c.sendall(f"OPTIONS http://{target}/?q HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert read_head(c).startswith(b"HTTP/1.1 204 ")
+        assert plain.seen == ["OPTIONS * HTTP/1.1", "OPTIONS /?q HTTP/1.1"]
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+            target = f"127.0.0.1:{tls.port}"
+            raw.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+            assert read_head(raw).startswith(b"HTTP/1.1 200 ")
+            ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as c:
+                c.sendall(b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert read_head(c).startswith(b"HTTP/1.1 204 ")
+                c.sendall(b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert read_head(c).startswith(b"HTTP/1.1 400 ")  # only OPTIONS has "*"
+        assert tls.seen == ["OPTIONS * HTTP/1.1"]
