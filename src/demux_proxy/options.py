@@ -30,6 +30,13 @@ class Seconds(click.FloatRange):
         return number
 
 
+class _Credential(click.types.StringParamType):
+    """USER:PASS. From the environment one per line: click would split a repeatable
+    option's variable on blanks, and a password may hold a space."""
+
+    envvar_list_splitter = "\n"
+
+
 def env_name(name: str) -> str:
     return "DEMUX_PROXY_" + name.upper().replace("-", "_")
 
@@ -144,11 +151,13 @@ START_OPTIONS: tuple[_Decorator, ...] = (
         "--auth",
         "auth",
         multiple=True,
+        type=_Credential(),
         envvar=_env("auth"),
         show_envvar=True,
         metavar="USER:PASS",
-        help="Require Basic proxy authentication with these credentials (repeatable). Needed, "
-        "or --allow-client, to listen on a non-loopback address.",
+        help="Require Basic proxy authentication with these credentials (repeatable; in the "
+        "environment variable, one per line). Needed, or --allow-client, to listen on a "
+        "non-loopback address.",
     ),
     click.option(
         "--auth-file",
@@ -326,7 +335,8 @@ START_OPTIONS: tuple[_Decorator, ...] = (
         envvar=_env("admin"),
         show_envvar=True,
         help="Serve /metrics (Prometheus), /status, /status.json and /healthz here. Off by "
-        "default; loopback only unless --auth/--auth-file is set (then it asks for them).",
+        "default. A non-loopback address needs --auth/--auth-file and asks for those "
+        "credentials (loopback asks for none).",
     ),
     click.option(
         "--max-connections",

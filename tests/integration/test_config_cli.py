@@ -158,6 +158,9 @@ def test_auth_passwords_are_masked(tmp_path: Path) -> None:
         "source": "env",
         "envvar": "DEMUX_PROXY_AUTH",
     }
+    # A password may hold a space; several credentials go one per line.
+    spaced = _env(DEMUX_PROXY_AUTH="erin:correct horse\nfrank:battery staple")
+    assert _config(env=spaced)["auth"]["value"] == ["erin:****", "frank:****"]
     flag = _run("config", "--json", "--auth", "dave:flag-secret", env=env)
     assert flag.returncode == 0, flag.stderr
     assert json.loads(flag.stdout)["options"]["auth"]["value"] == ["dave:****"]
