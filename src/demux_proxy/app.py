@@ -32,6 +32,7 @@ from demux_proxy.exchange import Forwarder
 from demux_proxy.limits import Cooldowns, RateRules, parse_host_rate
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
+from demux_proxy.route import bracketed
 from demux_proxy.scheduler import Cursor, LocalCursor, Scheduler, SharedBuckets
 from demux_proxy.server import ProxyServer
 from demux_proxy.tls import upstream_context
@@ -144,15 +145,17 @@ def release_start_up_memory() -> bool:
 
 def announce(events: log.EventLog, config: Config, ca: CertificateAuthority, port: int) -> None:
     fields: dict[str, object] = {
-        "listen": f"{config.listen_host}:{port}",
+        "listen": f"{bracketed(config.listen_host)}:{port}",
         "egress": [e.address for e in config.egress],
         "ca": str(ca.cert_path),
         "workers": config.workers,
         "version": __version__,
     }
     if config.admin is not None:
-        fields["admin"] = f"{config.admin[0]}:{config.admin[1]}"
+        fields["admin"] = f"{bracketed(config.admin[0])}:{config.admin[1]}"
     events.emit(log.INFO, "Starting Proxy", fields)
+    if config.rediscover_s and not config.egress_discovered:
+        events.warning("--rediscover does nothing: the egress addresses are named with --egress")
 
 
 @dataclass(frozen=True, slots=True)

@@ -459,6 +459,8 @@ def ca_path(state_dir: Path | None, ca_cert: Path | None) -> None:
     """Print the path of the CA certificate `start` signs with: --ca-cert, else the
     generated one (created if there is none yet)."""
     if ca_cert is not None:
+        if not ca_cert.is_file():  # as `ca export` and `start` would refuse it
+            _fail(ConfigError(f"--ca-cert {ca_cert}: no such file"))
         click.echo(str(ca_cert))
         return
     click.echo(str(_load_ca(state_dir).cert_path))

@@ -382,3 +382,20 @@ def test_starting_proxy_line_shape(proxy: ProxyProcess) -> None:
     assert fields["egress"] == ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
     assert fields["ca"] == str(proxy.ca_path)
     assert fields["version"] == __version__
+
+
+def test_ca_path_refuses_a_ca_cert_that_is_not_there(tmp_path: Path) -> None:
+    """It printed the path with status 0 while `ca export` and `start` refuse it."""
+    for command in (["ca", "path"], ["ca", "export"]):
+        out = _run(*command, "--ca-cert", str(tmp_path / "missing.pem"))
+        assert out.returncode == 2, (command, out.stdout)
+        assert "missing.pem" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_ipv6_listen_address_is_logged_bracketed(tmp_path: Path) -> None:
+    """ "::1:8080" could not be split back; a URL needs "[::1]:8080". And --rediscover
+    with named --egress does nothing: said once, at start."""
+    with running_proxy(tmp_path / "s", "--listen", "[::1]:0", "--rediscover", "5") as p:
+        listen = p.wait_for_log("Starting Proxy")["fields"]["listen"]
+        assert listen.startswith("[::1]:") and int(listen.rsplit(":", 1)[1]) > 0
+        p.wait_for_log("--rediscover does nothing: the egress addresses are named with --egress")
