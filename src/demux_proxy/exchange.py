@@ -354,15 +354,6 @@ class Forwarder:
     ) -> ResponseHead:
         """The next response head from `up`. A client that resets meanwhile ends the
         wait (PeerGone): its upstream connection is not held to --response-timeout."""
-        if client.closed:
-            raise PeerGone("client connection lost while waiting for the upstream")
-        client.watcher = up
-        try:
-            return await self._wait_head(up, upload)
-        finally:
-            client.watcher = None
-
-    async def _wait_head(self, up: Stream, upload: asyncio.Task[None] | None) -> ResponseHead:
         timeout = self._config.response_timeout_s
         # Once a head has begun, all of it must arrive within the timeout: an upstream
         # sending a byte at a time would otherwise hold the request for 64 KiB of them.
@@ -378,7 +369,13 @@ class Forwarder:
             try:
                 if wait <= 0:
                     raise TimeoutError
-                more = await up.fill(wait)
+                if client.closed:
+                    raise PeerGone("client connection lost while waiting for the upstream")
+                client.watcher = up
+                try:
+                    more = await up.fill(wait)
+                finally:
+                    client.watcher = None
             except PeerGone:
                 raise  # the client's loss, not the upstream's: the exchange ends
             except StreamClosed as exc:
