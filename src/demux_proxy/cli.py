@@ -118,7 +118,37 @@ _CHECKS: Mapping[str, config_file.Check] = {
 }
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """click's usage errors as one line, as ours are ("demux-proxy: error: ..."), exit 2:
+    not click's usage line, hint and message over three."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except _HELP_ERRORS as exc:  # no command given: the help text is the answer
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "demux-proxy"
+            click.echo(f"demux-proxy: error: {exc.format_message()} (see {where} --help)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+_HELP_ERRORS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="demux-proxy")
 def main() -> None:
     """An HTTP/HTTPS forward proxy that sends each request from the next local address."""

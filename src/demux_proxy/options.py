@@ -37,6 +37,14 @@ class _Credential(click.types.StringParamType):
     envvar_list_splitter = "\n"
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (taskset, cgroup cpusets), not all the host has."""
+    try:
+        return max(1, min(256, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, min(256, os.cpu_count() or 1))
+
+
 def env_name(name: str) -> str:
     return "DEMUX_PROXY_" + name.upper().replace("-", "_")
 
@@ -351,8 +359,8 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     click.option(
         "--workers",
         type=click.IntRange(min=1, max=256),
-        default=os.cpu_count() or 1,
-        show_default="the number of cores",
+        default=_usable_cores(),
+        show_default="the number of cores it may run on",
         envvar=_env("workers"),
         show_envvar=True,
         help="Processes accepting clients on the listen port (SO_REUSEPORT). Rotation stays "

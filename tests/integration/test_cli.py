@@ -399,3 +399,15 @@ def test_an_ipv6_listen_address_is_logged_bracketed(tmp_path: Path) -> None:
         listen = p.wait_for_log("Starting Proxy")["fields"]["listen"]
         assert listen.startswith("[::1]:") and int(listen.rsplit(":", 1)[1]) > 0
         p.wait_for_log("--rediscover does nothing: the egress addresses are named with --egress")
+
+
+@pytest.mark.parametrize(
+    "args", [["start", "--workers", "0"], ["start", "--bogus"], ["ca", "nope"]]
+)
+def test_a_usage_error_is_one_line_with_status_2(args: list[str]) -> None:
+    """As the README says of errors at start; click wrote usage, hint and error in three."""
+    out = _run(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("demux-proxy: error: "), out.stderr
+    assert "--help" in lines[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -342,3 +343,14 @@ def test_the_shipped_deploy_config_is_valid() -> None:
     options = json.loads(out.stdout)["options"]
     assert options["admin"]["value"] == "127.0.0.1:9090"
     assert options["admin"]["source"] == "file"
+
+
+def test_the_default_workers_follow_the_cores_the_proxy_may_use() -> None:
+    """Under taskset -c 0 the default was still every core of the host."""
+    if shutil.which("taskset") is None:
+        pytest.skip("taskset (util-linux) is not installed")
+    out = subprocess.run(
+        ["taskset", "-c", "0", *proxy_command(["config", "--json"])],
+        capture_output=True, text=True, timeout=30, env=_env(), check=True,
+    )  # fmt: skip
+    assert json.loads(out.stdout)["options"]["workers"] == {"value": 1, "source": "default"}
