@@ -194,6 +194,12 @@ class Forwarder:
             kind = "cut"
             client.abort()
             raise
+        except Exception as exc:
+            # A bug of ours: the server logs it with its traceback and resets the client;
+            # this request's line says so too, rather than a clean status 0 at info.
+            error = f"internal error: {type(exc).__name__}"
+            kind = "internal"
+            raise
         finally:
             elapsed = time.perf_counter() - started
             used = out.egress
