@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -348,17 +349,26 @@ def test_sighup_rediscovers(netns: str, tmp_path: Path) -> None:
     assert proxy.proc.returncode == 0, proxy.lines.raw[-20:]
 
 
+@contextmanager
+def _link(netns: str, name: str, cidr: str) -> Iterator[None]:
+    """A veth pair NAME/NAMEp in the namespace, both up, `cidr` on NAME; gone after."""
+    ns_ip(netns, "link", "add", name, "type", "veth", "peer", "name", name + "p")
+    try:
+        ns_ip(netns, "addr", "add", cidr, "dev", name)
+        for link in (name, name + "p"):
+            ns_ip(netns, "link", "set", link, "up")
+        yield
+    finally:
+        ip("-n", netns, "link", "del", name)
+
+
 def test_an_address_removed_mid_request_ends_that_request_cleanly(
     netns: str, tmp_path: Path
 ) -> None:
     """Its in-flight count was gone with it: the request's end raised KeyError (an
     internal error, no "inbound response" line, the client connection reset). The
     address is on eg2, which loses its carrier: re-discovery drops it, the socket lives."""
-    ns_ip(netns, "link", "add", "eg2", "type", "veth", "peer", "name", "eg2p")
-    try:
-        ns_ip(netns, "addr", "add", "10.77.0.6/32", "dev", "eg2")
-        for link in ("eg2", "eg2p"):
-            ns_ip(netns, "link", "set", link, "up")
+    with _link(netns, "eg2", "10.77.0.6/32"):
         proxy = Proxy(netns, tmp_path, "--egress-interface", "eg2")
         try:
             with ThreadPoolExecutor(1) as pool:
@@ -375,8 +385,6 @@ def test_an_address_removed_mid_request_ends_that_request_cleanly(
             assert proxy.get() != "10.77.0.6"
         finally:
             proxy.close()
-    finally:
-        ip("-n", netns, "link", "del", "eg2")
     assert not [d for d in proxy.lines.events() if d.get("level") == "error"]
     assert proxy.proc.returncode == 0, proxy.lines.raw[-20:]
 
@@ -384,11 +392,7 @@ def test_an_address_removed_mid_request_ends_that_request_cleanly(
 def test_a_named_interface_going_down_drops_only_its_addresses(netns: str, tmp_path: Path) -> None:
     """Re-discovery used to give up on every interface when one named interface was
     down: the new address on eg0 was never taken, the dead one on eg1 kept."""
-    ns_ip(netns, "link", "add", "eg1", "type", "veth", "peer", "name", "eg1p")
-    try:
-        ns_ip(netns, "addr", "add", "10.78.0.2/24", "dev", "eg1")
-        for link in ("eg1", "eg1p"):
-            ns_ip(netns, "link", "set", link, "up")
+    with _link(netns, "eg1", "10.78.0.2/24"):
         proxy = Proxy(netns, tmp_path, "--egress-interface", "eg1")
         try:
             assert "10.78.0.2" in proxy.started["fields"]["egress"]
@@ -404,8 +408,6 @@ def test_a_named_interface_going_down_drops_only_its_addresses(netns: str, tmp_p
             assert proxy.get("X-Demux-Egress: 10.77.0.7") == "10.77.0.7"
         finally:
             proxy.close()
-    finally:
-        ip("-n", netns, "link", "del", "eg1")
 
 
 def test_a_restarted_worker_knows_the_addresses_found_since_start(
