@@ -340,3 +340,20 @@ def test_connect_to_a_numeric_loopback_form_is_refused_before_the_tunnel(
             with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
                 c.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
                 assert read_head(c).startswith(b"HTTP/1.1 403 "), host
+
+
+def test_mixed_family_egress_reuses_pooled_connections(tmp_path: Path, upstream: Upstream) -> None:
+    """IPv4 and IPv6 egress, an IPv4-only upstream: each request dialled afresh (the
+    fallback from the IPv6 address it picked first never looked in the pool)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with running_proxy(
+        tmp_path / "state", "--workers", "1", egress=["127.0.0.2", "::1"],
+        upstream_ca=upstream.ca_pem_path,
+    ) as p, requests.Session() as s:  # fmt: skip
+        seen = [
+            s.get(upstream.http_url("/ip"), proxies={"http": p.url}, timeout=10).json()
+            for _ in range(6)
+        ]
+    assert {d["peer"] for d in seen} == {"127.0.0.2"}
+    assert len({d["connection_id"] for d in seen}) == 1, seen
