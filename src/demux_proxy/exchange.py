@@ -306,6 +306,7 @@ class Forwarder:
             await _reap(upload)
             keep = reusable = False
         if reusable and conn.usable():
+            conn.stream.resume()  # a large body may have left reading paused
             self._pool.checkin(conn)
         else:
             conn.close()

@@ -248,10 +248,23 @@ class Stream(asyncio.Protocol):
 
     # --- splicing: received bytes straight to another stream ------------------------
 
+    def resume(self) -> None:
+        """Read again if a full buffer had paused reading: an idle connection must see
+        what its peer sends (bytes nobody asked for, its close) as it comes."""
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    @property
+    def may_hold_unread(self) -> bool:
+        """Whether bytes may wait in the kernel that the loop is not reading: after a
+        splice (it moved exactly a body's length), or while reading is paused (a large
+        body left the buffer full at its last read)."""
+        return bool(self.spliced) or self._read_paused
+
     def unread_in_kernel(self) -> bool:
-        """Whether the socket holds bytes (or an end) the loop has not read yet. After a
-        splice moved exactly a body's length, what the peer sent after it is still
-        there, and the loop may not look before the connection is used again."""
+        """Whether the socket holds bytes (or an end) the loop has not read yet: see
+        `may_hold_unread`; the loop may not look before the connection is used again."""
         sock = self.transport.get_extra_info("socket")
         if sock is None:
             return True

@@ -62,10 +62,13 @@ class UpstreamConnection:
 
     def usable(self) -> bool:
         """Idle and healthy: the server has not closed it nor sent anything unasked
-        (also not in the kernel, unread, after a spliced body)."""
+        (also not in the kernel, unread, after a spliced body or with reading paused)."""
         s = self.stream
         return (
-            not s.closed and not s.eof and not s.buffer and not (s.spliced and s.unread_in_kernel())
+            not s.closed
+            and not s.eof
+            and not s.buffer
+            and not (s.may_hold_unread and s.unread_in_kernel())
         )
 
     def close(self) -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
-from tests.rawserver import RawServer, read_head
+from tests.proxy_process import EGRESS, ProxyProcess, requests_session, running_proxy
+from tests.rawserver import RawServer, plain_and_tls, read_head
 from tests.upstream import Upstream
 
 pytestmark = pytest.mark.timeout(60)
@@ -179,3 +179,54 @@ def test_bytes_left_behind_a_spliced_body_are_never_anothers_answer(tmp_path: Pa
         assert server.connections >= 4  # each /next on a fresh connection, not the poisoned one
     finally:
         server.close()
+
+
+class JunkAfterBody(RawServer):
+    """/big: a 1 MiB body (chunked over plain TCP, so that it is copied, not spliced),
+    then 50 ms later an answer nobody asked for; any other request: its own answer."""
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        while head := read_head(sock):
+            if head.split(b" ", 2)[1].endswith(b"/big"):
+                if self.tls is None:
+                    sock.sendall(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % BIG
+                        + b"x" * BIG
+                        + b"\r\n0\r\n\r\n"
+                    )
+                else:
+                    sock.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG + b"x" * BIG
+                    )
+                time.sleep(0.05)
+                sock.sendall(POISON)
+            else:
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmine")
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_bytes_that_come_after_a_large_copied_body_are_never_anothers_answer(
+    tmp_path: Path, upstream: Upstream, scheme: str
+) -> None:
+    """A large body left reading paused on the pooled connection: what the server sent
+    a moment later stayed in the kernel, unseen, and a later client's request (on its
+    own connection, a second on) got it as its answer."""
+    with (
+        plain_and_tls(JunkAfterBody, upstream.ca) as servers,
+        running_proxy(  # one address: one pool key for both clients
+            tmp_path / "state", "--workers", "1", upstream_ca=upstream.ca_pem_path, egress=[PIN]
+        ) as proxy,
+        requests_session(proxy) as s,
+    ):
+        base = f"{scheme}://127.0.0.1:{servers[scheme].port}"
+        for _ in range(2):
+            with s.get(base + "/big", timeout=20, stream=True) as big:
+                got = 0
+                for piece in big.iter_content(16384):  # slowly: the proxy's buffer fills
+                    got += len(piece)
+                    time.sleep(0.002)
+            assert got == BIG
+            time.sleep(0.5)
+            with requests_session(proxy) as other:
+                r = other.get(base + "/next", timeout=20)
+            assert r.content == b"mine", r.content
