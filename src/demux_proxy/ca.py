@@ -14,10 +14,12 @@ import re
 import secrets
 import ssl
 import stat
+import time
 import weakref
 from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -77,6 +79,26 @@ def _make_private(path: Path, mode: int, what: str) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot chmod {what} {path}: {exc.strerror or exc}") from exc
     _log.warning("%s %s was mode %04o, open to other users: made it %04o", what, path, old, mode)
+
+
+# A CA key this young without its certificate is another process creating the CA.
+_CREATING_S: Final = 10.0
+
+
+def _being_created(key_path: Path, cert_path: Path) -> bool:
+    """Wait (bounded) for the certificate of a key another process has just written:
+    True once it is there, False for a key left alone (an older one, or no cert soon)."""
+    try:
+        if time.time() - key_path.stat().st_mtime > _CREATING_S:
+            return False
+    except OSError:
+        return False
+    deadline = time.monotonic() + _CREATING_S
+    while time.monotonic() < deadline:
+        if cert_path.exists():
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def _write_new(path: Path, data: bytes, mode: int, durable: bool = False) -> None:
@@ -201,6 +223,8 @@ class CertificateAuthority:
             _make_private(state_dir, 0o700, "state dir")  # first: it guards the key's name
             _make_private(key_path, 0o600, "CA key")
             return cls.load(cert_path, key_path)
+        if has_key and not has_cert and _being_created(key_path, cert_path):
+            return cls.load_or_create(state_dir)  # another start made it meanwhile
         if has_cert or has_key:
             present, missing = (cert_path, key_path) if has_cert else (key_path, cert_path)
             raise ConfigError(
@@ -219,6 +243,11 @@ class CertificateAuthority:
         )
         try:
             _write_new(key_path, key_pem, 0o600, durable=True)
+        except FileExistsError:
+            # Another start on the same fresh state dir got there first: use its CA.
+            if _being_created(key_path, cert_path):
+                return cls.load_or_create(state_dir)
+            raise ConfigError(f"cannot write CA key {key_path}: it appeared meanwhile") from None
         except OSError as exc:
             raise ConfigError(f"cannot write CA key {key_path}: {exc.strerror}") from exc
         # The cert goes in last and via rename, so a crash never leaves a half-written cert.

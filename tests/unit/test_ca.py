@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -555,3 +556,32 @@ def test_runtime_dir_is_private_and_removed_on_close(tmp_path: Path) -> None:
     # Contexts handed out before close() hold their key in memory and keep working.
     _, _, data = _handshake(ctx, _client_ctx(authority), "example.test")
     assert data == b"hello"
+
+
+def _create_in(state_dir: str, start: Any, out: Any) -> None:
+    start.wait(10)
+    try:
+        out.put(CertificateAuthority.load_or_create(Path(state_dir)).cert_pem)
+    except Exception as exc:  # reported to the test, which fails on it
+        out.put(repr(exc))
+
+
+def test_starts_racing_on_a_fresh_state_dir_share_one_ca(tmp_path: Path) -> None:
+    """Two proxies started together on an empty state dir: one failed with "cannot write
+    CA key ...: File exists". Every one must use the CA that won."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_create_in, args=(str(tmp_path / "s"), start, out)) for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    start.set()
+    answers = [out.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert all(isinstance(a, bytes) for a in answers), answers
+    assert len(set(answers)) == 1
+    assert (tmp_path / "s" / "ca.pem").read_bytes() == answers[0]
