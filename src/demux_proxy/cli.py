@@ -299,6 +299,12 @@ def config_command(ctx: click.Context, /, as_json: bool, **options: Any) -> None
     for text, origin, var in lines:
         where = f"env {var}" if var else origin
         click.echo(f"{text:<{width}}  # {where}")
+    if options.get("auth"):  # saved as is, this file would start a proxy without them
+        click.echo(
+            "demux-proxy: note: the auth line is commented out (passwords are not printed): "
+            "write them in before starting from this file",
+            err=True,
+        )
 
 
 _SOURCES = {

@@ -21,7 +21,7 @@ from demux_proxy.config import Config
 from demux_proxy.errors import Forbidden, ProtocolError, ProxyError, StreamClosed
 from demux_proxy.exchange import Forwarder
 from demux_proxy.http1 import writer
-from demux_proxy.http1.headers import get
+from demux_proxy.http1.headers import get, replace
 from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
@@ -29,6 +29,9 @@ from demux_proxy.stream import Stream
 
 _internal: Final = logging.getLogger(log.LOGGER_NAME)
 _TLS_HANDSHAKE: Final = 0x16
+_MAX_FORWARDS_METHODS: Final = frozenset({b"TRACE", b"OPTIONS"})
+_SENSITIVE_FIELDS: Final = frozenset({b"proxy-authorization", b"authorization", b"cookie"})
+_ALLOW: Final = b"GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"
 # Pipelined requests answered from one buffer before the loop may run other clients.
 _PIPELINED_BATCH: Final = 8
 LISTEN_BACKLOG: Final = 4096  # first byte of a TLS record carrying a ClientHello
@@ -220,6 +223,10 @@ class ProxyServer:
                     return
                 await self._tunnel(stream, req)
                 return
+            if req.method in _MAX_FORWARDS_METHODS and not self._forwards(stream, req):
+                if req.content_length or req.chunked or not req.keep_alive:
+                    return  # a body not read, or "close" asked
+                continue
             try:
                 route = route_for(req.target, tunnel, req.method == b"OPTIONS")
             except ProtocolError as exc:
@@ -227,6 +234,42 @@ class ProxyServer:
                 return
             if not await self._forwarder.forward(stream, req, route):
                 return
+
+    def _forwards(self, stream: Stream, req: RequestHead) -> bool:
+        """RFC 9110 7.6.2: TRACE and OPTIONS with Max-Forwards go on with it decremented,
+        or, at 0, are answered here (False). An invalid value is ignored."""
+        value = get(req.headers, b"max-forwards")
+        if value is None or not value.strip().isdigit():
+            return True
+        hops = int(value.strip())
+        if hops > 0:
+            req.headers = replace(req.headers, b"max-forwards", b"Max-Forwards", b"%d" % (hops - 1))
+            return True
+        close = bool(req.content_length or req.chunked) or not req.keep_alive
+        headers: list[tuple[bytes, bytes]] = []
+        body = b""
+        if req.method == b"TRACE":  # the request as received, less its credentials
+            lines = [b"%s %s HTTP/%s\r\n" % (req.method, req.target, req.version)]
+            lines += [
+                b"%s: %s\r\n" % (name, v)
+                for name, v in req.headers
+                if name.lower() not in _SENSITIVE_FIELDS
+            ]
+            body = b"".join(lines) + b"\r\n"
+            headers.append((b"Content-Type", b"message/http"))
+        else:
+            headers.append((b"Allow", _ALLOW))
+        headers.append((b"Content-Length", b"%d" % len(body)))
+        if close:
+            headers.append((b"Connection", b"close"))
+        stream.write(writer.response_head(200, b"OK", headers) + body)
+        self._events.info(
+            "answered by the proxy: Max-Forwards 0",
+            client=stream.peer[0],
+            method=req.method.decode("latin-1"),
+            status_code=200,
+        )
+        return False
 
     async def _authorized(self, stream: Stream, req: RequestHead) -> bool:
         """Check Proxy-Authorization; answer 407 when it is missing or wrong.

@@ -170,7 +170,9 @@ def test_auth_passwords_are_masked(tmp_path: Path) -> None:
 
 def test_saved_as_is_the_output_never_logs_in_with_a_masked_password(tmp_path: Path) -> None:
     """The masked line is a comment: "alice:****" was taken as alice's real password."""
-    saved = _write(tmp_path, _run("config", "--auth", "alice:s3cret").stdout, "saved.toml")
+    out = _run("config", "--auth", "alice:s3cret")
+    assert "auth line is commented out" in out.stderr  # said, not only in the file
+    saved = _write(tmp_path, out.stdout, "saved.toml")
     assert _config("--config", str(saved))["auth"]["value"] == []
 
 

@@ -867,7 +867,14 @@ class _RequestLines(RawServer):
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
         while head := read_head(sock):
             self.seen.append(head.split(b"\r\n", 1)[0].decode())
+            self.heads.append(head)
             sock.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    heads: list[bytes]
+
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        self.heads = []
+        super().__init__(tls)
 
 
 def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream) -> None:
@@ -893,3 +900,36 @@ def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream
                 c.sendall(b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 assert read_head(c).startswith(b"HTTP/1.1 400 ")  # only OPTIONS has "*"
         assert tls.seen == ["OPTIONS * HTTP/1.1"]
+
+
+def _options(target: str, hops: int) -> bytes:
+    head = f"OPTIONS http://{target}/ HTTP/1.1\r\nHost: {target}\r\nMax-Forwards: {hops}\r\n"
+    return head.encode() + b"\r\n"
+
+
+def test_max_forwards_on_trace_and_options(proxy: ProxyProcess, upstream: Upstream) -> None:
+    """RFC 9110 7.6.2: at 0 the proxy answers itself; above, it passes one less on."""
+    with plain_and_tls(_RequestLines, upstream.ca) as servers:
+        plain = servers["http"]
+        target = f"127.0.0.1:{plain.port}"
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+            c.sendall(
+                f"TRACE http://{target}/t HTTP/1.1\r\nHost: {target}\r\nMax-Forwards: 0\r\n"
+                "Cookie: secret=1\r\nX-Mine: yes\r\n\r\n".encode()
+            )
+            head = read_head(c)
+            assert head.startswith(b"HTTP/1.1 200 ") and b"message/http" in head, head
+            length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+            body = head.split(b"\r\n\r\n", 1)[1]
+            while len(body) < length:
+                body += c.recv(65536)
+            assert body.startswith(f"TRACE http://{target}/t HTTP/1.1\r\n".encode())
+            assert b"X-Mine: yes" in body and b"secret" not in body
+            c.sendall(_options(target, 0))
+            head = read_head(c)
+            assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nAllow: " in head, head
+            assert plain.seen == []  # neither reached the server
+            c.sendall(_options(target, 3))
+            assert read_head(c).startswith(b"HTTP/1.1 204 ")
+        assert plain.seen == ["OPTIONS / HTTP/1.1"]
+        assert b"\r\nMax-Forwards: 2\r\n" in plain.heads[0]
