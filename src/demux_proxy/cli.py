@@ -130,7 +130,12 @@ class _Group(click.Group):
             exc.show()
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
-            where = exc.ctx.command_path if exc.ctx is not None else "demux-proxy"
+            if exc.ctx is not None:
+                where = exc.ctx.command_path
+            else:  # "start --listen" with no value: click has no context for it
+                argv = kwargs.get("args") or sys.argv[1:]
+                named = [a for a in argv[:1] if a in self.commands]
+                where = " ".join(["demux-proxy", *named])
             click.echo(f"demux-proxy: error: {exc.format_message()} (see {where} --help)", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:

@@ -23,6 +23,7 @@ from demux_proxy.errors import (
     NoEgressLeft,
     ProtocolError,
     Unavailable,
+    UpstreamError,
 )
 from demux_proxy.http1.headers import get
 from demux_proxy.http1.parser import RequestHead, ResponseHead
@@ -72,8 +73,9 @@ class Dispatcher:
             loop = self._loop = asyncio.get_running_loop()
         return loop
 
-    def affinity(self, req: RequestHead, route: Route) -> str | None:
-        """The address this request must use: X-Demux-Egress, else its sticky session."""
+    def affinity(self, req: RequestHead, route: Route, family: int | None) -> str | None:
+        """The address this request must use: X-Demux-Egress, else its sticky session
+        (among the addresses of `family`, the one the host has, when egress is mixed)."""
         pinned = session = None
         credentials = False
         # One pass for the three fields that may name an address; a length check first
@@ -86,10 +88,16 @@ class Dispatcher:
                 session = value
             elif size == _CREDENTIALS_LEN and field.lower() == _CREDENTIALS:
                 credentials = True
+        if pinned is None and route.pin is not None:
+            pinned = route.pin.encode("latin-1")  # named on CONNECT
         if pinned is not None:
-            return self.pin(pinned)
-        if route.pin is not None:
-            return self.pin(route.pin.encode("latin-1"))  # named on CONNECT
+            address = self.pin(pinned)
+            if family is not None and self._family_of(address) != family:
+                raise UpstreamError(
+                    f"X-Demux-Egress {address} cannot reach {route.host}: "
+                    "it has no address of that family"
+                )
+            return address
         name = session.decode("latin-1").strip() if session is not None else route.session
         if not name and credentials:
             name = session_of(req.headers)
@@ -97,6 +105,8 @@ class Dispatcher:
             return None
         scheduler = self.scheduler
         everyone = scheduler.addresses()
+        if family is not None:
+            everyone = [e.address for e in scheduler.egress if e.family == family]
         now = self._clock().time()
         healthy = [a for a in everyone if not scheduler.health.cooling(a, "", now)]
         chosen = session_egress(name, healthy or everyone)
@@ -106,6 +116,9 @@ class Dispatcher:
                 "session moved: its address is resting", session=name, home=home, now=chosen
             )
         return chosen
+
+    def _family_of(self, address: str) -> int | None:
+        return next((e.family for e in self.scheduler.egress if e.address == address), None)
 
     def pin(self, value: bytes) -> str:
         """The egress address an X-Demux-Egress value names; 400 if it names none."""
@@ -205,7 +218,7 @@ class Dispatcher:
         scheduler = self.scheduler
         if len(scheduler.families) == 1:
             return scheduler.addresses()
-        family = next((e.family for e in scheduler.egress if e.address == address), None)
+        family = self._family_of(address)
         return [e.address for e in scheduler.egress if e.family == family]
 
     def learn(

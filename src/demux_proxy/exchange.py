@@ -103,6 +103,9 @@ class Forwarder:
         self._sessions = sessions if sessions is not None else count(1)
         self.closing = False  # set at shutdown: answers then carry Connection: close
 
+    def _mixed(self) -> bool:
+        return len(self._scheduler.families) > 1
+
     def pin(self, value: bytes) -> str:
         """The egress address an X-Demux-Egress value names (400 when none)."""
         return self._dispatch.pin(value)
@@ -122,11 +125,13 @@ class Forwarder:
         tried: list[str] = []
         failure: EgressFailure | None = None  # why the last address tried failed
         try:
-            only = self._dispatch.affinity(req, route)
+            # Mixed IPv4/IPv6 egress: addresses of a family the host has, sessions too.
+            family = await self._outbound.family(route) if self._mixed() else None
+            only = self._dispatch.affinity(req, route, family)
             while True:
                 try:
                     conn, egress = await self._outbound.open(
-                        client, req, route, body, out, sid, method, tried, only
+                        client, req, route, body, out, sid, method, tried, only, family
                     )
                 except NoEgressLeft:
                     if failure is None:

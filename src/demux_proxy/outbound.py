@@ -10,6 +10,7 @@ send again. The bodies and the answer are `exchange.py`'s.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from typing import Final
@@ -36,6 +37,26 @@ _FAMILY_NAME: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: 
 # RFC 9110 9.2.2: the methods a proxy may send again on its own (never a POST: a server
 # that closed without answering may have acted on it already).
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+# RFC 8305 3: how long to wait for the other family once one has answered.
+_RESOLUTION_DELAY_S: Final = 0.05
+
+
+def _retrieved(lookup: asyncio.Future[list[str]]) -> None:
+    """A lookup nobody waits for any more: its error is not worth a warning."""
+    if not lookup.cancelled():
+        lookup.exception()
+
+
+def _found(lookup: asyncio.Future[list[str]]) -> bool:
+    """A lookup that ended with addresses."""
+    return (
+        lookup.done()
+        and not lookup.cancelled()
+        and lookup.exception() is None
+        and bool(lookup.result())
+    )
 
 
 class _StaleConnection(Exception):
@@ -75,6 +96,7 @@ class Outbound:
         method: str,
         tried: list[str],
         only: str | None,
+        family: int | None,
     ) -> tuple[UpstreamConnection, Egress]:
         """Pick the egress and a connection, send the head. One retry on a stale pooled one.
 
@@ -86,8 +108,6 @@ class Outbound:
             # The tunnel's SNI and the Host field inside it (absolute-form replaces Host).
             host_field = get(req.headers, b"host") if route.host_header is None else None
             policy.check_request(route.host, route.tls_name, host_field)
-        # Mixed IPv4/IPv6 egress: only addresses of a family the host has may be chosen.
-        family = await self._family(route) if len(self._scheduler.families) > 1 else None
         egress = self._dispatch.acquire_now(route, tried, only, family)
         if egress is None:
             egress, out.queued_ms = await self._dispatch.acquire(route, tried, only, family)
@@ -136,18 +156,37 @@ class Outbound:
         conn.requests += 1
         return conn, egress
 
-    async def _family(self, route: Route) -> int | None:
-        """The one family of egress addresses that can reach the host, or None if both
-        can. Resolved (and cached) before an address is chosen, so that the choice keeps
-        to budgets, cooldowns and the addresses already tried."""
+    async def family(self, route: Route) -> int | None:
+        """With mixed IPv4/IPv6 egress, the one family of addresses that can reach the
+        host, else None (both can, or egress has one family). Found before an address is
+        chosen, so that the choice keeps to budgets, cooldowns, sessions and the pool.
+
+        Both lookups run at once (cached as usual). A family whose lookup fails counts as
+        unreachable when the other has addresses, and once one family has answered with
+        addresses the other gets 50 ms more (RFC 8305's resolution delay), not its timeout.
+        """
         families = sorted(self._scheduler.families)
-        reachable = [f for f in families if await self._resolver.resolve(route.host, f)]
-        if not reachable:
-            names = "/".join(_FAMILY_NAME[f] for f in families)
-            raise UpstreamError(
-                f"{route.host} has no {names} address that an egress address can reach"
-            )
-        return reachable[0] if len(reachable) == 1 else None
+        if len(families) < 2:
+            return None
+        lookups = [asyncio.ensure_future(self._resolver.resolve(route.host, f)) for f in families]
+        done, pending = await asyncio.wait(lookups, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            if any(_found(t) for t in done):
+                await asyncio.wait(pending, timeout=_RESOLUTION_DELAY_S)
+            else:
+                await asyncio.wait(pending)
+            for t in lookups:
+                if not t.done():  # left to finish (and be cached) on its own, not cancelled
+                    t.add_done_callback(_retrieved)
+        reachable = [f for f, t in zip(families, lookups, strict=True) if _found(t)]
+        if reachable:
+            return reachable[0] if len(reachable) == 1 else None
+        for t in lookups:
+            exc = t.exception() if t.done() and not t.cancelled() else None
+            if exc is not None:
+                raise exc
+        names = "/".join(_FAMILY_NAME[f] for f in families)
+        raise UpstreamError(f"{route.host} has no {names} address that an egress address can reach")
 
     async def _dial(self, egress: Egress, route: Route) -> UpstreamConnection:
         """A new connection from `egress`, verified as the route's TLS name."""

@@ -109,9 +109,11 @@ def _rule(text: str) -> tuple[str | None, ipaddress.IPv4Network | ipaddress.IPv6
     if not name or any(c in name for c in " /:@*"):
         raise ConfigError(f"not a host name, *.domain or CIDR: {text!r}")
     if not name.isascii():  # clients send A-labels (xn--...): the rule must be one too
+        import idna  # IDNA 2008 with UTS 46, as browsers and curl encode ("ß" stays)
+
         try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError:
+            name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
             raise ConfigError(f"not a valid international host name: {text!r}") from None
         text = "*." + name if wildcard else name
     return text, None

@@ -307,14 +307,20 @@ class ProxyServer:
         skipped = 0  # empty lines dropped before the request-line
         try:
             while True:
-                if buf and buf[0] == 0x0D:
+                if buf and (buf[0] == 0x0D or buf[0] == 0x0A):
                     # RFC 9112 2.2: ignore empty lines before the request-line (a stray
-                    # CRLF after a body), or find_head_end would stop at them. Counted
-                    # against the head's size and time limits: a CRLF flood ends too.
+                    # CRLF, or a lone LF, after a body), or find_head_end would stop at
+                    # them. Counted against the head's size and time limits: a flood of
+                    # them ends too.
                     i = 0
-                    n = len(buf) - 1
-                    while i < n and buf[i] == 0x0D and buf[i + 1] == 0x0A:
-                        i += 2
+                    n = len(buf)
+                    while i < n:
+                        if buf[i] == 0x0A:
+                            i += 1
+                        elif buf[i] == 0x0D and i + 1 < n and buf[i + 1] == 0x0A:
+                            i += 2
+                        else:
+                            break
                     if i:
                         del buf[:i]
                         skipped += i

@@ -88,6 +88,7 @@ class Resolver:
         timeout_s: float = 10.0,
     ) -> None:
         self._cache: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._pending: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
         self._ttl = ttl_s
         self._timeout = timeout_s  # a resolver that never answers must not hold requests
         self._clock = clock
@@ -106,6 +107,22 @@ class Resolver:
         cached = self._cache.get((host, family))
         if cached is not None and cached[0] > now:
             return cached[1]
+        # One lookup per name and family at a time, whoever asks: libuv runs at most two
+        # getaddrinfo at once, and lookups that hang (an AAAA nobody answers) must not
+        # take both from the connects, which need one too.
+        key = (host, family)
+        lookup = self._pending.get(key)
+        if lookup is None:
+            lookup = self._pending[key] = asyncio.ensure_future(self._lookup(host, family, now))
+            lookup.add_done_callback(lambda done: self._lookup_done(key, done))
+        return await asyncio.shield(lookup)  # one asker's cancel is not everyone's
+
+    def _lookup_done(self, key: tuple[str, int], done: asyncio.Future[list[str]]) -> None:
+        del self._pending[key]
+        if not done.cancelled():
+            done.exception()  # seen by whoever awaits it; nobody may any more
+
+    async def _lookup(self, host: str, family: int, now: float) -> list[str]:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._timeout):

@@ -402,7 +402,8 @@ def test_an_ipv6_listen_address_is_logged_bracketed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "args", [["start", "--workers", "0"], ["start", "--bogus"], ["ca", "nope"]]
+    "args",
+    [["start", "--workers", "0"], ["start", "--bogus"], ["ca", "nope"], ["start", "--listen"]],
 )
 def test_a_usage_error_is_one_line_with_status_2(args: list[str]) -> None:
     """As the README says of errors at start; click wrote usage, hint and error in three."""
@@ -410,4 +411,4 @@ def test_a_usage_error_is_one_line_with_status_2(args: list[str]) -> None:
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("demux-proxy: error: "), out.stderr
-    assert "--help" in lines[0]
+    assert f" {args[0]} --help)" in lines[0]  # the help of the command that was used

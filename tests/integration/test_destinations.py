@@ -93,6 +93,11 @@ def test_an_international_deny_rule_matches_its_a_label(tmp_path: Path) -> None:
             r = _get(p, f"http://{host}/")
             assert r.status_code == 403, (host, r.text)
             assert "xn--bcher-kva.de" in r.text
+    # IDNA 2008 (UTS 46 non-transitional), as curl and browsers encode: "ß" stays one.
+    with running_proxy(tmp_path / "idn2008", "--deny", "straße.de") as p:
+        r = _get(p, "http://xn--strae-oqa.de/")
+        assert r.status_code == 403 and "xn--strae-oqa.de" in r.text, r.text
+        assert _get(p, "http://strasse.de/").status_code != 403  # another domain
 
 
 def _openssl_in_tunnel(proxy: ProxyProcess, connect: str, sni: str) -> bytes:

@@ -88,3 +88,99 @@ def test_a_resolver_that_never_answers_is_a_504_in_time(netns: str, tmp_path: Pa
     assert "resolving never-answers.test took over 1 s" in seen["answer"]
     # The resolver alone would take 5 s a try, two tries, per family.
     assert seen["seconds"] < 5, seen
+
+
+# Inside the namespace: a DNS server on 127.0.0.1 that answers A for svc.test and
+# SERVFAILs AAAA (or never answers it), an upstream, the proxy with IPv4 and IPv6 egress.
+MIXED_PROBE = r"""
+import http.server, json, socket, struct, subprocess, sys, threading, time
+mode = sys.argv[2]
+dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dns.bind(("127.0.0.1", 53))
+def serve_dns():
+    while True:
+        q, peer = dns.recvfrom(512)
+        i = 12
+        while q[i]:
+            i += q[i] + 1
+        qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
+        tid, question = q[:2], q[12:i + 5]
+        if qtype == 1:
+            answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton("127.0.0.1")
+            dns.sendto(tid + struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0) + question + answer, peer)
+        elif mode == "servfail":
+            dns.sendto(tid + struct.pack(">HHHHH", 0x8182, 1, 0, 0, 0) + question, peer)
+threading.Thread(target=serve_dns, daemon=True).start()
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+threading.Thread(target=upstream.serve_forever, daemon=True).start()
+proxy = subprocess.Popen(
+    [sys.executable, "-m", "demux_proxy", "start", "--workers", "1",
+     "--listen", "127.0.0.1:0", "--egress", "127.0.0.2,::1", "--allow-private",
+     "--state-dir", sys.argv[1]],
+    stdout=subprocess.PIPE, text=True)
+try:
+    for line in proxy.stdout:
+        rec = json.loads(line)
+        if rec["message"] == "Starting Proxy":
+            port = int(rec["fields"]["listen"].rsplit(":", 1)[1])
+            break
+    seen = []
+    for _ in range(4):
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            url = "http://svc.test:%d/" % upstream.server_address[1]
+            head = "GET %s HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n" % url
+            c.sendall(head.encode() + b"\r\n")
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        seen.append([answer.decode("latin-1"), time.monotonic() - started])
+    print(json.dumps(seen))
+finally:
+    proxy.terminate()
+    proxy.wait(10)
+"""
+
+
+@pytest.fixture
+def dns_netns() -> Iterator[str]:
+    name = f"demuxdns6-{secrets.token_hex(4)}"
+    add_namespace_or_skip(name)
+    conf_dir = Path("/etc/netns") / name
+    try:
+        ns_ip(name, "link", "set", "lo", "up")
+        conf_dir.mkdir(parents=True)
+        (conf_dir / "resolv.conf").write_text(
+            "nameserver 127.0.0.1\noptions timeout:3 attempts:1\n"
+        )
+        yield name
+    finally:
+        ip("netns", "delete", name)
+        shutil.rmtree(conf_dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", ["servfail", "silent"])
+def test_a_failing_aaaa_lookup_costs_mixed_egress_nothing(
+    dns_netns: str, tmp_path: Path, mode: str
+) -> None:
+    """IPv4 and IPv6 egress, a name whose AAAA lookup fails or never answers: its A
+    answer is enough (every request failed, or waited out the lookup's timeout)."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", dns_netns, sys.executable, "-c", MIXED_PROBE,
+         str(tmp_path / "state"), mode],
+        capture_output=True, text=True, timeout=90, env=dict(os.environ), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    for answer, seconds in seen:
+        assert answer.startswith("HTTP/1.1 200 ") and answer.endswith("127.0.0.2"), answer
+        assert seconds < 2, seen  # the resolution delay, 50 ms, not the lookup's 3 s

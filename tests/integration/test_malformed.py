@@ -474,7 +474,9 @@ def test_http10_request_with_transfer_encoding_is_answered_then_closed(
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["together", "split"])
-@pytest.mark.parametrize("blank", [b"\r\n\r\n", b"\r\n" * 5], ids=["two", "five"])
+@pytest.mark.parametrize(
+    "blank", [b"\r\n\r\n", b"\r\n" * 5, b"\n", b"\n\r\n\n"], ids=["two", "five", "lf", "mixed"]
+)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_empty_lines_before_the_request_line_are_ignored(
     proxy: ProxyProcess, upstream: Upstream, scheme: str, blank: bytes, split: bool
@@ -482,7 +484,7 @@ def test_empty_lines_before_the_request_line_are_ignored(
     """RFC 9112 2.2: empty lines before a request-line are ignored, even when they
     arrive on their own (once, they ended a "head" of nothing: a 505 for HTTP/0.0)."""
     build = _req("GET", "/ip?{case}", ["Connection: close"])
-    marker = f"{RUN}-{scheme}-blank-{len(blank)}-{split}"
+    marker = f"{RUN}-{scheme}-blank-{blank.hex()}-{split}"
     with _client(proxy, _port(upstream, scheme), scheme) as (sock, prefix, host):
         request = build(prefix, host, marker)
         if split:

@@ -355,5 +355,17 @@ def test_mixed_family_egress_reuses_pooled_connections(tmp_path: Path, upstream:
             s.get(upstream.http_url("/ip"), proxies={"http": p.url}, timeout=10).json()
             for _ in range(6)
         ]
+        # Sticky sessions hash over the host's family only (most went to ::1: a 502).
+        for name in "abcdef":
+            r = s.get(
+                upstream.http_url("/ip"), proxies={"http": p.url}, timeout=10,
+                headers={"X-Demux-Session": name},
+            )  # fmt: skip
+            assert r.status_code == 200 and r.json()["peer"] == "127.0.0.2", (name, r.text)
+        r = s.get(
+            upstream.http_url("/ip"), proxies={"http": p.url}, timeout=10,
+            headers={"X-Demux-Egress": "::1"},
+        )  # fmt: skip
+        assert r.status_code == 502 and "cannot reach" in r.text, r.text
     assert {d["peer"] for d in seen} == {"127.0.0.2"}
     assert len({d["connection_id"] for d in seen}) == 1, seen

@@ -157,19 +157,25 @@ _TCHAR: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
 _BARE_LF: Final = re.compile(rb"(?<!\r)\n")
+_BLANK_LINE_BYTES: Final = frozenset(b"\r\n")
 
 
 def _check_partial_head(buf: bytes | bytearray, request: bool) -> None:
     """Refuse at once a head that can never end: it would wait out a timeout (408, 504)
     for a blank line that never comes. A TLS ClientHello (a client told to speak https
     to the proxy itself), bare-LF line ends (strict: RFC 9112 2.2 allows refusing them)."""
-    first = buf[0]
-    if first != 0x0D and (first not in _TCHAR if request else first != 0x48):
+    start = 0
+    while start < len(buf) and buf[start] in _BLANK_LINE_BYTES:
+        start += 1  # empty lines before the start line (RFC 9112 2.2), CRLF or a lone LF
+    if start == len(buf):
+        return
+    first = buf[start]
+    if first not in _TCHAR if request else first != 0x48:
         if request:
             hint = " (TLS? the proxy URL is http://, not https://)" if first == 0x16 else ""
             raise ProtocolError(f"not an HTTP request{hint}")
         raise UpstreamError("malformed upstream response: not HTTP")
-    if _BARE_LF.search(buf) is not None:
+    if _BARE_LF.search(buf, start) is not None:
         if request:
             raise ProtocolError("bare LF in the request head: lines end with CRLF")
         raise UpstreamError("malformed upstream response: bare LF in the head")
