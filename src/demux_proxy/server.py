@@ -28,13 +28,13 @@ from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
 from demux_proxy.stream import Stream
 
 _internal: Final = logging.getLogger(log.LOGGER_NAME)
-_TLS_HANDSHAKE: Final = 0x16
+_TLS_HANDSHAKE: Final = 0x16  # first byte of a TLS record carrying a ClientHello
 _MAX_FORWARDS_METHODS: Final = frozenset({b"TRACE", b"OPTIONS"})
 _SENSITIVE_FIELDS: Final = frozenset({b"proxy-authorization", b"authorization", b"cookie"})
 _ALLOW: Final = b"GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"
 # Pipelined requests answered from one buffer before the loop may run other clients.
 _PIPELINED_BATCH: Final = 8
-LISTEN_BACKLOG: Final = 4096  # first byte of a TLS record carrying a ClientHello
+LISTEN_BACKLOG: Final = 4096
 
 
 def _numeric_ipv4(host: str) -> str | None:
