@@ -16,7 +16,9 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,40 +52,47 @@ finally:
 """
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"demuxdns-{secrets.token_hex(4)}"
+@contextmanager
+def _namespace(prefix: str, resolv_conf: str) -> Iterator[str]:
+    """A throw-away namespace, loopback up, whose resolv.conf is `resolv_conf`."""
+    name = f"{prefix}-{secrets.token_hex(4)}"
     add_namespace_or_skip(name)
     conf_dir = Path("/etc/netns") / name
     try:
-        proc = ip("-n", name, "link", "add", "dns0", "type", "dummy")
-        if proc.returncode != 0:  # no dummy links in this kernel: a veth pair, peer silent
-            ns_ip(name, "link", "add", "dns0", "type", "veth", "peer", "name", "dns0p")
-            ns_ip(name, "link", "set", "dns0p", "up")
-        ns_ip(name, "addr", "add", "10.99.0.1/24", "dev", "dns0")
-        ns_ip(name, "link", "set", "dns0", "up")
         ns_ip(name, "link", "set", "lo", "up")
         conf_dir.mkdir(parents=True)
-        (conf_dir / "resolv.conf").write_text(
-            "nameserver 10.99.0.2\noptions timeout:5 attempts:2\n"
-        )
+        (conf_dir / "resolv.conf").write_text(resolv_conf)
         yield name
     finally:
         ip("netns", "delete", name)
         shutil.rmtree(conf_dir, ignore_errors=True)
 
 
-def test_a_resolver_that_never_answers_is_a_504_in_time(netns: str, tmp_path: Path) -> None:
-    proc = subprocess.run(  # this interpreter and environment: the build under test
-        ["ip", "netns", "exec", netns, sys.executable, "-c", PROBE, str(tmp_path / "state")],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        env=dict(os.environ),
-        check=False,
-    )
+def _probe(netns: str, code: str, *args: str) -> Any:
+    """Run `code` in the namespace with this interpreter and environment (the build
+    under test); the JSON it printed last."""
+    proc = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", code, *args],
+        capture_output=True, text=True, timeout=90, env=dict(os.environ), check=False,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    with _namespace("demuxdns", "nameserver 10.99.0.2\noptions timeout:5 attempts:2\n") as name:
+        proc = ip("-n", name, "link", "add", "dns0", "type", "dummy")
+        if proc.returncode != 0:  # no dummy links in this kernel: a veth pair, peer silent
+            ns_ip(name, "link", "add", "dns0", "type", "veth", "peer", "name", "dns0p")
+            ns_ip(name, "link", "set", "dns0p", "up")
+        ns_ip(name, "addr", "add", "10.99.0.1/24", "dev", "dns0")
+        ns_ip(name, "link", "set", "dns0", "up")
+        yield name
+
+
+def test_a_resolver_that_never_answers_is_a_504_in_time(netns: str, tmp_path: Path) -> None:
+    seen = _probe(netns, PROBE, str(tmp_path / "state"))
     assert seen["answer"].startswith("HTTP/1.1 504 "), seen
     assert "resolving never-answers.test took over 1 s" in seen["answer"]
     # The resolver alone would take 5 s a try, two tries, per family.
@@ -153,19 +162,8 @@ finally:
 
 @pytest.fixture
 def dns_netns() -> Iterator[str]:
-    name = f"demuxdns6-{secrets.token_hex(4)}"
-    add_namespace_or_skip(name)
-    conf_dir = Path("/etc/netns") / name
-    try:
-        ns_ip(name, "link", "set", "lo", "up")
-        conf_dir.mkdir(parents=True)
-        (conf_dir / "resolv.conf").write_text(
-            "nameserver 127.0.0.1\noptions timeout:3 attempts:1\n"
-        )
+    with _namespace("demuxdns6", "nameserver 127.0.0.1\noptions timeout:3 attempts:1\n") as name:
         yield name
-    finally:
-        ip("netns", "delete", name)
-        shutil.rmtree(conf_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("mode", ["servfail", "silent"])
@@ -174,13 +172,7 @@ def test_a_failing_aaaa_lookup_costs_mixed_egress_nothing(
 ) -> None:
     """IPv4 and IPv6 egress, a name whose AAAA lookup fails or never answers: its A
     answer is enough (every request failed, or waited out the lookup's timeout)."""
-    proc = subprocess.run(
-        ["ip", "netns", "exec", dns_netns, sys.executable, "-c", MIXED_PROBE,
-         str(tmp_path / "state"), mode],
-        capture_output=True, text=True, timeout=90, env=dict(os.environ), check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen = _probe(dns_netns, MIXED_PROBE, str(tmp_path / "state"), mode)
     for answer, seconds in seen:
         assert answer.startswith("HTTP/1.1 200 ") and answer.endswith("127.0.0.2"), answer
         assert seconds < 2, seen  # the resolution delay, 50 ms, not the lookup's 3 s
