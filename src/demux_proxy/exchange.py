@@ -352,9 +352,10 @@ class Forwarder:
             up.abort()  # an incomplete request must never reach a server as complete
             raise
 
-    def _head_in(self, up: Stream) -> ResponseHead | None:
-        """The response head, if `up.buffer` holds all of it (taken off the buffer)."""
-        end = find_head_end(up.buffer, self._config.max_head_bytes, request=False)
+    def _head_in(self, up: Stream, checked: int = 0) -> ResponseHead | None:
+        """The response head, if `up.buffer` holds all of it (taken off the buffer);
+        `checked`: how much of the buffer an earlier call looked at."""
+        end = find_head_end(up.buffer, self._config.max_head_bytes, request=False, checked=checked)
         if end < 0:
             return None
         head = bytes(up.buffer[:end])
@@ -370,7 +371,9 @@ class Forwarder:
         # Once a head has begun, all of it must arrive within the timeout: an upstream
         # sending a byte at a time would otherwise hold the request for 64 KiB of them.
         deadline = 0.0
-        while (resp := self._head_in(up)) is None:
+        checked = 0
+        while (resp := self._head_in(up, checked)) is None:
+            checked = len(up.buffer)
             wait = timeout
             if not up.buffer:
                 deadline = 0.0  # nothing begun (or only 1xx heads, relayed and gone)

@@ -37,6 +37,13 @@ _PIPELINED_BATCH: Final = 8
 LISTEN_BACKLOG: Final = 4096
 
 
+def _ends_connection(req: RequestHead) -> bool:
+    """Whether the connection ends after the proxy answers `req` itself (407, Max-Forwards
+    0): a body we do not read leaves it off a message boundary, and a client may have
+    asked for the end (Connection: close, HTTP/1.0)."""
+    return bool(req.content_length or req.chunked) or not req.keep_alive
+
+
 def _numeric_ipv4(host: str) -> str | None:
     """The IPv4 address a numeric host that is no dotted quad names ("127.1", "0x7f.1",
     "2130706433": getaddrinfo reads them so), for judging a CONNECT before its 200."""
@@ -214,8 +221,8 @@ class ProxyServer:
                 and self._policy.auth_required
                 and not await self._authorized(stream, req)
             ):
-                if req.content_length or req.chunked or not req.keep_alive:
-                    return  # a body not read (off a message boundary), or "close" asked
+                if _ends_connection(req):
+                    return
                 continue
             if req.method == b"CONNECT":
                 if tunnel is not None:
@@ -224,8 +231,8 @@ class ProxyServer:
                 await self._tunnel(stream, req)
                 return
             if req.method in _MAX_FORWARDS_METHODS and not self._forwards(stream, req):
-                if req.content_length or req.chunked or not req.keep_alive:
-                    return  # a body not read, or "close" asked
+                if _ends_connection(req):
+                    return
                 continue
             try:
                 route = route_for(req.target, tunnel, req.method == b"OPTIONS")
@@ -245,7 +252,7 @@ class ProxyServer:
         if hops > 0:
             req.headers = replace(req.headers, b"max-forwards", b"Max-Forwards", b"%d" % (hops - 1))
             return True
-        close = bool(req.content_length or req.chunked) or not req.keep_alive
+        close = _ends_connection(req)
         headers: list[tuple[bytes, bytes]] = []
         body = b""
         if req.method == b"TRACE":  # the request as received, less its credentials
@@ -291,11 +298,7 @@ class ProxyServer:
             method=req.method.decode("latin-1"),
             status_code=407,
         )
-        # A body we do not read leaves the connection off a message boundary: it ends;
-        # and so it does when the client asked for that (close, HTTP/1.0).
-        stream.write(
-            challenge_response(close=bool(req.content_length or req.chunked) or not req.keep_alive)
-        )
+        stream.write(challenge_response(close=_ends_connection(req)))
         return False
 
     async def _next_request(self, stream: Stream) -> RequestHead | None:
@@ -305,6 +308,7 @@ class ProxyServer:
         loop = stream.loop
         deadline: float | None = None  # the whole head, not each read, is bounded
         skipped = 0  # empty lines dropped before the request-line
+        checked = 0  # how much of buf find_head_end has seen
         try:
             while True:
                 if buf and (buf[0] == 0x0D or buf[0] == 0x0A):
@@ -323,12 +327,16 @@ class ProxyServer:
                             break
                     if i:
                         del buf[:i]
+                        checked = max(0, checked - i)
                         skipped += i
                         if skipped > cfg.max_head_bytes:
                             raise ProtocolError("too many empty lines before the request-line")
-                end = find_head_end(buf, cfg.max_head_bytes - skipped, request=True)
+                end = find_head_end(
+                    buf, cfg.max_head_bytes - skipped, request=True, checked=checked
+                )
                 if end >= 0:
                     break
+                checked = len(buf)
                 idle = not buf
                 if idle:
                     self._idle.add(stream)  # nothing of a request yet: closed at shutdown

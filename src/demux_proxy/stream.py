@@ -215,9 +215,7 @@ class Stream(asyncio.Protocol):
 
     def _arm_waiter(self) -> asyncio.Future[None]:
         """Read again if we had paused, and return the future the next event resolves."""
-        if self._read_paused:
-            self._read_paused = False
-            self.transport.resume_reading()
+        self.resume()
         waiter = self._waiter = self.loop.create_future()
         return waiter
 

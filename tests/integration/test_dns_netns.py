@@ -28,19 +28,26 @@ pytestmark = pytest.mark.netns
 
 # Inside the namespace: start the proxy, ask it for a name only DNS could answer, print
 # what the client saw and how long it took.
-PROBE = r"""
+# Both probes start the proxy (state dir: argv[1]) and learn its port from its log.
+START_PROXY = r"""
 import json, socket, subprocess, sys, time
-proxy = subprocess.Popen(
-    [sys.executable, "-m", "demux_proxy", "start", "--workers", "1",
-     "--listen", "127.0.0.1:0", "--egress", "10.99.0.1", "--allow-private",
-     "--state-dir", sys.argv[1], "--connect-timeout", "1"],
-    stdout=subprocess.PIPE, text=True)
-try:
+def start_proxy(*options):
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "demux_proxy", "start", "--workers", "1",
+         "--listen", "127.0.0.1:0", "--allow-private", "--state-dir", sys.argv[1], *options],
+        stdout=subprocess.PIPE, text=True)
     for line in proxy.stdout:
         rec = json.loads(line)
         if rec["message"] == "Starting Proxy":
-            port = int(rec["fields"]["listen"].rsplit(":", 1)[1])
-            break
+            return proxy, int(rec["fields"]["listen"].rsplit(":", 1)[1])
+    raise SystemExit("the proxy did not start")
+"""
+
+PROBE = (
+    START_PROXY
+    + r"""
+proxy, port = start_proxy("--egress", "10.99.0.1", "--connect-timeout", "1")
+try:
     started = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
         c.sendall(b"GET http://never-answers.test/ HTTP/1.1\r\nHost: never-answers.test\r\n\r\n")
@@ -50,6 +57,7 @@ finally:
     proxy.terminate()
     proxy.wait(10)
 """
+)
 
 
 @contextmanager
@@ -101,8 +109,10 @@ def test_a_resolver_that_never_answers_is_a_504_in_time(netns: str, tmp_path: Pa
 
 # Inside the namespace: a DNS server on 127.0.0.1 that answers A for svc.test and
 # SERVFAILs AAAA (or never answers it), an upstream, the proxy with IPv4 and IPv6 egress.
-MIXED_PROBE = r"""
-import http.server, json, socket, struct, subprocess, sys, threading, time
+MIXED_PROBE = (
+    START_PROXY
+    + r"""
+import http.server, struct, threading
 mode = sys.argv[2]
 dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 dns.bind(("127.0.0.1", 53))
@@ -131,17 +141,8 @@ class Echo(http.server.BaseHTTPRequestHandler):
         pass
 upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
 threading.Thread(target=upstream.serve_forever, daemon=True).start()
-proxy = subprocess.Popen(
-    [sys.executable, "-m", "demux_proxy", "start", "--workers", "1",
-     "--listen", "127.0.0.1:0", "--egress", "127.0.0.2,::1", "--allow-private",
-     "--state-dir", sys.argv[1]],
-    stdout=subprocess.PIPE, text=True)
+proxy, port = start_proxy("--egress", "127.0.0.2,::1")
 try:
-    for line in proxy.stdout:
-        rec = json.loads(line)
-        if rec["message"] == "Starting Proxy":
-            port = int(rec["fields"]["listen"].rsplit(":", 1)[1])
-            break
     seen = []
     for _ in range(4):
         started = time.monotonic()
@@ -158,6 +159,7 @@ finally:
     proxy.terminate()
     proxy.wait(10)
 """
+)
 
 
 @pytest.fixture

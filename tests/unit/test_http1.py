@@ -432,3 +432,15 @@ def test_a_response_repeating_one_content_length_is_read_as_that_length(lines: b
 def test_differing_content_lengths_stay_refused(lines: bytes) -> None:
     with pytest.raises(UpstreamError):
         parse_response_head(b"HTTP/1.1 200 OK\r\n" + lines + b"\r\n")
+
+
+def test_a_partial_head_is_scanned_from_where_the_last_call_stopped() -> None:
+    """A caller that calls again as more arrives passes how much it saw: a CRLF split
+    across the two calls is no bare LF, and a bare LF in the new bytes is found."""
+    first = b"GET / HTTP/1.1\r"
+    assert find_head_end(first, 1000, request=True) == -1
+    assert find_head_end(first + b"\nHost: a\r\n", 1000, request=True, checked=len(first)) == -1
+    with pytest.raises(ProtocolError, match="bare LF"):
+        find_head_end(first + b"\nHost: a\n", 1000, request=True, checked=len(first))
+    with pytest.raises(UpstreamError, match="bare LF"):
+        find_head_end(b"HTTP/1.1 200 OK\r\nA: b\n", 1000, request=False, checked=10)

@@ -131,11 +131,15 @@ class _Collector:
         self.headers.append((name, value))
 
 
-def find_head_end(buf: bytes | bytearray, max_bytes: int, *, request: bool) -> int:
+def find_head_end(
+    buf: bytes | bytearray, max_bytes: int, *, request: bool, checked: int = 0
+) -> int:
     """Index just past the blank line ending a head in `buf`, or -1 when more data is needed.
 
     Raises when the head outgrows `max_bytes`: 431 for a request (RFC 6585), 502 for a
-    response, since the upstream is then the one misbehaving.
+    response, since the upstream is then the one misbehaving; and when the head can never
+    end (`_check_partial_head`). `checked`: how much of `buf` an earlier call already
+    looked at, for a caller that calls again as more arrives (only the rest is scanned).
     """
     end = buf.find(_CRLF2)  # one argument: bounds would be boxed ints, per call
     if 0 <= end <= max_bytes:
@@ -148,7 +152,7 @@ def find_head_end(buf: bytes | bytearray, max_bytes: int, *, request: bool) -> i
             raise ProtocolError("request header block too large", status=431)
         raise UpstreamError("upstream response head too large")
     if buf:
-        _check_partial_head(buf, request)
+        _check_partial_head(buf, request, checked)
     return -1
 
 
@@ -160,7 +164,7 @@ _BARE_LF: Final = re.compile(rb"(?<!\r)\n")
 _BLANK_LINE_BYTES: Final = frozenset(b"\r\n")
 
 
-def _check_partial_head(buf: bytes | bytearray, request: bool) -> None:
+def _check_partial_head(buf: bytes | bytearray, request: bool, checked: int) -> None:
     """Refuse at once a head that can never end: it would wait out a timeout (408, 504)
     for a blank line that never comes. A TLS ClientHello (a client told to speak https
     to the proxy itself), bare-LF line ends (strict: RFC 9112 2.2 allows refusing them)."""
@@ -175,7 +179,9 @@ def _check_partial_head(buf: bytes | bytearray, request: bool) -> None:
             hint = " (TLS? the proxy URL is http://, not https://)" if first == 0x16 else ""
             raise ProtocolError(f"not an HTTP request{hint}")
         raise UpstreamError("malformed upstream response: not HTTP")
-    if _BARE_LF.search(buf, start) is not None:
+    # Only what came since the last look: a head trickled in small pieces must not cost
+    # a scan of all of it per piece (the lookbehind still sees the byte before `checked`).
+    if _BARE_LF.search(buf, max(start, checked)) is not None:
         if request:
             raise ProtocolError("bare LF in the request head: lines end with CRLF")
         raise UpstreamError("malformed upstream response: bare LF in the head")
