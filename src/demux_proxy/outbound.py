@@ -168,6 +168,11 @@ class Outbound:
         families = sorted(self._scheduler.families)
         if len(families) < 2:
             return None
+        known = [self._resolver.known(route.host, f) for f in families]
+        if all(k is not None for k in known):  # most requests: no task, no wait
+            reachable = [f for f, k in zip(families, known, strict=True) if k]
+            if reachable:
+                return reachable[0] if len(reachable) == 1 else None
         lookups = [asyncio.ensure_future(self._resolver.resolve(route.host, f)) for f in families]
         done, pending = await asyncio.wait(lookups, return_when=asyncio.FIRST_COMPLETED)
         if pending:

@@ -93,8 +93,9 @@ class Resolver:
         self._timeout = timeout_s  # a resolver that never answers must not hold requests
         self._clock = clock
 
-    async def resolve(self, host: str, family: int) -> list[str]:
-        """Addresses of `family` for `host`; [] when the name has none of that family."""
+    def known(self, host: str, family: int) -> list[str] | None:
+        """What `resolve` would answer without a lookup (an IP literal, a cached name),
+        else None."""
         try:
             literal = socket.inet_pton(family, host)
         except OSError:
@@ -103,10 +104,17 @@ class Resolver:
             return [host]
         if is_ip_literal(host):
             return []  # an IP literal of the other family
-        now = self._clock()
         cached = self._cache.get((host, family))
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > self._clock():
             return cached[1]
+        return None
+
+    async def resolve(self, host: str, family: int) -> list[str]:
+        """Addresses of `family` for `host`; [] when the name has none of that family."""
+        known = self.known(host, family)
+        if known is not None:
+            return known
+        now = self._clock()
         # One lookup per name and family at a time, whoever asks: libuv runs at most two
         # getaddrinfo at once, and lookups that hang (an AAAA nobody answers) must not
         # take both from the connects, which need one too.
