@@ -11,7 +11,6 @@ send again. The bodies and the answer are `exchange.py`'s.
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from typing import Final
 
@@ -19,7 +18,7 @@ from demux_proxy import log
 from demux_proxy.config import Config
 from demux_proxy.dispatch import Dispatcher
 from demux_proxy.egress import Egress
-from demux_proxy.errors import StreamClosed, UpstreamError, UpstreamTimeout
+from demux_proxy.errors import StreamClosed, UpstreamTimeout
 from demux_proxy.http1 import writer
 from demux_proxy.http1.framing import BodyDecoder
 from demux_proxy.http1.headers import end_to_end, get, replace
@@ -33,7 +32,6 @@ from demux_proxy.scheduler import Scheduler
 from demux_proxy.stream import Stream
 from demux_proxy.upstream import Resolver, UpstreamConnection, connect
 
-_FAMILY_NAME: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 # RFC 9110 9.2.2: the methods a proxy may send again on its own (never a POST: a server
 # that closed without answering may have acted on it already).
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -190,18 +188,14 @@ class Outbound:
             exc = t.exception() if t.done() and not t.cancelled() else None
             if exc is not None:
                 raise exc
-        names = "/".join(_FAMILY_NAME[f] for f in families)
-        raise UpstreamError(f"{route.host} has no {names} address that an egress address can reach")
+        raise self._resolver.no_address(route.host, families)
 
     async def _dial(self, egress: Egress, route: Route) -> UpstreamConnection:
         """A new connection from `egress`, verified as the route's TLS name."""
         self._policy.check_name(route.host)
         addresses = await self._resolver.resolve(route.host, egress.family)
         if not addresses:
-            raise UpstreamError(
-                f"{route.host} has no {_FAMILY_NAME[egress.family]} address "
-                "that an egress address can reach"
-            )
+            raise self._resolver.no_address(route.host, [egress.family])
         key = (egress.address, route.scheme, route.host, route.port, route.tls_name)
         conn = await connect(
             egress=egress,

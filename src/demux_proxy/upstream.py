@@ -14,7 +14,7 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import count
 from typing import Final
@@ -45,6 +45,7 @@ _NO_ADDRESS_ERRNOS: Final = frozenset(
         getattr(socket, "EAI_ADDRFAMILY", -9),
     }
 )
+FAMILY_NAME: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
 _EGRESS_ERRNOS: Final = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EHOSTUNREACH})
 # The proxy short of descriptors or memory: resting an egress address would not help.
 _LOCAL_SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -89,6 +90,8 @@ class Resolver:
     ) -> None:
         self._cache: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._pending: dict[tuple[str, int], asyncio.Future[list[str]]] = {}
+        # Empty answers that were "no such name" (NXDOMAIN), not "none of this family".
+        self._unknown: set[tuple[str, int]] = set()
         self._ttl = ttl_s
         self._timeout = timeout_s  # a resolver that never answers must not hold requests
         self._clock = clock
@@ -140,6 +143,8 @@ class Resolver:
         except socket.gaierror as exc:
             if exc.errno in _NO_ADDRESS_ERRNOS:  # e.g. "2130706433" asked for IPv6
                 addrs: list[str] = []
+                if exc.errno == socket.EAI_NONAME:
+                    self._unknown.add((host, family))
             else:
                 raise UpstreamError(f"cannot resolve {host}: {exc.strerror}") from exc
         except UnicodeError as exc:  # IDNA: an empty or over-long label ("a..b")
@@ -152,10 +157,20 @@ class Resolver:
             raise UpstreamError(f"cannot resolve {host}: {exc.strerror or exc}") from exc
         else:
             addrs = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            self._unknown.discard((host, family))
         self._cache[(host, family)] = (now + self._ttl, addrs)
         if len(self._cache) > 10_000:
             self._cache.clear()
+            self._unknown.clear()
         return addrs
+
+    def no_address(self, host: str, families: Sequence[int]) -> UpstreamError:
+        """The error for a host with no address in `families`: an unknown name is not
+        "no address of this family" (the resolver's own words for each)."""
+        if all((host, f) in self._unknown for f in families):
+            return UpstreamError(f"cannot resolve {host}: no such host name")
+        names = "/".join(FAMILY_NAME[f] for f in families)
+        return UpstreamError(f"{host} has no {names} address that an egress address can reach")
 
 
 async def connect(

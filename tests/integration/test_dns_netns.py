@@ -107,12 +107,11 @@ def test_a_resolver_that_never_answers_is_a_504_in_time(netns: str, tmp_path: Pa
     assert seen["seconds"] < 5, seen
 
 
-# Inside the namespace: a DNS server on 127.0.0.1 that answers A for svc.test and
-# SERVFAILs AAAA (or never answers it), an upstream, the proxy with IPv4 and IPv6 egress.
-MIXED_PROBE = (
-    START_PROXY
-    + r"""
-import http.server, struct, threading
+# Inside the namespace: a DNS server on 127.0.0.1 that answers NXDOMAIN for gone.test,
+# A for any other name, and for AAAA what argv[2] says: SERVFAIL, nothing (silent), or
+# an empty answer (nodata).
+DNS_SERVER = r"""
+import struct, threading
 mode = sys.argv[2]
 dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 dns.bind(("127.0.0.1", 53))
@@ -124,12 +123,24 @@ def serve_dns():
             i += q[i] + 1
         qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
         tid, question = q[:2], q[12:i + 5]
-        if qtype == 1:
+        if q[13:17] == b"gone":
+            dns.sendto(tid + struct.pack(">HHHHH", 0x8183, 1, 0, 0, 0) + question, peer)
+        elif qtype == 1:
             answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton("127.0.0.1")
             dns.sendto(tid + struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0) + question + answer, peer)
         elif mode == "servfail":
             dns.sendto(tid + struct.pack(">HHHHH", 0x8182, 1, 0, 0, 0) + question, peer)
+        elif mode == "nodata":
+            dns.sendto(tid + struct.pack(">HHHHH", 0x8180, 1, 0, 0, 0) + question, peer)
 threading.Thread(target=serve_dns, daemon=True).start()
+"""
+
+# ... with an upstream and the proxy with IPv4 and IPv6 egress.
+MIXED_PROBE = (
+    START_PROXY
+    + DNS_SERVER
+    + r"""
+import http.server
 class Echo(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = self.client_address[0].encode()
@@ -162,6 +173,27 @@ finally:
 )
 
 
+# ... with the proxy asked for names that have no address it can use.
+NAMES_PROBE = (
+    START_PROXY
+    + DNS_SERVER
+    + r"""
+seen = {}
+for egress in ("::1", "127.0.0.2,::1"):
+    proxy, port = start_proxy("--egress", egress)
+    try:
+        for name in ("gone.test", "svc.test"):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+                c.sendall(b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\n\r\n" % (name.encode(), name.encode()))
+                seen[egress + " " + name] = c.recv(65536).decode("latin-1")
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+print(json.dumps(seen))
+"""
+)
+
+
 @pytest.fixture
 def dns_netns() -> Iterator[str]:
     with _namespace("demuxdns6", "nameserver 127.0.0.1\noptions timeout:3 attempts:1\n") as name:
@@ -178,3 +210,18 @@ def test_a_failing_aaaa_lookup_costs_mixed_egress_nothing(
     for answer, seconds in seen:
         assert answer.startswith("HTTP/1.1 200 ") and answer.endswith("127.0.0.2"), answer
         assert seconds < 2, seen  # the resolution delay, 50 ms, not the lookup's 3 s
+
+
+def test_an_unknown_name_is_told_apart_from_a_name_without_the_family(
+    dns_netns: str, tmp_path: Path
+) -> None:
+    """NXDOMAIN reads as an unknown name; a name with only an A record, asked for over
+    IPv6 egress, as one without an address that egress can reach."""
+    seen = _probe(dns_netns, NAMES_PROBE, str(tmp_path / "state"), "nodata")
+    for egress in ("::1", "127.0.0.2,::1"):
+        answer = seen[f"{egress} gone.test"]
+        assert answer.startswith("HTTP/1.1 502 "), answer
+        assert answer.endswith("cannot resolve gone.test: no such host name\n"), answer
+    answer = seen["::1 svc.test"]
+    assert answer.startswith("HTTP/1.1 502 "), answer
+    assert answer.endswith("svc.test has no IPv6 address that an egress address can reach\n")
