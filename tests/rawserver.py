@@ -50,14 +50,17 @@ class RawServer:
             try:
                 if self.tls is not None:
                     with self.tls.wrap_socket(conn, server_side=True) as tls:
-                        self._respond(tls, conn)
+                        # wrap_socket detached `conn`: options (SO_LINGER 0 for a reset)
+                        # go through the TLS socket, which has the descriptor now.
+                        self._respond(tls, tls)
                 else:
                     self._respond(conn, conn)
             except OSError:
                 pass  # the proxy may close early (huge head, refusal): nothing to do
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        """Read the request from `sock` and misbehave; `raw` is the TCP socket under TLS."""
+        """Read the request from `sock` and misbehave; `raw` is for socket options (the
+        TLS socket itself under TLS: setting them on it sets them on its descriptor)."""
         raise NotImplementedError
 
 

@@ -100,6 +100,11 @@ class StreamClosed(ConnectionError):
     """The peer went away (reset or closed) while we still needed it."""
 
 
+class TLSTruncated(StreamClosed):
+    """A TLS peer ended the TCP connection without close_notify: whatever the close was
+    to delimit is cut short (RFC 9112 9.8), though nothing was reset."""
+
+
 class SinkClosed(StreamClosed):
     """During `Stream.splice`, the stream we were writing to went away."""
 

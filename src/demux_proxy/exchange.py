@@ -31,6 +31,7 @@ from demux_proxy.errors import (
     SinkClosed,
     SpliceUnavailable,
     StreamClosed,
+    TLSTruncated,
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
@@ -395,7 +396,7 @@ class Forwarder:
                 raise  # the client's loss, not the upstream's: the exchange ends
             except StreamClosed as exc:
                 _raise_upload_error(upload)
-                raise UpstreamError(f"upstream reset the connection: {exc}") from exc
+                raise _upstream_lost(exc, mid_body=False) from exc
             except TimeoutError as exc:
                 raise UpstreamTimeout(f"no response from upstream within {timeout:g} s") from exc
             if not more:
@@ -485,7 +486,7 @@ class Forwarder:
                 except SinkClosed:
                     raise  # the client went away: not the upstream's fault
                 except StreamClosed as exc:
-                    raise UpstreamError(f"upstream reset the connection mid-body: {exc}") from exc
+                    raise _upstream_lost(exc, mid_body=True) from exc
                 except TimeoutError as exc:
                     raise UpstreamTimeout(f"upstream sent nothing for {idle:g} s mid-body") from exc
                 finally:
@@ -497,7 +498,7 @@ class Forwarder:
             try:
                 more = await up.fill(idle, have=looked)
             except StreamClosed as exc:
-                raise UpstreamError(f"upstream reset the connection mid-body: {exc}") from exc
+                raise _upstream_lost(exc, mid_body=True) from exc
             except TimeoutError as exc:
                 raise UpstreamTimeout(f"upstream sent nothing for {idle:g} s mid-body") from exc
             if not more:
@@ -577,3 +578,11 @@ def _raise_upload_error(upload: asyncio.Task[None] | None) -> None:
         exc = upload.exception()
         if exc is not None:
             raise exc
+
+
+def _upstream_lost(exc: StreamClosed, *, mid_body: bool) -> UpstreamError:
+    """What the client is told when the upstream connection ended under a read."""
+    where = "mid-body" if mid_body else "without a response"
+    if isinstance(exc, TLSTruncated):  # a FIN with no close_notify: a close, not a reset
+        return UpstreamError(f"upstream closed the connection {where} (no TLS close_notify)")
+    return UpstreamError(f"upstream reset the connection{' mid-body' if mid_body else ''}: {exc}")

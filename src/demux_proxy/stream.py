@@ -26,7 +26,13 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any, Final, cast
 
-from demux_proxy.errors import PeerGone, SinkClosed, SpliceUnavailable, StreamClosed
+from demux_proxy.errors import (
+    PeerGone,
+    SinkClosed,
+    SpliceUnavailable,
+    StreamClosed,
+    TLSTruncated,
+)
 
 READ_HIGH: Final = 256 * 1024
 WRITE_HIGH: Final = 512 * 1024
@@ -156,7 +162,7 @@ class Stream(asyncio.Protocol):
             # uvloop's TLS calls eof_received only for a close_notify: a bare TCP close
             # comes here alone. What the close delimits is then truncated, not complete
             # (RFC 9112 9.8): an error for the reader, never a clean end.
-            exc = ConnectionAbortedError("TLS connection closed without close_notify")
+            exc = TLSTruncated("TLS connection closed without close_notify")
         self.closed = True
         self.eof = True
         if exc is not None and self._exc is None:
@@ -200,6 +206,8 @@ class Stream(asyncio.Protocol):
             if self._peer_lost is not None:
                 raise self._peer_lost
             if self._exc is not None:
+                if isinstance(self._exc, TLSTruncated):
+                    raise TLSTruncated(str(self._exc))
                 raise StreamClosed(str(self._exc) or type(self._exc).__name__) from self._exc
             if self.eof:
                 return False

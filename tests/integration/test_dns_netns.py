@@ -184,7 +184,8 @@ for egress in ("::1", "127.0.0.2,::1"):
     try:
         for name in ("gone.test", "svc.test"):
             with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
-                c.sendall(b"GET http://%s/ HTTP/1.1\r\nHost: %s\r\n\r\n" % (name.encode(), name.encode()))
+                head = "GET http://%s/ HTTP/1.1\r\nHost: %s\r\n\r\n" % (name, name)
+                c.sendall(head.encode())
                 seen[egress + " " + name] = c.recv(65536).decode("latin-1")
     finally:
         proxy.terminate()

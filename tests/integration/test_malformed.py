@@ -885,6 +885,42 @@ def test_response_broken_mid_body_is_aborted_requests(
             assert r.status_code == 502
 
 
+# What the 502's text (before the body) or the log's error (mid-body) says when the
+# upstream drops the connection: a FIN is a close, with or without TLS (a FIN with no
+# close_notify read as "upstream reset the connection"); SO_LINGER 0 is a reset.
+CLOSE_REASONS = {
+    ("http", "/nothing"): "upstream closed the connection without a response",
+    (
+        "https",
+        "/nothing",
+    ): "upstream closed the connection without a response (no TLS close_notify)",
+    ("http", "/cut-mid-body"): "connection closed before the end of the body",
+    ("https", "/cut-mid-body"): "upstream closed the connection mid-body (no TLS close_notify)",
+    ("http", "/reset-mid-body"): "upstream reset the connection mid-body",
+    ("https", "/reset-mid-body"): "upstream reset the connection mid-body",
+}
+
+
+@pytest.mark.parametrize(("scheme", "path"), list(CLOSE_REASONS))
+def test_a_close_is_told_apart_from_a_reset(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str, path: str
+) -> None:
+    url = _bad_url(bad_upstreams, scheme, path)
+    reason = CLOSE_REASONS[(scheme, path)]
+    with requests_session(proxy) as s:
+        if path == "/nothing":
+            with s.get(url, timeout=20) as r:
+                assert r.status_code == 502
+                assert r.text.strip().endswith(reason), r.text
+            return
+        _assert_aborted(lambda: s.get(url, timeout=20))
+    line = proxy.wait_for_log(
+        "inbound response",
+        lambda d: d["fields"]["url"] == url and "error" in d["fields"],
+    )
+    assert reason in line["fields"]["error"], line
+
+
 @pytest.mark.parametrize("path", MID_BODY)
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_response_broken_mid_body_is_aborted_curl(
