@@ -130,6 +130,7 @@ class _Group(click.Group):
             exc.show()
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
+            _name_the_source(exc)
             if exc.ctx is not None:
                 where = exc.ctx.command_path
             else:  # "start --listen" with no value: click has no context for it
@@ -148,6 +149,21 @@ class _Group(click.Group):
 
 
 _HELP_ERRORS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _name_the_source(exc: click.UsageError) -> None:
+    """A bad value names where it came from: click adds "(env var: ...)" whether it
+    came from there or not, so it goes unless the environment gave it. (Values from
+    the config file never get here: config_file checks them and names file and key.)"""
+    if not isinstance(exc, click.BadParameter) or exc.param_hint is not None:
+        return
+    param, ctx = exc.param, exc.ctx
+    if param is None or ctx is None or param.name is None:
+        return
+    source = ctx.get_parameter_source(param.name)
+    if source is ParameterSource.ENVIRONMENT or not param.opts:
+        return
+    exc.param_hint = " / ".join(f"'{opt}'" for opt in param.opts)
 
 
 @click.group(

@@ -412,3 +412,15 @@ def test_a_usage_error_is_one_line_with_status_2(args: list[str]) -> None:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("demux-proxy: error: "), out.stderr
     assert f" {args[0]} --help)" in lines[0]  # the help of the command that was used
+
+
+def test_a_bad_value_names_the_env_var_only_when_it_came_from_there() -> None:
+    """click said "Invalid value for '--workers' (env var: 'DEMUX_PROXY_WORKERS')" for a
+    value given with the flag."""
+    flag = _run("start", "--workers", "abc")
+    assert flag.returncode == 2
+    assert "Invalid value for '--workers': 'abc'" in flag.stderr, flag.stderr
+    assert "env var" not in flag.stderr
+    env = _run("start", env=_env(DEMUX_PROXY_WORKERS="abc"))
+    assert env.returncode == 2
+    assert "'--workers' (env var: 'DEMUX_PROXY_WORKERS'): 'abc'" in env.stderr, env.stderr
