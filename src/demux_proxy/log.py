@@ -185,8 +185,14 @@ class EventLog:
 
 def _text_value(value: Any) -> str:
     """A value for `--log-format text`: as it is when it is one plain word, else quoted
-    as a JSON string (logfmt's rule), so that `key=value` pairs always split back."""
-    text = _str(value)
+    as a JSON string (logfmt's rule), so that `key=value` pairs always split back. A list
+    is its items joined by commas (egress=127.0.0.2,127.0.0.3), a mapping its JSON."""
+    if isinstance(value, list | tuple):
+        text = ",".join(_str(item) for item in value)
+    elif isinstance(value, dict):
+        text = _dumps(value, _str).decode()
+    else:
+        text = _str(value)
     if text and text.isprintable() and not any(c in text for c in ' "=\\'):
         return text
     return _dumps(text).decode()

@@ -137,3 +137,16 @@ def test_text_lines_split_back_into_their_fields(pipe: tuple[int, int]) -> None:
     back = {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
     assert back == {k: str(v) for k, v in fields.items()}, line
     assert "method=GET" in line and "status_code=502" in line  # plain words stay bare
+
+
+def test_text_lines_show_lists_and_mappings_as_a_user_writes_them(
+    pipe: tuple[int, int],
+) -> None:
+    """They read "['127.0.0.2', '127.0.0.3']", Python's repr."""
+    import os
+
+    r, w = pipe
+    events = log.EventLog(fmt="text", fd=w)
+    events.info("Starting Proxy", egress=["127.0.0.2", "::1"], limits={"burst": 2})
+    line = os.read(r, 65536).decode().rstrip("\n")
+    assert line.endswith(' egress=127.0.0.2,::1 limits="{\\"burst\\":2}"'), line
