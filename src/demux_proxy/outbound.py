@@ -103,8 +103,9 @@ class Outbound:
         """
         policy = self._policy
         if policy.names_ruled:
-            # The tunnel's SNI and the Host field inside it (absolute-form replaces Host).
-            host_field = get(req.headers, b"host") if route.host_header is None else None
+            # The tunnel's SNI and the Host inside it (absolute-form's authority replaces
+            # the field; outside a tunnel, that authority is the route's own host).
+            host_field = route.host_header if route.host_header is not None else req.host
             policy.check_request(route.host, route.tls_name, host_field)
         egress = self._dispatch.acquire_now(route, tried, only, family)
         if egress is None:

@@ -14,6 +14,8 @@ from demux_proxy.errors import ProtocolError
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _WS_SCHEMES: Final = {"ws": "http", "wss": "https"}
 _BAD_HOST: Final = re.compile(r"[ /\\@?#%\t]")
+# A Host field a tunnel's request may carry: a name or IP literal, an optional port.
+_HOST_FIELD: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::[0-9]{0,5})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,18 @@ def _origin(path: bytes | None, query: bytes | None) -> bytes:
     return target
 
 
+def check_host_field(host: bytes | None, version: bytes) -> None:
+    """RFC 9112 3.2, for a request inside a tunnel, where the proxy is the server: a 1.1
+    request has a Host field, and it is a valid one (a list of names, or a name with
+    spaces, would reach the upstream unjudged by the name rules). More than one is
+    refused by the parser, in and out of tunnels. Raises ProtocolError."""
+    if host is None:
+        if version == b"1.1":
+            raise ProtocolError("HTTP/1.1 request without a Host field")
+    elif not _HOST_FIELD.fullmatch(host):
+        raise ProtocolError(f"invalid Host field: {host[:64]!r}")
+
+
 def route_for(target: bytes, tunnel: Tunnel | None, options: bool = False) -> Route:
     """The Route of a request: absolute-form outside a tunnel, origin-form inside one.
 
@@ -116,16 +130,19 @@ def route_for(target: bytes, tunnel: Tunnel | None, options: bool = False) -> Ro
     whose absolute-form without path or query goes on as "*" (RFC 9112 3.2.4).
     """
     if tunnel is not None:
+        host_header: bytes | None = None
         if target.startswith(b"/") or (options and target == b"*"):
             origin = target
-        else:
-            origin = _origin(*_parsed(target)[3:5])  # absolute-form is allowed too
+        else:  # absolute-form is allowed too, and its authority is the Host (3.2.2)
+            scheme, host, port, path, query = _parsed(target)
+            origin = _origin(path, query)
+            host_header = authority(host, port, DEFAULT_PORTS[scheme]).encode()
         return Route(
             tunnel.scheme,
             tunnel.host,
             tunnel.port,
             origin,
-            None,
+            host_header,
             tunnel.tls_name,
             tunnel.session,
             tunnel.pin,

@@ -24,7 +24,7 @@ from demux_proxy.http1 import writer
 from demux_proxy.http1.headers import get, replace
 from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
 from demux_proxy.policy import DestinationPolicy
-from demux_proxy.route import Tunnel, is_ip_literal, parse_authority, route_for
+from demux_proxy.route import Tunnel, check_host_field, is_ip_literal, parse_authority, route_for
 from demux_proxy.stream import Stream
 
 _internal: Final = logging.getLogger(log.LOGGER_NAME)
@@ -236,6 +236,8 @@ class ProxyServer:
                 continue
             try:
                 route = route_for(req.target, tunnel, req.method == b"OPTIONS")
+                if tunnel is not None and route.host_header is None:
+                    check_host_field(req.host, req.version)
             except ProtocolError as exc:
                 self._refuse(stream, exc)
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import ssl
@@ -49,19 +50,21 @@ def test_deny_and_allow_dest(tmp_path: Path, upstream: Upstream) -> None:
         assert r.status_code == 403 and "--allow-dest" in r.text
 
 
-def _in_tunnel(
-    p: ProxyProcess, connect: str, sni: str, host: str, check_name: bool = True
-) -> bytes:
-    """CONNECT to `connect`, TLS with the proxy as `sni`, one GET with `host`: the
-    answer's head (and whatever came with it)."""
+def _in_tunnel(p: ProxyProcess, connect: str, sni: str, host: str, *, target: str = "/ip") -> bytes:
+    """CONNECT to `connect`, TLS with the proxy as `sni`, one GET with `host` (the
+    whole Host line, or lines, when it holds a colon and a space): the whole answer."""
+    if ": " not in host:
+        host = f"Host: {host}\r\n" if host else ""
     with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
         raw.sendall(f"CONNECT {connect} HTTP/1.1\r\nHost: {connect}\r\n\r\n".encode())
         assert read_head(raw).startswith(b"HTTP/1.1 200 ")
         ctx = ssl.create_default_context(cafile=str(p.ca_path))
-        ctx.check_hostname = check_name
         with ctx.wrap_socket(raw, server_hostname=sni) as tls:
-            tls.sendall(f"GET /ip HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            return read_head(tls)
+            tls.sendall(f"GET {target} HTTP/1.1\r\n{host}Connection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := tls.recv(65536):  # Connection: close
+                answer += chunk
+            return answer
 
 
 def test_deny_judges_the_sni_and_the_host_inside_a_tunnel(
@@ -83,6 +86,36 @@ def test_deny_judges_the_sni_and_the_host_inside_a_tunnel(
     ) as p:
         answer = _in_tunnel(p, connect, "upstream.test", "upstream.test")
         assert answer.startswith(b"HTTP/1.1 403 ") and b"--allow-dest" in answer, answer
+
+
+def test_a_request_in_a_tunnel_carries_one_valid_host(tmp_path: Path, upstream: Upstream) -> None:
+    """RFC 9112 3.2: inside a tunnel the proxy is the server. Two Host lines, a list of
+    names or none at all went upstream as they were, and --deny judged the first Host
+    only; an absolute-form target's authority was dropped, not made the Host (3.2.2)."""
+    connect = f"localhost:{upstream.https_port}"
+    with running_proxy(
+        tmp_path / "deny", "--deny", "*.example.com", upstream_ca=upstream.ca_pem_path
+    ) as p:
+        refused = {
+            "Host: localhost\r\nHost: a.example.com\r\n": b"more than one Host field",
+            "Host: localhost, a.example.com\r\n": b"invalid Host field",
+            "": b"HTTP/1.1 request without a Host field",
+        }
+        for lines, reason in refused.items():
+            answer = _in_tunnel(p, connect, "localhost", lines)
+            assert answer.startswith(b"HTTP/1.1 400 ") and reason in answer, (lines, answer)
+        answer = _in_tunnel(p, connect, "localhost", "localhost", target="https://a.example.com/")
+        assert answer.startswith(b"HTTP/1.1 403 ") and b"--deny *.example.com" in answer
+        # Allowed, the absolute-form's authority is the Host the upstream sees.
+        answer = _in_tunnel(p, connect, "localhost", "", target=f"https://{connect}/headers")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])[0] == ["Host", connect]
+        # Outside tunnels too, two Host lines are a 400 (the second one was dropped).
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+            url = upstream.http_url("/ip")
+            c.sendall(f"GET {url} HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".encode())
+            answer = c.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"more than one Host" in answer
 
 
 def test_an_international_deny_rule_matches_its_a_label(tmp_path: Path) -> None:

@@ -76,6 +76,25 @@ def test_upgrade_and_expect_are_recognised() -> None:
     assert not parse_request_head(b"GET http://a/ HTTP/1.1\r\nUpgrade: x\r\n\r\n").upgrade
 
 
+def test_an_http10_request_asking_to_upgrade_is_not_upgraded() -> None:
+    """RFC 9110 7.8: a server ignores Upgrade in a 1.0 request (it was forwarded as 1.1
+    with Connection: upgrade, and the 101 relayed to the 1.0 client)."""
+    req = parse_request_head(
+        b"GET http://a/ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    assert not req.upgrade
+    assert end_to_end(req.headers, req.connection, drop_length=False) == []  # both dropped
+
+
+def test_host_is_kept_and_more_than_one_is_refused() -> None:
+    req = parse_request_head(b"GET / HTTP/1.1\r\nX-A: 1\r\nHOST:  a.test:8080 \r\n\r\n")
+    assert req.host == b"a.test:8080"
+    assert parse_request_head(b"GET / HTTP/1.0\r\n\r\n").host is None
+    with pytest.raises(ProtocolError, match="more than one Host field") as info:
+        parse_request_head(b"GET / HTTP/1.1\r\nHost: a.test\r\nhost: a.test\r\n\r\n")
+    assert info.value.status == 400
+
+
 def test_connect_head_parses() -> None:
     req = parse_request_head(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n")
     assert req.method == b"CONNECT" and req.target == b"a.test:443"

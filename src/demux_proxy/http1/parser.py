@@ -47,6 +47,7 @@ class RequestHead:
     upgrade: bool  # carries Upgrade and Connection: upgrade
     expect_continue: bool
     connection: frozenset[bytes]  # Connection tokens: fields the forwarder must drop
+    host: bytes | None  # the Host field's value (there is at most one)
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class RequestHead:
         upgrade: bool,
         expect_continue: bool,
         connection: frozenset[bytes],
+        host: bytes | None,
     ) -> None:
         # Written out (init=False): the compiled module runs this __init__ natively,
         # the dataclass-generated one is interpreted (per request).
@@ -73,6 +75,7 @@ class RequestHead:
         self.upgrade = upgrade
         self.expect_continue = expect_continue
         self.connection = connection
+        self.host = host
 
 
 @dataclass(slots=True, init=False)
@@ -297,12 +300,24 @@ def parse_request_head(head: bytes) -> RequestHead:
         # RFC 9112 6.1: Transfer-Encoding in 1.0 is faulty framing (a smuggling vector):
         # process this message, then close.
         keep_alive = False
-    upgrade = b"upgrade" in tokens and any(n.lower() == b"upgrade" for n, _ in c.headers)
+    # RFC 9110 7.8: a server ignores Upgrade in a 1.0 request (its Connection-listed
+    # fields are dropped all the same).
+    upgrade = (
+        version == b"1.1"
+        and b"upgrade" in tokens
+        and any(n.lower() == b"upgrade" for n, _ in c.headers)
+    )
     expect = False
+    host: bytes | None = None
     for n, v in c.headers:  # a loop, not any(genexpr): no generator per request
-        if len(n) == 6 and n.lower() == b"expect" and v.strip().lower() == b"100-continue":
+        size = len(n)
+        if size == 4:
+            if n.lower() == b"host":
+                if host is not None:  # RFC 9112 3.2: which one would the server take?
+                    raise ProtocolError("more than one Host field")
+                host = v.strip()
+        elif size == 6 and n.lower() == b"expect" and v.strip().lower() == b"100-continue":
             expect = True
-            break
     # Positional, in field order: keywords cost about as much again as the construction.
     return RequestHead(
         method,
@@ -315,6 +330,7 @@ def parse_request_head(head: bytes) -> RequestHead:
         upgrade,
         expect,
         tokens,
+        host,
     )
 
 
