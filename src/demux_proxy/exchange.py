@@ -423,17 +423,22 @@ class Forwarder:
         keep = req.keep_alive and not self.closing
         to_chunked = False
         if has_body and resp.content_length is None:
-            if req.version == b"1.1":
+            if resp.codings and req.version != b"1.1":
+                raise UpstreamError(
+                    "upstream used a transfer coding an HTTP/1.0 client cannot receive"
+                )
+            if req.version == b"1.1" and (resp.chunked or not resp.codings):
                 # Codings other than chunked (gzip...) describe the body: they pass on.
                 codings = b", ".join([*resp.codings, b"chunked"])
                 headers.append((b"Transfer-Encoding", codings))
                 to_chunked = True
-            elif resp.codings:
-                raise UpstreamError(
-                    "upstream used a transfer coding an HTTP/1.0 client cannot receive"
-                )
             else:
-                keep = False  # an HTTP/1.0 client learns the end from the close
+                # Delimited by the close, as the upstream sent it: an HTTP/1.0 client, or
+                # codings without chunked (a client seeing "gzip, chunked" here would
+                # read a framing the upstream never chose).
+                if resp.codings:
+                    headers.append((b"Transfer-Encoding", b", ".join(resp.codings)))
+                keep = False
         if upload is not None and (not upload.done() or not out.request_done):
             keep = False  # the body is not all read (or its upload failed): we close
         if not keep:

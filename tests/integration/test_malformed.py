@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import http.client
 import itertools
 import json
 import re
@@ -698,10 +699,14 @@ class BadUpstream(RawServer):
             sock.sendall(
                 b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
             )
-        elif path in ("/close-delimited", "/close-delimited-close-notify"):
-            sock.sendall(b"HTTP/1.1 200 OK\r\n\r\n" + _PARTIAL)
+        elif path in ("/close-delimited", "/close-delimited-close-notify", *CLOSED_CODINGS):
+            coding = CLOSED_CODINGS.get(path)
+            te = b"Transfer-Encoding: %s\r\n" % coding[0] if coding else b""
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\n" + te + b"\r\n" + (coding[1] if coding else _PARTIAL)
+            )
             time.sleep(0.3)
-            if path.endswith("close-notify") and isinstance(sock, ssl.SSLSocket):
+            if path != "/close-delimited" and isinstance(sock, ssl.SSLSocket):
                 sock.unwrap()  # a clean TLS end: close_notify, then the FIN
         elif path == "/cut-mid-chunked":
             sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -710,6 +715,13 @@ class BadUpstream(RawServer):
         else:
             sock.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
         # Leaving: a FIN (no TLS close_notify either), or a RST when SO_LINGER 0 is set.
+
+
+# Bodies delimited by the close that carry a transfer coding other than chunked.
+CLOSED_CODINGS = {
+    "/te-identity": (b"identity", b"hello world"),
+    "/te-gzip": (b"gzip", gzip.compress(b"hello world")),
+}
 
 
 @pytest.fixture(scope="module")
@@ -792,6 +804,37 @@ def test_a_close_delimited_body_is_complete_only_with_a_clean_end(
             with s.get(url, timeout=20) as r:
                 assert r.status_code == 200
                 assert r.content == _PARTIAL
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_close_delimited_coding_is_not_chained_with_a_chunked_of_ours(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str
+) -> None:
+    """Transfer-Encoding: identity (no coding at all) went out as "identity, chunked",
+    which stdlib http.client does not take for chunked: it hung to its timeout. gzip
+    went out as "gzip, chunked", a framing the upstream never chose."""
+    port = bad_upstreams[scheme].port
+    conn: http.client.HTTPConnection
+    if scheme == "https":
+        ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+        conn = http.client.HTTPSConnection("127.0.0.1", proxy.port, timeout=10, context=ctx)
+        conn.set_tunnel("127.0.0.1", port)
+        prefix = ""
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        prefix = f"http://127.0.0.1:{port}"
+    try:
+        conn.request("GET", prefix + "/te-identity")
+        r = conn.getresponse()
+        assert r.status == 200 and r.read() == b"hello world"
+        conn.close()
+        conn.request("GET", prefix + "/te-gzip")
+        r = conn.getresponse()
+        assert r.getheader("Transfer-Encoding") == "gzip", r.getheaders()
+        assert r.getheader("Connection") == "close"
+        assert r.read() == CLOSED_CODINGS["/te-gzip"][1]  # as sent: ours to relay, not decode
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

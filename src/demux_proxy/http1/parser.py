@@ -357,6 +357,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
         # llhttp takes any three digits; RFC 9110 15 defines 100-599 only.
         raise UpstreamError(f"malformed upstream response: status {status:03d}")
     length, chunked, codings, has_te = _length(c.headers, upstream=True)
+    if codings and b"identity" in codings:  # no coding at all (dropped since RFC 7230)
+        codings = [coding for coding in codings if coding != b"identity"]
     tokens = connection_tokens(c.headers)
     keep_alive = _keep_alive(version, tokens)
     if has_te and version == b"1.0":
