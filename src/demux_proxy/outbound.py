@@ -21,7 +21,7 @@ from demux_proxy.egress import Egress
 from demux_proxy.errors import StreamClosed, UpstreamTimeout
 from demux_proxy.http1 import writer
 from demux_proxy.http1.framing import BodyDecoder
-from demux_proxy.http1.headers import end_to_end, get, replace
+from demux_proxy.http1.headers import end_to_end, replace, websocket_upgrade
 from demux_proxy.http1.parser import RequestHead
 from demux_proxy.metrics import Recorder
 from demux_proxy.outcome import Outcome
@@ -233,5 +233,5 @@ def request_head(req: RequestHead, route: Route) -> bytes:
         headers.append((b"Transfer-Encoding", b"chunked"))
     if req.upgrade:
         headers.append((b"Connection", b"upgrade"))
-        headers.append((b"Upgrade", get(req.headers, b"upgrade") or b""))
+        headers.append((b"Upgrade", websocket_upgrade(req.headers) or b"websocket"))
     return writer.request_head(req.method, route.target, headers)

@@ -609,6 +609,27 @@ def test_hop_by_hop_headers_do_not_reach_upstream(
     assert [v for n, v in seen if n.lower() == "host"] == [f"127.0.0.1:{port}"]
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_an_upgrade_to_anything_but_websocket_goes_on_as_plain_http(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    """curl --http2 asks for h2c. It was forwarded (without its HTTP2-Settings), and a
+    101 would have made the client connection a blind HTTP/2 relay: no rotation, no
+    rules, no log for the requests after it."""
+    sent = [
+        ("Connection", "Upgrade, HTTP2-Settings"),
+        ("Upgrade", "h2c"),
+        ("HTTP2-Settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+    ]
+    with _raw(proxy, scheme, _port(upstream, scheme)) as c:
+        first = c.roundtrip("GET", "/headers", headers=sent)
+        second = c.roundtrip("GET", "/ip")  # the same client connection, still HTTP/1.1
+    assert first.status == 200
+    names = {name.lower() for name, _ in json.loads(first.body)}
+    assert not names & {"connection", "upgrade", "http2-settings"}, first.body
+    assert second.status == 200 and json.loads(second.body)["peer"] in EGRESS
+
+
 # ------------------------------------------------------------ 6. rotation
 
 

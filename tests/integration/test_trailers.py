@@ -82,13 +82,15 @@ def test_trailers_pass_on_without_credentials_or_framing(
     with running_proxy(tmp_path / "state", upstream_ca=upstream.ca_pem_path) as proxy:
         answer = _exchange(proxy, server.port)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
-    _, _, body = answer.partition(b"\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nTrailer: X-Sum\r\n" in head  # end-to-end (RFC 9110 6.6.2): it was dropped
     assert b"2\r\nok\r\n0\r\n" in body
     response_trailers = body.split(b"\r\n0\r\n", 1)[1]
     assert b"X-Sum: 42\r\n" in response_trailers
     for gone in (b"Content-Length", b"Proxy-Authenticate", b"Connection", b"Host"):
         assert gone not in response_trailers, response_trailers
     (seen,) = server.received
+    assert b"\r\nTrailer: X-Checksum\r\n" in seen
     request_trailers = seen.split(b"\r\n0\r\n", 1)[1]
     assert b"X-Checksum: abc\r\n" in request_trailers
     assert b"Proxy-Authorization" not in request_trailers, seen

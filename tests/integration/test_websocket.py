@@ -147,7 +147,7 @@ class _EarlySwitch(RawServer):
             data += sock.recv(4096)
         rest = data.partition(b"\r\n\r\n")[2]
         sock.sendall(
-            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n"
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
         )
         while b"CLIENT-AFTER-UPGRADE" not in rest:
             chunk = sock.recv(4096)
@@ -168,7 +168,8 @@ def test_a_101_before_the_request_body_ends_loses_no_byte(proxy: ProxyProcess) -
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
             c.sendall(
                 f"POST http://{authority}/up HTTP/1.1\r\nHost: {authority}\r\n"
-                "Connection: upgrade\r\nUpgrade: foo\r\nContent-Length: 10\r\n\r\n12345".encode()
+                "Connection: upgrade\r\nUpgrade: websocket\r\n"
+                "Content-Length: 10\r\n\r\n12345".encode()
             )
             answer = b""
             while b"\r\n\r\n" not in answer:

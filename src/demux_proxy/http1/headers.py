@@ -32,8 +32,7 @@ HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
         b"proxy-connection",
         b"proxy-authorization",
         b"proxy-authenticate",
-        b"te",
-        b"trailer",
+        b"te",  # (Trailer is end-to-end: RFC 9110 6.6.2, the trailers pass on)
         b"transfer-encoding",
         b"upgrade",
         # Our own controls (sticky session, pinned egress): for the proxy, never upstream.
@@ -134,6 +133,20 @@ def get(headers: Headers, lname: bytes) -> bytes | None:
     for name, value in headers:
         if len(name) == size and name.lower() == lname:
             return value
+    return None
+
+
+def websocket_upgrade(headers: Headers) -> bytes | None:
+    """The WebSocket protocol among the Upgrade field's, as the client wrote it, or None.
+    The only upgrade relayed: after any other (h2c...) the connection would be a blind
+    relay whose requests nobody rotates, judges or logs."""
+    value = get(headers, b"upgrade")
+    if value is None:
+        return None
+    for token in value.split(b","):
+        token = token.strip()
+        if token.partition(b"/")[0].lower() == b"websocket":
+            return token
     return None
 
 

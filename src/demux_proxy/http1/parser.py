@@ -16,7 +16,7 @@ from typing import Final
 import httptools
 
 from demux_proxy.errors import ProtocolError, UpstreamError
-from demux_proxy.http1.headers import Headers, connection_tokens
+from demux_proxy.http1.headers import Headers, connection_tokens, websocket_upgrade
 
 # Like h11 (16 KiB) we bound the head; 64 KiB matches what the hardening issue names and
 # sits between nginx's default (8 KiB x 4 buffers) and Node's 16 KiB per field.
@@ -300,12 +300,11 @@ def parse_request_head(head: bytes) -> RequestHead:
         # RFC 9112 6.1: Transfer-Encoding in 1.0 is faulty framing (a smuggling vector):
         # process this message, then close.
         keep_alive = False
-    # RFC 9110 7.8: a server ignores Upgrade in a 1.0 request (its Connection-listed
-    # fields are dropped all the same).
+    # RFC 9110 7.8: a server ignores Upgrade in a 1.0 request; and only WebSocket is
+    # relayed (see websocket_upgrade). Not upgraded, the Connection-listed Upgrade (and
+    # HTTP2-Settings...) are dropped, and the request goes on as plain HTTP/1.1.
     upgrade = (
-        version == b"1.1"
-        and b"upgrade" in tokens
-        and any(n.lower() == b"upgrade" for n, _ in c.headers)
+        version == b"1.1" and b"upgrade" in tokens and websocket_upgrade(c.headers) is not None
     )
     expect = False
     host: bytes | None = None
