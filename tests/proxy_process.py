@@ -49,6 +49,11 @@ class ProxyProcess:
     lines: list[dict[str, Any]] = field(default_factory=list)
     raw_lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
+    # Cleared: the test's reader stops reading the proxy's stdout (its pipe fills).
+    reading: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.reading.set()
 
     @property
     def url(self) -> str:
@@ -94,6 +99,7 @@ def _reader(p: ProxyProcess, ready: threading.Event, box: dict[str, Any]) -> Non
 def _read_lines(p: ProxyProcess, ready: threading.Event, box: dict[str, Any]) -> None:
     assert p.proc.stdout is not None
     for raw in p.proc.stdout:
+        p.reading.wait()
         raw = raw.rstrip("\n")
         with p._cond:
             p.raw_lines.append(raw)

@@ -80,7 +80,7 @@ def run(config: Config) -> None:
         else:
             uvloop.run(serve(shared, LocalCursor()))
     finally:
-        events.flush()  # also when serving failed: the lines before it are the story
+        events.flush(log.EXIT_WAIT_S)  # also when serving failed: the lines before it are the story
         ca.close()
         if metrics_dir is not None:
             import shutil
@@ -263,7 +263,7 @@ async def serve(
         if admin is not None:
             admin.close()
     events.info("Proxy stopped", worker=worker)
-    events.flush()
+    events.flush(log.EXIT_WAIT_S)
 
 
 def _own_addresses(listen_host: str) -> set[str]:

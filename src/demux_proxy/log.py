@@ -11,7 +11,14 @@ Two lines per request sit on the hot path, so `EventLog` formats them with orjso
 directly (no LogRecord) and batches the writes, in order: a line reaches stdout at most
 `FLUSH_S` after it was emitted, or as soon as `FLUSH_BYTES` are pending, and everything
 pending is written at shutdown. (A write per loop iteration was a write per request
-whenever requests come one at a time.) Everything else that
+whenever requests come one at a time.)
+
+The writes themselves are `_Sink`'s, from a thread of its own: a reader that stops
+reading (`start | less`, a stalled journald) fills the pipe and blocks that thread, never
+the event loop. What the reader cannot take is held up to `BACKLOG_BYTES`, then dropped
+and counted, and a warning line says how many once the reader is back. Among forked
+workers each write is whole lines of at most PIPE_BUF bytes, so that the kernel keeps
+them whole in a pipe another worker writes to as well. Everything else that
 logs through stdlib `logging` (our own tracebacks, asyncio's complaints) goes through
 `EventHandler` into the same EventLog, so there is one stream, one format, one order.
 """
@@ -19,11 +26,16 @@ logs through stdlib `logging` (our own tracebacks, asyncio's complaints) goes th
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import select
+import stat
 import sys
+import threading
 import time
 import traceback
+from collections import deque
 from typing import Any, Final
 
 import orjson
@@ -66,6 +78,12 @@ _MESSAGE_CACHE_MAX: Final = 256
 # At most this late, or this much at once: one write() per 64 KiB of lines under load.
 FLUSH_S: Final = 0.05
 FLUSH_BYTES: Final = 64 * 1024
+# Held for a reader that does not keep up, then dropped (and counted).
+BACKLOG_BYTES: Final = 8 * 1024 * 1024
+# How long an exit waits for the reader to take the last lines.
+EXIT_WAIT_S: Final = 2.0
+# The sink is gone for good: no reader, no descriptor.
+_FATAL_ERRNOS: Final = frozenset({errno.EPIPE, errno.EBADF, errno.EINVAL, errno.ECONNRESET})
 
 
 class _Clock:
@@ -89,17 +107,175 @@ class _Clock:
         return f"{self.prefix(second).decode()}.{ns - second * _NS:09d}Z"
 
 
+def _note(text: str) -> None:
+    """A word on stderr about the log itself; stderr may be gone too (the same reader)."""
+    try:
+        print(f"demux-proxy: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass  # nowhere left to say it
+
+
+class _Sink:
+    """Writes batches of lines to a descriptor from a thread of its own (module doc).
+
+    Per process: a fork leaves the child without the thread (and maybe with the lock
+    taken by it), so a sink used in another process than its own starts over there:
+    a new lock, nothing queued (the parent writes what it had), a thread of its own.
+    """
+
+    def __init__(self, fd: int, json: bool) -> None:
+        self.fd = fd
+        self._json = json
+        self._cond = threading.Condition(threading.RLock())  # signal handlers log too
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._busy = False
+        self._writer: threading.Thread | None = None
+        self.dropped = 0  # lines dropped since the last notice
+        self.broken = False
+        self._failing = False  # said once on stderr, until a write succeeds again
+        self.piece = 0  # > 0: write whole lines, at most this many bytes at once
+        self.stalled = False  # a wait ran out: the reader is not taking lines
+        self._pid = os.getpid()
+
+    def _forked(self) -> None:
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._cond = threading.Condition(threading.RLock())
+            self._queue = deque()
+            self._queued = 0
+            self._busy = False
+            self._writer = None
+
+    def put(self, data: bytes) -> None:
+        self._forked()
+        with self._cond:
+            if self.broken:
+                return
+            if self._queued + len(data) > BACKLOG_BYTES:
+                self.dropped += data.count(b"\n")
+                return
+            self._queue.append(data)
+            self._queued += len(data)
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._run, name="demux-proxy-log", daemon=True
+                )
+                self._writer.start()
+            self._cond.notify()
+
+    def wait(self, timeout: float) -> bool:
+        """Until everything put is written (or given up on); False after `timeout`."""
+        self._forked()
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._writer is None or not self._writer.is_alive():
+                    self.stalled = True
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                data = b"".join(self._queue)
+                self._queue.clear()
+                self._queued = 0
+                dropped, self.dropped = self.dropped, 0
+                self._busy = True
+            try:
+                if dropped:
+                    data = self._dropped_line(dropped) + data
+                self._write(data)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    if not self._queue:
+                        self.stalled = False
+                    self._cond.notify_all()
+            if self.broken:
+                return
+
+    def _dropped_line(self, dropped: int) -> bytes:
+        message = "log lines dropped: the log's reader did not keep up"
+        if not self._json:
+            stamp = _Clock().stamp(time.time_ns())
+            return f"{stamp} warning {message} dropped={dropped}\n".encode()
+        record = {
+            "fields": {"dropped": dropped},
+            "level": "warning",
+            "timestamp": _Clock().stamp(time.time_ns()),
+            "message": message,
+        }
+        return _dumps(record) + b"\n"
+
+    def _write(self, data: bytes) -> None:
+        for piece in self._pieces(data):
+            while piece:
+                try:
+                    piece = piece[os.write(self.fd, piece) :]
+                except BlockingIOError:  # someone set O_NONBLOCK on the shared pipe
+                    select.select([], [self.fd], [], 1.0)
+                except OSError as exc:
+                    if exc.errno in _FATAL_ERRNOS:
+                        self.broken = True  # stdout closed, its reader gone
+                        _note(f"logging stopped: {exc}")
+                        return
+                    # A full disk, an I/O error: this batch is lost, the next may pass.
+                    lost = data.count(b"\n")
+                    with self._cond:
+                        self.dropped += lost
+                    if not self._failing:
+                        self._failing = True
+                        _note(f"log write failed, lines dropped until it works again: {exc}")
+                    return
+        self._failing = False
+
+    def _pieces(self, data: bytes) -> list[bytes]:
+        """`data` as one piece, or as whole lines of at most `piece` bytes each (a line
+        longer than that alone)."""
+        limit = self.piece
+        if not limit or len(data) <= limit:
+            return [data]
+        pieces: list[bytes] = []
+        start = 0
+        while start < len(data):
+            end = start + limit
+            if end >= len(data):
+                end = len(data)
+            else:
+                cut = data.rfind(b"\n", start, end)
+                end = cut + 1 if cut >= start else data.find(b"\n", end) + 1 or len(data)
+            pieces.append(data[start:end])
+            start = end
+        return pieces
+
+
 class EventLog:
     def __init__(self, level: int = INFO, fmt: str = "json", fd: int | None = None) -> None:
         self.level = level
         self._json = fmt == "json"
-        self._fd = sys.stdout.fileno() if fd is None else fd
+        self._sink = _Sink(sys.stdout.fileno() if fd is None else fd, self._json)
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._scheduled = False  # a flush is due within FLUSH_S
         self._clock = _Clock()
-        self._broken = False
         self._tails: dict[str, bytes] = {}  # message -> b'Z","message":"...","}\n'
+
+    def share(self) -> None:
+        """Forked workers will write to the same descriptor: write whole lines, at most
+        PIPE_BUF bytes at once, where the kernel keeps such writes whole (a pipe, a
+        socket); a regular file keeps every write whole already."""
+        try:
+            regular = stat.S_ISREG(os.fstat(self._sink.fd).st_mode)
+        except OSError:
+            regular = False
+        if not regular:
+            self._sink.piece = select.PIPE_BUF
 
     def enabled(self, level: int) -> bool:
         return level >= self.level
@@ -109,7 +285,7 @@ class EventLog:
     ) -> None:
         """One line. `in_order`: the caller built `fields` with its keys in sorted order
         (the two lines of every request do), which spares sorting them again."""
-        if level < self.level or self._broken:
+        if level < self.level:
             return
         if self._json:
             # Spliced by hand: fields sorted, the top level in the original's order, the
@@ -149,26 +325,29 @@ class EventLog:
             try:
                 loop = _running_loop()
             except RuntimeError:
-                self.flush()  # no loop (start, shutdown, the supervisor): at once
+                # No loop (start, shutdown, the supervisor): written at once, in order
+                # with what the process writes next (its error on stderr, an exit),
+                # unless the reader is known not to be taking lines.
+                self.flush(0.0 if self._sink.stalled else EXIT_WAIT_S)
                 return
             self._scheduled = True
             loop.call_later(FLUSH_S, self.flush)
 
-    def flush(self) -> None:
-        """Write everything pending now (a timer left armed only flushes again)."""
+    def flush(self, wait: float = 0.0) -> bool:
+        """Hand everything pending to the writer (a timer left armed only flushes again);
+        with `wait`, also wait that long for it to be written (before an exit, a fork).
+        False when it was not all written in time."""
         self._scheduled = False
-        if not self._pending:
-            return
-        data = b"".join(self._pending)
-        self._pending.clear()
-        self._pending_bytes = 0
-        try:
-            while data:
-                data = data[os.write(self._fd, data) :]
-        except OSError as exc:
-            # Nowhere to log to (stdout closed): say so once on stderr and keep proxying.
-            self._broken = True
-            print(f"demux-proxy: logging stopped: {exc}", file=sys.stderr)
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._sink.put(data)
+        return self._sink.wait(wait) if wait > 0 else True
+
+    def wait_written(self, timeout: float) -> bool:
+        """Wait until what was handed to the writer is written; False after `timeout`."""
+        return self._sink.wait(timeout)
 
     def debug(self, message: str, **fields: Any) -> None:
         self.emit(DEBUG, message, fields)

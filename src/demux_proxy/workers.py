@@ -26,7 +26,7 @@ from types import FrameType
 
 import uvloop
 
-from demux_proxy import metrics
+from demux_proxy import log, metrics
 from demux_proxy.app import Shared, announce, listen_error, serve
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
@@ -100,7 +100,8 @@ def _worker(
         conn.send(str(exc))
         sys.exit(2)
     finally:
-        shared.events.flush()  # a worker leaves by os._exit: nothing else would write it
+        # A worker leaves by os._exit: nothing else would write what is pending.
+        shared.events.flush(log.EXIT_WAIT_S)
 
 
 def _die_with_parent() -> None:
@@ -119,6 +120,7 @@ class _Supervisor:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.events = shared.events
+        self.events.share()  # the workers write to one stdout: lines must stay whole
         self.ctx: ForkContext = multiprocessing.get_context("fork")
         self.cursor = SharedCursor(self.ctx)
         # One bucket per (address, --host-rate rule), shared: budgets hold across workers.

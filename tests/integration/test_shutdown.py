@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.proxy_process import ProxyProcess, running_proxy
+from tests.proxy_process import ProxyProcess, requests_session, running_proxy
 from tests.upstream import Upstream, expected_sha256
 
 SLOW_BYTES = 1_000_000  # /slow sends it in 10 pieces
@@ -233,3 +233,21 @@ def test_a_download_cut_at_the_end_of_the_grace_period_is_reset_and_logged(
         line = p.wait_for_log("inbound response", lambda ln: "/slow/" in ln["fields"]["url"])
     assert line["level"] == "warning"
     assert "stopping" in line["fields"]["error"]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_log_reader_that_stops_reading_blocks_neither_traffic_nor_sigterm(
+    tmp_path: Path, upstream: Upstream, workers: str
+) -> None:
+    """stdout a pipe nobody reads (`start | less`, a stalled journald): past about 120
+    requests every client timed out, and SIGTERM did not stop the proxy."""
+    with running_proxy(tmp_path / "state", "--workers", workers) as p:
+        p.reading.clear()
+        with requests_session(p) as s:
+            for i in range(400):  # about 280 KB of log lines: the pipe holds 64 KiB
+                r = s.get(upstream.http_url(f"/ip?n={i}"), timeout=5)
+                assert r.status_code == 200, (i, r.text)
+        p.proc.send_signal(signal.SIGTERM)
+        rc = p.proc.wait(timeout=15)  # the log's last lines get EXIT_WAIT_S, then it goes
+        p.reading.set()
+    assert rc == 0

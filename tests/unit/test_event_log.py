@@ -1,11 +1,14 @@
 """log.EventLog batching: lines reach the file in order, at most FLUSH_S late, and at
-once when FLUSH_BYTES are pending or no event loop runs. A real pipe, a real loop."""
+once when FLUSH_BYTES are pending or no event loop runs; a reader that stops reading
+never blocks the loop, and what it misses is counted. A real pipe, a real loop."""
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import multiprocessing
 import os
+import time
 from collections.abc import Iterator
 
 import orjson
@@ -79,7 +82,8 @@ def test_a_full_batch_is_written_without_waiting(pipe: tuple[int, int]) -> None:
     async def main() -> tuple[bytes, bytes]:
         for i in range(count):
             events.emit(log.INFO, "outbound request", {"session_id": i, "url": url}, in_order=True)
-        at_once = _read_bytes(r)  # before any await: the timer has not run
+        assert events.wait_written(5)  # the writer's thread: no await, the timer not run
+        at_once = _read_bytes(r)
         await asyncio.sleep(log.FLUSH_S * 3)
         return at_once, _read_bytes(r)
 
@@ -106,7 +110,7 @@ def test_flush_writes_what_is_pending_before_the_timer(pipe: tuple[int, int]) ->
 
     async def main() -> None:
         events.info("Proxy stopped", worker=0)
-        events.flush()
+        assert events.flush(log.EXIT_WAIT_S)
 
     uvloop.run(main())  # the loop is gone: its timer never fires
     assert [line["message"] for line in _read(r)] == ["Proxy stopped"]
@@ -150,3 +154,141 @@ def test_text_lines_show_lists_and_mappings_as_a_user_writes_them(
     events.info("Starting Proxy", egress=["127.0.0.2", "::1"], limits={"burst": 2})
     line = os.read(r, 65536).decode().rstrip("\n")
     assert line.endswith(' egress=127.0.0.2,::1 limits="{\\"burst\\":2}"'), line
+
+
+def _small_pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)  # the kernel's least
+    os.set_blocking(r, False)
+    return r, w
+
+
+def test_a_reader_that_stops_reading_never_blocks_the_loop() -> None:
+    """Nobody reads the pipe (`start | less`, a stalled journald): the loop went on
+    writing into it and froze, every client with it, and SIGTERM too. Now the loop runs
+    on; the lines past BACKLOG_BYTES are dropped, and said so once the reader is back."""
+    r, w = _small_pipe()
+    events = log.EventLog(fd=w)
+    line_fields = {"session_id": 0, "url": "https://example.test/" + "x" * 200}
+    count = 2 * log.BACKLOG_BYTES // 250
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        worst = 0.0
+        for i in range(count):
+            events.emit(log.INFO, "outbound request", line_fields, in_order=True)
+            if not i % 2000:
+                started = loop.time()
+                await asyncio.sleep(0)
+                worst = max(worst, loop.time() - started)
+        events.flush()
+        return worst
+
+    try:
+        worst = uvloop.run(main())
+        assert worst < 0.5, f"the loop waited {worst:.2f} s on the log"
+        assert not events.wait_written(0.2)  # still stuck: nobody reads
+        data = b""
+        deadline = time.monotonic() + 30
+        while not events.wait_written(0.01) and time.monotonic() < deadline:
+            data += _read_bytes(r)  # the reader is back
+        events.info("after")  # the next batch says what was dropped
+        data += _read_bytes(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    lines = [orjson.loads(line) for line in data.splitlines()]  # all whole
+    delivered = sum(1 for line in lines if line["message"] == "outbound request")
+    (notice,) = [line for line in lines if line["message"].startswith("log lines dropped")]
+    assert notice["level"] == "warning"
+    assert 0 < delivered < count
+    assert delivered + notice["fields"]["dropped"] == count
+    assert lines[-1]["message"] == "after"
+
+
+def test_a_failed_write_drops_that_batch_only(capfd: pytest.CaptureFixture[str]) -> None:
+    """A full disk (here /dev/full) turned logging off for good: the lines after the
+    space came back were lost too. Now the batch is dropped and counted."""
+    r, w = _small_pipe()
+    fd = os.open("/dev/full", os.O_WRONLY)
+    events = log.EventLog(fd=fd)
+    try:
+        events.info("lost")
+        events.info("lost too")
+        os.dup2(w, fd)  # space again
+        events.info("written")
+        data = _read_bytes(r)
+    finally:
+        for f in (r, w, fd):
+            os.close(f)
+    lines = [orjson.loads(line) for line in data.splitlines()]
+    assert [line["message"].split(":")[0] for line in lines] == ["log lines dropped", "written"]
+    assert lines[0]["fields"] == {"dropped": 2}
+    err = capfd.readouterr().err
+    assert err.count("log write failed") == 1, err  # said once, not per batch
+    assert "No space left on device" in err
+
+
+def test_a_reader_gone_stops_logging_with_one_word_on_stderr(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    r, w = os.pipe()
+    os.close(r)
+    events = log.EventLog(fd=w)
+    try:
+        for _ in range(3):
+            events.info("nobody reads this")
+    finally:
+        os.close(w)
+    err = capfd.readouterr().err
+    assert err.count("logging stopped") == 1 and "Broken pipe" in err, err
+
+
+def test_shared_writes_are_whole_lines_of_at_most_pipe_buf() -> None:
+    """Workers share stdout: a write over PIPE_BUF bytes to a pipe may be split, and
+    another worker's bytes land mid-line (one in 40 lines was torn with two workers
+    and a slow reader)."""
+    r, w = os.pipe()
+    ctx = multiprocessing.get_context("fork")
+    events = log.EventLog(fd=w)
+    events.share()
+    fields = {"url": "https://example.test/" + "y" * 300}
+
+    def child(n: int) -> None:
+        async def burst() -> None:
+            for i in range(3000):
+                events.emit(log.INFO, "outbound request", {"i": i, "w": n, **fields})
+            events.flush(log.EXIT_WAIT_S)
+
+        uvloop.run(burst())
+        events.flush(log.EXIT_WAIT_S)
+
+    workers = [ctx.Process(target=child, args=(n,)) for n in range(2)]
+    for p in workers:
+        p.start()
+    os.close(w)
+    data = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            chunk = os.read(r, 8192)
+            if not chunk:
+                break
+            data += chunk
+            time.sleep(0.002)  # slower than they write: the pipe stays full
+    finally:
+        for p in workers:
+            p.join(10)
+        os.close(r)
+    lines = [orjson.loads(line) for line in data.splitlines()]  # raises on a torn line
+    assert sorted((line["fields"]["w"], line["fields"]["i"]) for line in lines) == [
+        (n, i) for n in range(2) for i in range(3000)
+    ]
+
+
+def test_pieces_split_at_line_ends() -> None:
+    sink = log._Sink(-1, json=True)
+    sink.piece = 10
+    data = b"aaaa\nbbbb\ncccccccccccccc\nd\n"
+    assert sink._pieces(data) == [b"aaaa\nbbbb\n", b"cccccccccccccc\n", b"d\n"]
+    assert b"".join(sink._pieces(data + b"tail")) == data + b"tail"
