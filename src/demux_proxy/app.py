@@ -184,7 +184,9 @@ async def serve(
     config, ca, tls, events = shared.config, shared.ca, shared.tls, shared.events
     policy, destinations = shared.policy, shared.destinations
     pool: Pool[UpstreamConnection] = Pool(
-        max_idle_per_key=config.pool_max_idle_per_key, idle_s=config.pool_idle_s
+        max_idle_per_key=config.pool_max_idle_per_key,
+        idle_s=config.pool_idle_s,
+        max_idle=_max_idle_upstream(),
     )
     # Session ids stay unique across workers: worker i of N numbers i+1, i+1+N, ...
     sessions = count(worker + 1, config.workers)
@@ -264,6 +266,15 @@ async def serve(
             admin.close()
     events.info("Proxy stopped", worker=worker)
     events.flush(log.EXIT_WAIT_S)
+
+
+def _max_idle_upstream() -> int:
+    """Idle upstream connections kept in all: a quarter of the descriptors the process
+    may open, so that clients and connections in use always have the rest."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(16, soft // 4)
 
 
 def _own_addresses(listen_host: str) -> set[str]:

@@ -111,6 +111,10 @@ class Forwarder:
         """The egress address an X-Demux-Egress value names (400 when none)."""
         return self._dispatch.pin(value)
 
+    def shed_idle(self) -> int:
+        """Out of descriptors: close some idle upstream connections (Pool.shed)."""
+        return self._pool.shed()
+
     async def forward(self, client: Stream, req: RequestHead, route: Route) -> bool:
         """Relay `req` to `route`; True when the client connection may continue."""
         sid = next(self._sessions)

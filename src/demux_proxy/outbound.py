@@ -18,7 +18,7 @@ from demux_proxy import log
 from demux_proxy.config import Config
 from demux_proxy.dispatch import Dispatcher
 from demux_proxy.egress import Egress
-from demux_proxy.errors import StreamClosed, UpstreamTimeout
+from demux_proxy.errors import StreamClosed, Unavailable, UpstreamTimeout
 from demux_proxy.http1 import writer
 from demux_proxy.http1.framing import BodyDecoder
 from demux_proxy.http1.headers import end_to_end, replace, websocket_upgrade
@@ -194,23 +194,34 @@ class Outbound:
     async def _dial(self, egress: Egress, route: Route) -> UpstreamConnection:
         """A new connection from `egress`, verified as the route's TLS name."""
         self._policy.check_name(route.host)
+        for attempt in range(2):
+            try:
+                conn = await self._dial_once(egress, route)
+                break
+            except Unavailable:
+                # Out of descriptors (lookup or socket): idle connections to other hosts
+                # hold them. Give some back and try once more; then the 503 stands.
+                if attempt or not self._pool.shed():
+                    raise
+            await asyncio.sleep(0)  # the loop closes their sockets at the end of its turn
+        self._pool.created += 1
+        self._scheduler.healthy(egress.address)
+        self._metrics.upstream_connection(egress.address, reused=False)
+        return conn
+
+    async def _dial_once(self, egress: Egress, route: Route) -> UpstreamConnection:
         addresses = await self._resolver.resolve(route.host, egress.family)
         if not addresses:
             raise self._resolver.no_address(route.host, [egress.family])
-        key = (egress.address, route.scheme, route.host, route.port, route.tls_name)
-        conn = await connect(
+        return await connect(
             egress=egress,
             addresses=addresses,
-            key=key,
+            key=(egress.address, route.scheme, route.host, route.port, route.tls_name),
             tls=self._tls if route.scheme == "https" else None,
             server_hostname=route.tls_name,
             policy=self._policy,
             timeout_s=self._config.connect_timeout_s,
         )
-        self._pool.created += 1
-        self._scheduler.healthy(egress.address)
-        self._metrics.upstream_connection(egress.address, reused=False)
-        return conn
 
     async def _await_first_byte(self, conn: UpstreamConnection) -> None:
         up = conn.stream

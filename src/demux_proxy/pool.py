@@ -4,6 +4,11 @@ Rotation would otherwise cost a TCP (and TLS) handshake per request: with one id
 connection per key kept warm, request N+1 from address A reuses what request N from A
 left. Pure bookkeeping: the pool decides which connections to drop and the caller's
 `close()` does the I/O, as httpcore's pool does. The clock is injected for tests.
+
+Bounded per key and in all (`max_idle`, least recently used first out): every idle
+connection holds a descriptor, and a crawl over many hosts and addresses would
+otherwise fill the process's table with them. `shed` gives some back at once when the
+table is full anyway (EMFILE on a connect or an accept).
 """
 
 from __future__ import annotations
@@ -37,10 +42,13 @@ class Pool(Generic[C]):
         *,
         max_idle_per_key: int,
         idle_s: float,
+        max_idle: int = 1 << 30,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._idle: dict[PoolKey, deque[C]] = {}
+        self._lru: dict[C, None] = {}  # every idle connection, least recently used first
         self._max = max_idle_per_key
+        self._max_total = max_idle
         self._idle_s = idle_s
         self._clock = clock
         self.reused = 0
@@ -56,6 +64,7 @@ class Pool(Generic[C]):
         # going back and forth is the common case); prune() drops empty ones.
         while conns:
             conn = conns.pop()
+            del self._lru[conn]
             if conn.idle_since >= deadline and conn.usable():
                 self.reused += 1
                 return conn
@@ -68,8 +77,30 @@ class Pool(Generic[C]):
         if conns is None:
             conns = self._idle[conn.key] = deque()
         conns.append(conn)
+        self._lru[conn] = None
         if len(conns) > self._max:
-            conns.popleft().close()
+            oldest = conns.popleft()
+            del self._lru[oldest]
+            oldest.close()
+        if len(self._lru) > self._max_total:
+            self._evict_oldest()
+
+    def _evict_oldest(self) -> None:
+        oldest = next(iter(self._lru))
+        del self._lru[oldest]
+        conns = self._idle[oldest.key]
+        conns.remove(oldest)
+        if not conns:
+            del self._idle[oldest.key]
+        oldest.close()
+
+    def shed(self) -> int:
+        """Close the least recently used quarter of the idle connections (at least one,
+        if any): the process is out of descriptors. How many were closed."""
+        n = (len(self._lru) + 3) // 4
+        for _ in range(n):
+            self._evict_oldest()
+        return n
 
     def prune(self) -> int:
         """Close connections idle longer than `idle_s` or closed by their server."""
@@ -78,10 +109,12 @@ class Pool(Generic[C]):
         for key in list(self._idle):
             conns = self._idle[key]
             keep = deque(c for c in conns if c.idle_since >= deadline and c.usable())
-            for c in conns:
-                if c not in keep:
-                    c.close()
-                    closed += 1
+            if len(keep) < len(conns):
+                for c in conns:
+                    if c not in keep:
+                        del self._lru[c]
+                        c.close()
+                        closed += 1
             if keep:
                 self._idle[key] = keep
             else:
@@ -93,6 +126,7 @@ class Pool(Generic[C]):
             for c in conns:
                 c.close()
         self._idle.clear()
+        self._lru.clear()
 
     def idle_by_egress(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -102,7 +136,7 @@ class Pool(Generic[C]):
         return counts
 
     def __len__(self) -> int:
-        return sum(len(c) for c in self._idle.values())
+        return len(self._lru)
 
     def __repr__(self) -> str:
         return (

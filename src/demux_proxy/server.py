@@ -9,6 +9,7 @@ the tunnel), and each request goes to `Forwarder.forward`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -35,6 +36,8 @@ _ALLOW: Final = b"GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"
 # Pipelined requests answered from one buffer before the loop may run other clients.
 _PIPELINED_BATCH: Final = 8
 LISTEN_BACKLOG: Final = 4096
+# accept() errors that mean the descriptor table is full: idle upstreams give some back.
+_SHORT_OF_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 def _ends_connection(req: RequestHead) -> bool:
@@ -70,6 +73,7 @@ class ProxyServer:
         self._config = config
         self._ca = ca
         self._forwarder = forwarder
+        self._accept_failed_at = -1e9  # loop time of the last "accept failed" line
         self._events = events
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: set[Stream] = set()  # waiting for a next request: closed at shutdown
@@ -116,20 +120,16 @@ class ProxyServer:
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
-                # EMFILE and friends: say so, breathe, and keep the listener alive.
+                # EMFILE and friends: give idle upstream connections back, say so, breathe,
+                # and keep the listener alive.
                 slots.release()
-                self._events.error("accept failed", error=exc.strerror or str(exc))
+                self._accept_failed(exc)
                 conn = None  # no await in an except block (see stream._splice_chunk)
             if conn is None:
                 await asyncio.sleep(0.1)
                 continue
-            try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                _, stream = await loop.connect_accepted_socket(
-                    lambda: Stream(on_connect=self._on_connect), conn
-                )
-            except OSError:
-                conn.close()  # the client left between accept and now: nothing to serve
+            stream = await self._wrap(conn)
+            if stream is None:
                 slots.release()
                 continue
             task = self._task_of.pop(stream, None)
@@ -137,6 +137,38 @@ class ProxyServer:
                 slots.release()
             else:
                 task.add_done_callback(lambda _t: slots.release())
+
+    async def _wrap(self, conn: socket.socket) -> Stream | None:
+        """The accepted socket as a transport; None when the client is gone (or the
+        process is out of descriptors twice: the event loop takes one more for it)."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _, stream = await loop.connect_accepted_socket(
+                    lambda: Stream(on_connect=self._on_connect), conn
+                )
+                return stream
+            except OSError as exc:
+                # Otherwise the client left between accept and now: nothing to serve.
+                shed = self._accept_failed(exc) if exc.errno in _SHORT_OF_FDS else 0
+                if attempt or not shed:
+                    break
+            await asyncio.sleep(0)  # the loop closes the shed sockets at the end of its turn
+        conn.close()
+        return None
+
+    def _accept_failed(self, exc: OSError) -> int:
+        """Out of descriptors: close idle upstream connections (how many) and say so, at
+        most once a second unless some were closed. Other errors: 0, said likewise."""
+        shed = self._forwarder.shed_idle() if exc.errno in _SHORT_OF_FDS else 0
+        now = asyncio.get_running_loop().time()
+        if shed or now - self._accept_failed_at >= 1.0:
+            self._accept_failed_at = now
+            self._events.error(
+                "accept failed", error=exc.strerror or str(exc), idle_upstream_closed=shed
+            )
+        return shed
 
     def close_listener(self) -> None:
         if self._accepting is not None:

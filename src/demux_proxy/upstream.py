@@ -235,6 +235,10 @@ async def connect(
                     ) from exc
                 except OSError as exc:
                     sock.close()
+                    if exc.errno in _LOCAL_SHORTAGE_ERRNOS:  # the loop's dup() of the socket
+                        raise Unavailable(
+                            f"cannot open a connection: {exc.strerror}", retry_after_s=1
+                        ) from exc
                     # The address's own fault (gone, unroutable) or the destination's.
                     failure = EgressFailure if exc.errno in _EGRESS_ERRNOS else UpstreamError
                     last = failure(describe_connect_error(exc, egress.address, address, port))

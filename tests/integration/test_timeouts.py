@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -203,36 +204,101 @@ def test_a_destination_that_never_answers_tls_costs_other_hosts_nothing(
         assert not [ln for ln in p.lines if ln["message"] == "egress address resting"]
 
 
+def _read_response(c: socket.socket) -> bytes:
+    """One response with a Content-Length or chunked body, read whole."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = c.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = [ln for ln in head.lower().split(b"\r\n") if ln.startswith(b"content-length:")]
+    while (
+        (int(length[0].split(b":")[1]) > len(body)) if length else not body.endswith(b"0\r\n\r\n")
+    ):
+        chunk = c.recv(65536)
+        assert chunk, data
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def _cap_descriptors(pid: int) -> None:
+    """Not one descriptor more for the proxy: its next socket() or accept() is EMFILE."""
+    time.sleep(0.2)  # closes of upstream sockets that ended land in the next loop turns
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(held) + 1)) - held)  # a descriptor gets the lowest
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={lowest_free}:{lowest_free}"], check=True)
+
+
+def _get(c: socket.socket, url: str) -> bytes:
+    c.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    return _read_response(c)
+
+
 def test_out_of_descriptors_is_a_503_and_rests_no_address(
     tmp_path: Path, upstream: Upstream
 ) -> None:
-    """EMFILE opening an upstream socket is the proxy's shortage, not the egress
-    address's: the client gets a 503 with Retry-After, and no address is rested."""
+    """EMFILE opening an upstream socket, with no idle connection to give back, is the
+    proxy's shortage, not the egress address's: the client gets a 503 with Retry-After,
+    and no address is rested."""
     with running_proxy(tmp_path / "state", "--workers", "1", upstream_ca=upstream.ca_pem_path) as p:
-        pid = p.proc.pid
         with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
-            c.sendall(b"GET " + upstream.http_url("/ip").encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
             c.settimeout(10)
-            assert c.recv(65536).startswith(b"HTTP/1.1 200")  # accepted and pooled: warm
-            open_now = len(os.listdir(f"/proc/{pid}/fd"))
-            # Not one descriptor more: the next upstream socket() fails with EMFILE.
-            subprocess.run(
-                ["prlimit", f"--pid={pid}", f"--nofile={open_now}:{open_now}"], check=True
-            )
-            answers = []
-            # A new socket for an IP literal (another port: another pool key), then a name
-            # lookup (getaddrinfo needs a descriptor too).
-            for url in (
-                f"http://127.0.0.1:{upstream.https_port}/ip",
-                upstream.http_url("/ip", "localhost"),
-            ):
-                c.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                answers.append(c.recv(65536))
+            # Accepted, and nothing pooled: the upstream closes after its response.
+            assert _get(c, upstream.close_delimited_url(10)).startswith(b"HTTP/1.1 200")
+            _cap_descriptors(p.proc.pid)
+            # A new socket for an IP literal, then a name lookup (getaddrinfo needs a
+            # descriptor too).
+            answers = [
+                _get(c, upstream.http_url("/ip")),
+                _get(c, upstream.http_url("/ip", "localhost")),
+            ]
         for answer in answers:
             assert answer.startswith(b"HTTP/1.1 503 "), answer
             assert b"Retry-After: 1" in answer
             assert b"Too many open files" in answer
         time.sleep(0.2)  # log lines are written up to 50 ms late
+        assert not p.logs("egress address resting")
+
+
+def test_out_of_descriptors_idle_upstreams_give_theirs_back(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """A descriptor table full of idle upstream connections (a crawl over many hosts
+    and addresses) neither stops the accept loop nor turns new requests into 503s: the
+    least recently used idle connections are closed to make room."""
+    egress = [f"127.0.0.{i}" for i in range(2, 10)]
+    with running_proxy(
+        tmp_path / "state", "--workers", "1", egress=egress, upstream_ca=upstream.ca_pem_path
+    ) as p:
+        pid = p.proc.pid
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+            c.settimeout(10)
+            peers = [
+                json.loads(_get(c, upstream.http_url("/ip")).partition(b"\r\n\r\n")[2])
+                for _ in egress
+            ]
+            assert sorted(x["peer"] for x in peers) == egress  # one idle connection each
+            time.sleep(0.2)
+            held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert held == set(range(len(held))), sorted(held)  # no gap a socket could take
+            # Not one descriptor more.
+            n = len(held)
+            subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={n}:{n}"], check=True)
+            # A new client: its accept needs a descriptor, and so does its request (the
+            # rotation's next address, 127.0.0.2, had the least recently used one).
+            with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c2:
+                c2.settimeout(10)
+                answer = _get(c2, upstream.http_url("/ip"))
+                assert answer.startswith(b"HTTP/1.1 200 "), answer
+                assert json.loads(answer.partition(b"\r\n\r\n")[2])["peer"] == egress[0]
+                # Another upstream (a new pool key) on the first client: a new socket.
+                answer = _get(c, upstream.close_delimited_url(10))
+                assert answer.startswith(b"HTTP/1.1 200 "), answer
+        failed = p.wait_for_log("accept failed")
+        assert failed["fields"]["error"] == "Too many open files", failed
+        assert failed["fields"]["idle_upstream_closed"] == 2, failed  # a quarter of 8
+        assert len(p.logs("accept failed")) == 1
         assert not p.logs("egress address resting")
 
 

@@ -370,3 +370,41 @@ def test_pool_counts_idle_connections_per_egress() -> None:
     assert pool.checkout(other) is not None
     assert pool.prune() == 0  # and dropped by the next prune
     assert "keys=1 " in repr(pool) and len(pool) == 2
+
+
+def test_pool_bounds_idle_connections_in_all_least_recently_used_first() -> None:
+    """Many hosts x many addresses: the total stays bounded, whatever the per-key cap."""
+    pool: Pool[FakeConn] = Pool(max_idle_per_key=4, idle_s=10, max_idle=3, clock=lambda: 0.0)
+    keys: list[PoolKey] = [("127.0.0.2", "http", f"h{i}.test", 80, f"h{i}.test") for i in range(5)]
+    conns = [FakeConn(k) for k in keys]
+    for c in conns:
+        pool.checkin(c)
+    assert len(pool) == 3
+    assert [c.closed for c in conns] == [True, True, False, False, False]
+    # A checkout and checkin makes a connection the most recently used: h2 outlives h3.
+    assert pool.checkout(keys[2]) is conns[2]
+    pool.checkin(conns[2])
+    pool.checkin(FakeConn(keys[0]))
+    assert conns[3].closed and not conns[2].closed
+    assert pool.checkout(keys[3]) is None and pool.checkout(keys[1]) is None
+    assert sorted(pool.idle_by_egress().values()) == [3]
+
+
+def test_pool_shed_closes_the_oldest_quarter_and_prune_keeps_the_order() -> None:
+    now = [0.0]
+    pool: Pool[FakeConn] = Pool(max_idle_per_key=8, idle_s=10, clock=lambda: now[0])
+    assert pool.shed() == 0
+    conns = []
+    for i in range(8):
+        c = FakeConn(KEY if i % 2 else ("127.0.0.3", "http", "b.test", 80, "b.test"))
+        c.idle_since = now[0] = float(i)
+        pool.checkin(c)
+        conns.append(c)
+    conns[5].alive = False
+    assert pool.prune() == 1 and len(pool) == 7
+    assert pool.shed() == 2  # a quarter of 7, rounded up
+    assert [c.closed for c in conns] == [True, True, False, False, False, True, False, False]
+    assert len(pool) == 5
+    assert pool.checkout(KEY) is conns[7]
+    pool.close_all()
+    assert len(pool) == 0 and all(c.closed for c in conns if c is not conns[7])
