@@ -137,7 +137,78 @@ def _remove_dir(path: Path) -> None:
             os.unlink(entry.path)
         os.rmdir(path)
     except OSError:
-        pass  # at exit, best effort: what is left is 0700 and holds throwaway files
+        pass  # best effort: what is left is 0700 and holds throwaway files
+
+
+def _memory_file(name: str, data: bytes) -> int:
+    """An anonymous in-memory file (memfd) holding `data`, owner-only, closed on exec."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _PemFiles:
+    """What `ssl` reads the leaf key and each new leaf certificate from: it loads them only
+    from paths.
+
+    On Linux, anonymous in-memory files named by /proc/self/fd/N: nothing on disk for a
+    /tmp cleaner (systemd-tmpfiles) to delete under a proxy that runs for weeks, and the
+    key never touches a disk. Forked workers inherit the descriptors, so the paths hold
+    there too. Elsewhere, a private 0700 directory in $TMPDIR, made again (with the key)
+    when something removed it.
+    """
+
+    def __init__(self, key_pem: bytes) -> None:
+        self._key_pem = key_pem
+        self._key_fd = -1
+        self._dir: Path | None = None
+        self._counter = 0
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+            self._key_fd = _memory_file("demux-proxy-leaf-key", key_pem)
+        else:
+            self._dir = self._new_dir()
+
+    def _new_dir(self) -> Path:
+        path = _private_dir()
+        _write_new(path / "leaf-key.pem", self._key_pem, 0o600)
+        return path
+
+    def load(self, ctx: ssl.SSLContext, cert_pem: bytes) -> None:
+        """`ctx.load_cert_chain` with `cert_pem` and the leaf key. OSError when out of
+        descriptors (or, off Linux, when $TMPDIR cannot be written)."""
+        if self._dir is None:
+            fd = _memory_file("demux-proxy-leaf", cert_pem)
+            try:
+                ctx.load_cert_chain(f"/proc/self/fd/{fd}", f"/proc/self/fd/{self._key_fd}")
+            finally:
+                os.close(fd)
+            return
+        if not (self._dir / "leaf-key.pem").exists():  # removed under us
+            _remove_dir(self._dir)
+            self._dir = self._new_dir()
+        self._counter += 1  # file names never derive from the (client-chosen) host name
+        # The pid keeps names apart between --workers processes sharing this directory.
+        cert_file = self._dir / f"leaf-{os.getpid()}-{self._counter}.pem"
+        try:
+            _write_new(cert_file, cert_pem, 0o600)
+            ctx.load_cert_chain(cert_file, self._dir / "leaf-key.pem")
+        finally:
+            cert_file.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._key_fd >= 0:
+            os.close(self._key_fd)
+            self._key_fd = -1
+        if self._dir is not None:
+            _remove_dir(self._dir)
+            self._dir = None
 
 
 def read_ca_cert(path: Path) -> bytes:
@@ -198,18 +269,14 @@ class CertificateAuthority:
         except x509.ExtensionNotFound:
             self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
         # One leaf key for every host: generating a key per host would cost far more than
-        # signing, and the key never leaves this process (apart from the private file below).
+        # signing, and the key never leaves this process (but for `_PemFiles`: see there).
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
         self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
-        self._file_counter = 0
-        # ssl can load certificates and keys only from files, hence a private directory.
-        self._runtime_dir = _private_dir()
-        self._cleanup = weakref.finalize(self, _remove_dir, self._runtime_dir)
-        self._leaf_key_path = self._runtime_dir / "leaf-key.pem"
         key_pem = self._leaf_key.private_bytes(
             _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write_new(self._leaf_key_path, key_pem, 0o600)
+        self._files = _PemFiles(key_pem)
+        self._cleanup = weakref.finalize(self, self._files.close)
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> CertificateAuthority:
@@ -345,18 +412,11 @@ class CertificateAuthority:
         ctx.sslobject_class = DirectSSLObject  # Stream calls its C methods straight
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["http/1.1"])
-        self._file_counter += 1  # file names never derive from the (client-chosen) host name
-        # The pid keeps names apart between --workers processes sharing this directory.
-        cert_file = self._runtime_dir / f"leaf-{os.getpid()}-{self._file_counter}.pem"
-        try:
-            _write_new(cert_file, cert.public_bytes(_PEM) + self.cert_pem, 0o600)
-            ctx.load_cert_chain(cert_file, self._leaf_key_path)
-        finally:
-            cert_file.unlink(missing_ok=True)
+        self._files.load(ctx, cert.public_bytes(_PEM) + self.cert_pem)
         return ctx
 
     def close(self) -> None:
-        """Remove the private runtime directory; contexts already handed out keep working."""
+        """Drop the leaf key's file; contexts already handed out keep working."""
         self._cleanup()
         self._cache.clear()
 

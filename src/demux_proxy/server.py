@@ -441,7 +441,11 @@ class ProxyServer:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
             await self._serve(stream, Tunnel("http", host, port, host, session, pin))
             return
-        context = self._ca.server_context(host)
+        try:
+            context = self._ca.server_context(host)
+        except OSError as exc:  # out of descriptors for the certificate's memory file
+            self._events.error("cannot make a certificate", host=host, error=exc.strerror)
+            return
         context.sni_callback = self._on_sni
         try:
             async with asyncio.timeout(cfg.handshake_timeout_s):
@@ -469,6 +473,9 @@ class ProxyServer:
             leaf = self._ca.server_context(server_name)
         except ValueError:
             return  # not a host name we can mint for: the CONNECT host's leaf stays
+        except OSError as exc:  # out of descriptors: the CONNECT host's leaf stays
+            self._events.error("cannot make a certificate", host=server_name, error=exc.strerror)
+            return
         leaf.sni_callback = self._on_sni
         sslobj.context = leaf
         self._sni[id(sslobj)] = server_name

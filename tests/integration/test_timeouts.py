@@ -348,3 +348,22 @@ def test_a_client_that_resets_while_waiting_releases_its_upstream(
         assert server.let_go.wait(5), "the upstream connection was kept for the gone client"
         line = p.wait_for_log("inbound response")
         assert "client connection lost" in line["fields"]["error"], line
+
+
+def test_out_of_descriptors_for_a_certificate_is_said_not_a_traceback(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """A leaf certificate is loaded from a memory file, which takes a descriptor: none
+    left, the tunnel closes and the log says why (no "internal error" traceback)."""
+    with running_proxy(tmp_path / "state", "--workers", "1", upstream_ca=upstream.ca_pem_path) as p:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+            c.settimeout(10)
+            _cap_descriptors(p.proc.pid)
+            c.sendall(b"CONNECT new.test:443 HTTP/1.1\r\nHost: new.test:443\r\n\r\n")
+            assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+            client = ssl.create_default_context(cafile=str(p.state_dir / "ca.pem"))
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                client.wrap_socket(c, server_hostname="new.test").close()
+        failed = p.wait_for_log("cannot make a certificate")
+        assert failed["fields"] == {"error": "Too many open files", "host": "new.test"}
+        assert not p.logs("internal error")

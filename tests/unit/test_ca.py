@@ -540,22 +540,56 @@ def test_unicode_name_becomes_a_label(ca: CertificateAuthority) -> None:
     assert san.get_values_for_type(x509.DNSName) == ["xn--bcher-kva.test"]
 
 
-def test_runtime_dir_is_private_and_removed_on_close(tmp_path: Path) -> None:
+def _tmp_entries() -> set[str]:
+    base = Path(os.environ.get("TMPDIR") or "/tmp")
+    return {p.name for p in base.iterdir() if p.name.startswith("demux-proxy-")}
+
+
+def test_the_leaf_key_lives_in_memory_only(tmp_path: Path) -> None:
+    """Nothing in $TMPDIR (a /tmp cleaner could delete it under a proxy that runs for
+    weeks): the key is an owner-only memory file, dropped on close."""
+    before = _tmp_entries()
     authority = CertificateAuthority.load_or_create(tmp_path / "state")
-    runtime: Path = authority._runtime_dir
     ctx = authority.server_context("example.test")
-    assert _mode(runtime) == 0o700
-    # Only the leaf key stays on disk; each leaf cert file is deleted once loaded.
-    assert [p.name for p in runtime.iterdir()] == ["leaf-key.pem"]
-    assert _mode(runtime / "leaf-key.pem") == 0o600
+    assert _tmp_entries() == before
+    key_fd = authority._files._key_fd
+    assert os.readlink(f"/proc/self/fd/{key_fd}").startswith("/memfd:demux-proxy-leaf-key")
+    assert stat.S_IMODE(os.fstat(key_fd).st_mode) == 0o600
+    assert os.get_inheritable(key_fd) is False  # not handed to anything exec'd
     authority.close()
     authority.close()  # idempotent
-    assert not runtime.exists()
+    assert not os.path.exists(f"/proc/self/fd/{key_fd}") or not os.readlink(
+        f"/proc/self/fd/{key_fd}"
+    ).startswith("/memfd:demux-proxy-leaf-key")
     with pytest.raises(RuntimeError, match="closed"):
         authority.server_context("example.test")
     # Contexts handed out before close() hold their key in memory and keep working.
     _, _, data = _handshake(ctx, _client_ctx(authority), "example.test")
     assert data == b"hello"
+
+
+def test_without_memory_files_a_removed_runtime_dir_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off Linux: a private directory, made again with the key when a cleaner removed it."""
+    monkeypatch.delattr(os, "memfd_create")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    authority = CertificateAuthority.load_or_create(tmp_path / "state")
+    runtime = authority._files._dir
+    assert runtime is not None and runtime.parent == tmp_path
+    assert _mode(runtime) == 0o700 and _mode(runtime / "leaf-key.pem") == 0o600
+    authority.server_context("a.test")
+    assert [p.name for p in runtime.iterdir()] == ["leaf-key.pem"]  # leaf files go at once
+    for entry in runtime.iterdir():  # what systemd-tmpfiles does to old files
+        entry.unlink()
+    runtime.rmdir()
+    ctx = authority.server_context("b.test")
+    _, _, data = _handshake(ctx, _client_ctx(authority), "b.test")
+    assert data == b"hello"
+    again = authority._files._dir
+    assert again is not None and again != runtime and (again / "leaf-key.pem").exists()
+    authority.close()
+    assert not again.exists()
 
 
 def _create_in(state_dir: str, start: Any, out: Any) -> None:
