@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -118,11 +120,37 @@ _CHECKS: Mapping[str, config_file.Check] = {
 }
 
 
+def _standard_streams() -> None:
+    """A closed stdin or stderr gets /dev/null: otherwise a socket would take its number
+    and a stray write would reach a client. A closed stdout, where the log and every
+    command's answer go, is refused (exit 2)."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+    for _ in closed:  # each open takes the lowest free number: these, in order
+        os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)  # kept across exec
+    if 0 in closed:  # Python found it closed at start and left sys.stdin None
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 (lives as long as the process)
+    if 2 in closed:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    if 1 in closed:
+        sys.stderr.write(
+            "demux-proxy: error: stdout is closed, and the log goes there "
+            "(send it to a file, or to /dev/null to drop it)\n"
+        )
+        sys.stderr.flush()
+        sys.exit(2)
+
+
 class _Group(click.Group):
     """click's usage errors as one line, as ours are ("demux-proxy: error: ..."), exit 2:
     not click's usage line, hint and message over three."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        _standard_streams()
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)
@@ -221,6 +249,9 @@ def start(
     shutdown_grace: float,
 ) -> None:
     """Start the proxy: each request leaves from the next egress address."""
+    # Until the event loop's handler takes over (re-discovery), SIGHUP must not end
+    # the process (its default): an ignored signal stays ignored across the exec.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Serves from a fresh interpreter without the command line's modules (launch.py);
     # imported here, so `--help` and `ca` stay free of the serving code.
     from demux_proxy.launch import serve_fresh

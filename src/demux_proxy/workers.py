@@ -235,10 +235,21 @@ def supervise(shared: Shared) -> None:
     try:
         try:
             for index in range(config.workers):
-                sup.await_ready(index, sup.spawn(index))
+                if sup.stopping:
+                    break
+                try:
+                    sup.await_ready(index, sup.spawn(index))
+                except ConfigError:
+                    if not sup.stopping:  # else it ended because it was told to
+                        raise
         except BaseException:
             sup.stop_all()
             raise
+        if sup.stopping:  # SIGTERM/SIGINT during start-up: stop what started, not serve
+            sup.on_signal(signal.SIGTERM, None)  # one spawned after the signal, too
+            sup.watch()
+            events.info("stopped during start-up")
+            return
         announce(events, config, shared.ca, port)
         events.flush()
         sup.watch()

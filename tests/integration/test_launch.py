@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pickle
+import signal
 import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
+import requests
 
 from demux_proxy import launch
 from demux_proxy.errors import ConfigError
-from tests.proxy_process import EGRESS, proxy_command, requests_session, running_proxy
+from tests.proxy_process import EGRESS, proxy_command, requests_session, running_proxy, stop
 from tests.upstream import Upstream
+
+MODULE_ARG = launch.MODULE.encode()
 
 
 def _mapped_files(pid: int) -> set[str]:
@@ -83,3 +92,123 @@ def test_launch_reports_an_unreadable_descriptor() -> None:
     os.close(w)  # empty: EOF at once
     with pytest.raises(ConfigError, match="cannot read the configuration"):
         launch._read_config(r)
+
+
+def _start(state_dir: Path, *extra: str) -> list[str]:
+    return proxy_command(
+        [
+            *("start", "--listen", "127.0.0.1:0", "--egress", "127.0.0.2", "--allow-private"),
+            *("--state-dir", str(state_dir), *extra),
+        ]
+    )
+
+
+def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.002)
+
+
+@contextlib.contextmanager
+def _stopping(proc: subprocess.Popen[str]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        stop(proc)
+
+
+def _started(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    """The "Starting Proxy" line (the first one on stdout), or an assertion that says why not."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, f"exited with {proc.wait(timeout=10)} before serving"
+    started = json.loads(line)
+    assert started["message"] == "Starting Proxy", started
+    return started
+
+
+def test_a_closed_stdout_is_refused_in_one_line(tmp_path: Path) -> None:
+    """`>&-`: the log would have nowhere to go, and the next socket would take fd 1."""
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", *_start(tmp_path / "state")],
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "demux-proxy: error: stdout is closed, and the log goes there "
+        "(send it to a file, or to /dev/null to drop it)\n"
+    )
+    assert not (tmp_path / "state").exists()  # refused before anything was made
+
+
+def test_a_closed_stdin_and_stderr_are_given_dev_null(tmp_path: Path, upstream: Upstream) -> None:
+    """No client socket may take descriptor 0 or 2 (a stray write would reach it)."""
+    with (
+        subprocess.Popen(
+            ["sh", "-c", 'exec "$@" <&- 2>&-', "sh", *_start(tmp_path / "state")],
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as proc,
+        _stopping(proc),
+    ):
+        port = int(_started(proc)["fields"]["listen"].rsplit(":", 1)[1])
+        for fd in (0, 2):
+            assert os.readlink(f"/proc/{proc.pid}/fd/{fd}") == os.devnull
+        r = requests.get(
+            upstream.http_url("/ip"),
+            proxies={"http": f"http://127.0.0.1:{port}"},
+            timeout=10,
+        )
+        assert (r.status_code, r.json()["peer"]) == (200, "127.0.0.2")
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sighup_during_start_up_does_not_end_it(tmp_path: Path, workers: int) -> None:
+    """SIGHUP's default is to end a process: until the proxy's own handler is in place
+    (re-discovery), it is ignored. Sent here right after the exec into the fresh
+    interpreter, which has the serving code still to import."""
+    with (
+        subprocess.Popen(
+            _start(tmp_path / "state", "--workers", str(workers)),
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as proc,
+        _stopping(proc),
+    ):
+
+        def execed() -> bool:
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                return MODULE_ARG in f.read()
+
+        _wait_until(execed, "exec into demux_proxy.launch")
+        proc.send_signal(signal.SIGHUP)
+        _started(proc)
+        assert proc.poll() is None
+    assert proc.returncode == 0
+
+
+def test_sigterm_while_workers_start_stops_them_all(tmp_path: Path) -> None:
+    """A stop asked for while workers are still being started is a stop: no worker is
+    started after it, those started end, and the supervisor exits 0 without serving."""
+    with (
+        subprocess.Popen(
+            _start(tmp_path / "state", "--workers", "3"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc,
+        _stopping(proc),
+    ):
+        _wait_until(lambda: bool(psutil.Process(proc.pid).children()), "a first worker")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    messages = [json.loads(line)["message"] for line in out.splitlines()]
+    assert "Starting Proxy" not in messages
+    assert messages[-1] == "stopped during start-up", messages
