@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from demux_proxy import __version__, log, metrics
-from demux_proxy.auth import ClientPolicy, is_loopback, public_listen_refusal
+from demux_proxy.auth import (
+    ClientPolicy,
+    admin_refusal,
+    ca_files_refusal,
+    is_loopback,
+    public_listen_refusal,
+)
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.egress import resolve_egress
@@ -43,9 +49,10 @@ if TYPE_CHECKING:
 
 
 def load_ca(config: Config) -> CertificateAuthority:
-    if config.ca_cert is not None or config.ca_key is not None:
-        if config.ca_cert is None or config.ca_key is None:
-            raise ConfigError("--ca-cert and --ca-key go together: give both or neither")
+    refusal = ca_files_refusal(config.ca_cert, config.ca_key)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    if config.ca_cert is not None and config.ca_key is not None:
         return CertificateAuthority.load(config.ca_cert, config.ca_key)
     return CertificateAuthority.load_or_create(config.state_dir)
 
@@ -56,14 +63,11 @@ def run(config: Config) -> None:
     destinations = DestinationPolicy(
         allow_private=config.allow_private, deny=config.deny, allow_dest=config.allow_dest
     )
-    refusal = public_listen_refusal(config.listen_host, policy)
+    refusal = public_listen_refusal(config.listen_host, policy) or (
+        admin_refusal(config.admin, policy) if config.admin is not None else None
+    )
     if refusal is not None:
         raise ConfigError(refusal)
-    if config.admin is not None and not policy.auth_required and not is_loopback(config.admin[0]):
-        raise ConfigError(
-            f"--admin {config.admin[0]}:{config.admin[1]} is not loopback: "
-            "set --auth or --auth-file, whose credentials it will then ask for"
-        )
     events = log.setup(config.log_level, config.log_format)
     _raise_fd_limit()
     tune_allocator()

@@ -333,6 +333,12 @@ def config_command(ctx: click.Context, /, as_json: bool, **options: Any) -> None
                 _fail(ConfigError(f"{where}{exc}"))
         origin = _SOURCES.get(source or ParameterSource.DEFAULT, "default")
         rows.append((key, _shown(name, value), origin, envvar if origin == "env" else None))
+    try:
+        refusal = _start_refusal(options)
+    except (ConfigError, ValueError) as exc:
+        _fail(ConfigError(str(exc)))
+    if refusal is not None:  # settings `start` refuses together, each fine on its own
+        _fail(ConfigError(refusal))
 
     path = ctx.meta.get(_CONFIG_FILE)
     if as_json:
@@ -357,6 +363,28 @@ def config_command(ctx: click.Context, /, as_json: bool, **options: Any) -> None
             "write them in before starting from this file",
             err=True,
         )
+
+
+def _start_refusal(options: Mapping[str, Any]) -> str | None:
+    """What `start` would refuse in these options taken together (an open listener, an
+    admin endpoint beyond loopback without credentials, half a CA), as it words it."""
+    from demux_proxy.auth import (
+        ClientPolicy,
+        admin_refusal,
+        ca_files_refusal,
+        public_listen_refusal,
+    )
+
+    policy = ClientPolicy.from_options(
+        options["auth"], options["auth_file"], _split(options["allow_client"])
+    )
+    listen_host = parse_listen(options["listen"])[0]
+    admin = options["admin"]
+    return (
+        ca_files_refusal(options["ca_cert"], options["ca_key"])
+        or public_listen_refusal(listen_host, policy)
+        or (admin_refusal(parse_listen(admin, option="--admin"), policy) if admin else None)
+    )
 
 
 _SOURCES = {

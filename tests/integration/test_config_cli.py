@@ -304,6 +304,33 @@ def test_host_rate_and_admin_are_checked_by_config_and_start(tmp_path: Path) -> 
     _assert_refused(_run("config", "--admin", "nope"), "--admin", "'nope'")
 
 
+@pytest.mark.parametrize(
+    ("args", "mentions"),
+    [
+        pytest.param(
+            ["--listen", "0.0.0.0:0"], ["refusing to listen on 0.0.0.0", "--auth"], id="open"
+        ),
+        pytest.param(
+            ["--admin", "0.0.0.0:0"], ["--admin 0.0.0.0:0 is not loopback"], id="admin-open"
+        ),
+        pytest.param(
+            ["--ca-cert", "/x/ca.pem"], ["--ca-cert and --ca-key go together"], id="half-ca"
+        ),
+    ],
+)
+def test_settings_start_refuses_together_are_refused_by_config(
+    tmp_path: Path, args: list[str], mentions: list[str]
+) -> None:
+    """Each value is fine alone, `start` refuses them together: `config` says so too, in
+    the same words, rather than print a configuration that will not start."""
+    state = ["--state-dir", str(tmp_path / "state"), "--egress", "127.0.0.2"]
+    words = [_assert_refused(_run(c, *args, *state), *mentions) for c in ("config", "start")]
+    assert words[0] == words[1]
+    # With credentials, the same settings are a configuration `config` prints.
+    if "--ca-cert" not in args:
+        assert _config(*args, *state, "--auth", "u:p")["listen"]["source"] in ("flag", "default")
+
+
 # --------------------------------------------------------------------------- start uses it
 
 
