@@ -95,8 +95,9 @@ def parse_listen(value: str, option: str = "--listen") -> tuple[str, int]:
 
 
 def default_state_dir() -> Path:
-    """$XDG_DATA_HOME/demux-proxy, else ~/.local/share/demux-proxy (XDG base directory spec)."""
+    """$XDG_DATA_HOME/demux-proxy, else ~/.local/share/demux-proxy (XDG base directory spec:
+    a relative $XDG_DATA_HOME is invalid and is ignored, not read from the current one)."""
     base = os.environ.get("XDG_DATA_HOME")
-    if base:
+    if base and os.path.isabs(base):
         return Path(base) / "demux-proxy"
     return Path.home() / ".local" / "share" / "demux-proxy"

@@ -225,8 +225,11 @@ class Forwarder:
             if error is not None:
                 fields["error"] = error
             if used is not None:
-                fields["interface"] = used.address
                 self._scheduler.finished(used.address)
+                if kind == "forbidden":  # refused before anything left: from no address
+                    used = None
+                else:
+                    fields["interface"] = used.address
             fields["method"] = method
             if tried:
                 fields["retried_from"] = tried

@@ -156,6 +156,25 @@ def test_ca_default_state_dir_is_under_xdg_data_home(tmp_path: Path) -> None:
     assert not any(home.iterdir())
 
 
+def test_a_relative_xdg_data_home_is_ignored(tmp_path: Path) -> None:
+    """The XDG spec: relative paths in $XDG_DATA_HOME are invalid. Not read from the
+    directory the command happens to run in: ~/.local/share instead."""
+    home = tmp_path / "home"
+    home.mkdir()
+    out = subprocess.run(
+        proxy_command(["ca", "path"]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_env(XDG_DATA_HOME="relative/xdg", HOME=str(home)),
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"{home / '.local' / 'share' / 'demux-proxy' / 'ca.pem'}\n"
+    assert not (tmp_path / "relative").exists()
+
+
 # --------------------------------------------------------------------------- addresses
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.proxy_process import ProxyProcess, running_proxy
+from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
 from tests.rawserver import read_head
 from tests.upstream import Upstream
 
@@ -48,6 +48,10 @@ def test_deny_and_allow_dest(tmp_path: Path, upstream: Upstream) -> None:
         # ...and nothing else.
         r = _get(p, f"http://127.0.0.2:{upstream.http_port}/ip")
         assert r.status_code == 403 and "--allow-dest" in r.text
+        # Refused before anything left: logged as from no egress address.
+        refused = p.wait_for_log("inbound response", lambda ln: ln["fields"]["status_code"] == 403)
+        assert "interface" not in refused["fields"], refused
+        assert p.wait_for_log("inbound response")["fields"]["interface"] in EGRESS
 
 
 def _in_tunnel(p: ProxyProcess, connect: str, sni: str, host: str, *, target: str = "/ip") -> bytes:

@@ -135,6 +135,7 @@ def test_unknown_method_is_501_and_non_token_is_400() -> None:
     with pytest.raises(ProtocolError) as info:
         parse_request_head(b"BREW http://a/ HTTP/1.1\r\n\r\n")
     assert info.value.status == 501
+    assert info.value.reason == "method not implemented: BREW"  # no b'...' repr to a user
     with pytest.raises(ProtocolError) as info:
         parse_request_head(b"GE{T http://a/ HTTP/1.1\r\n\r\n")
     assert info.value.status == 400

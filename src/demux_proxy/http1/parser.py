@@ -271,7 +271,8 @@ def parse_request_head(head: bytes) -> RequestHead:
     except httptools.HttpParserInvalidMethodError:
         method = head.split(b" ", 1)[0]
         if _TOKEN.match(method):
-            raise ProtocolError(f"method not implemented: {method[:32]!r}", status=501) from None
+            name = method[:32].decode("ascii")  # a token: ASCII
+            raise ProtocolError(f"method not implemented: {name}", status=501) from None
         raise ProtocolError("invalid request method") from None
     except httptools.HttpParserError as exc:
         raise ProtocolError(f"malformed request: {exc}") from None
