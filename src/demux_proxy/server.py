@@ -139,28 +139,24 @@ class ProxyServer:
                 task.add_done_callback(lambda _t: slots.release())
 
     async def _wrap(self, conn: socket.socket) -> Stream | None:
-        """The accepted socket as a transport; None when the client is gone (or the
-        process is out of descriptors twice: the event loop takes one more for it)."""
-        loop = asyncio.get_running_loop()
-        for attempt in range(2):
-            try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                _, stream = await loop.connect_accepted_socket(
-                    lambda: Stream(on_connect=self._on_connect), conn
-                )
-                return stream
-            except OSError as exc:
-                # Otherwise the client left between accept and now: nothing to serve.
-                shed = self._accept_failed(exc) if exc.errno in _SHORT_OF_FDS else 0
-                if attempt or not shed:
-                    break
-            await asyncio.sleep(0)  # the loop closes the shed sockets at the end of its turn
-        conn.close()
-        return None
+        """The accepted socket as a transport; None when that failed (the client left
+        between accept and now, mostly: nothing to serve, nothing to say)."""
+        try:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _, stream = await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: Stream(on_connect=self._on_connect), conn
+            )
+            return stream
+        except OSError as exc:
+            if exc.errno in _SHORT_OF_FDS:  # not the client's doing: said, as for accept
+                self._accept_failed(exc)
+            conn.close()
+            return None
 
     def _accept_failed(self, exc: OSError) -> int:
         """Out of descriptors: close idle upstream connections (how many) and say so, at
-        most once a second unless some were closed. Other errors: 0, said likewise."""
+        most once a second unless some were closed. Other errors: 0, said likewise (the
+        accept loop sleeps 0.1 s after each, so the shed sockets are closed by then)."""
         shed = self._forwarder.shed_idle() if exc.errno in _SHORT_OF_FDS else 0
         now = asyncio.get_running_loop().time()
         if shed or now - self._accept_failed_at >= 1.0:

@@ -235,7 +235,7 @@ async def connect(
                     ) from exc
                 except OSError as exc:
                     sock.close()
-                    if exc.errno in _LOCAL_SHORTAGE_ERRNOS:  # the loop's dup() of the socket
+                    if exc.errno in _LOCAL_SHORTAGE_ERRNOS:  # ENOBUFS...: ours, as above
                         raise Unavailable(
                             f"cannot open a connection: {exc.strerror}", retry_after_s=1
                         ) from exc
