@@ -431,7 +431,21 @@ class ProxyServer:
         )
         stream.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         cfg = self._config
-        if not stream.buffer and not await stream.fill(cfg.handshake_timeout_s):
+        try:
+            if not stream.buffer and not await stream.fill(cfg.handshake_timeout_s):
+                return
+        except TimeoutError:
+            # Said, not a silent close: a client waiting for the server to speak first
+            # (SMTP, SSH...) gets nothing, as the proxy relays requests, not bytes.
+            self._events.warning(
+                "tunnel closed: the client sent nothing",
+                client=stream.peer[0],
+                host=host,
+                port=port,
+                waited_s=cfg.handshake_timeout_s,
+                reason="only TLS and HTTP are relayed through CONNECT, "
+                "not a protocol whose server speaks first",
+            )
             return
         if stream.buffer[0] != _TLS_HANDSHAKE:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.

@@ -58,6 +58,22 @@ def test_slow_head_gets_408_and_idle_client_is_closed(tmp_path: Path, upstream: 
             idle.close()
 
 
+def test_a_tunnel_the_client_sends_nothing_into_is_closed_and_said(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """CONNECT to a server-speaks-first service (SMTP, SSH): the proxy relays requests,
+    so nothing comes; the tunnel closes after --handshake-timeout and the log says why."""
+    with running_proxy(tmp_path / "state", "--handshake-timeout", "0.5") as p:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+            c.sendall(b"CONNECT 127.0.0.1:25 HTTP/1.1\r\nHost: 127.0.0.1:25\r\n\r\n")
+            assert _read_all(c, 10).startswith(b"HTTP/1.1 200 ")  # then the close
+        said = p.wait_for_log("tunnel closed: the client sent nothing")
+        assert said["level"] == "warning"
+        fields = said["fields"]
+        assert (fields["host"], fields["port"], fields["waited_s"]) == ("127.0.0.1", 25, 0.5)
+        assert "server speaks first" in fields["reason"]
+
+
 def test_max_connections_queues_in_the_backlog(tmp_path: Path, upstream: Upstream) -> None:
     request = (
         f"GET {upstream.http_url('/ip')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
