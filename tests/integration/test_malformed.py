@@ -649,6 +649,8 @@ BAD_RESPONSES: dict[str, bytes] = {
     # RFC 9110 15: 100-599 only (099 was relayed as "99", 600 with its body).
     "/status-099": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
     "/status-600": b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok",
+    # RFC 9110 15.2.2: a 101 names the protocol switched to.
+    "/101-without-upgrade": b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\nok",
 }
 # An endless run of interim responses (here 200 of them) held the request for ever and
 # grew the proxy's memory by a GiB in seconds.
@@ -695,6 +697,8 @@ class BadUpstream(RawServer):
             time.sleep(0.3)
             if path == "/reset-mid-body":
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif path == "/space-before-colon":
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length : 5\r\nX-Odd\t: yes\r\n\r\nhello")
         elif path == "/connection-names-content-length":
             sock.sendall(
                 b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
@@ -850,6 +854,28 @@ def test_a_response_whose_connection_names_content_length_stays_framed(
                 assert r.status_code == 200
                 assert r.headers["Content-Length"] == "5"
                 assert r.content == b"hello"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_whitespace_before_a_colon_is_removed_and_the_response_relayed(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream], scheme: str
+) -> None:
+    """RFC 9112 5.1: "A proxy MUST remove any such whitespace from a response message
+    before forwarding": relayed, its fields as the server meant them, not a 502."""
+    url = _bad_url(bad_upstreams, scheme, "/space-before-colon")
+    with requests_session(proxy) as s, s.get(url, timeout=20) as r:
+        assert r.status_code == 200
+        assert (r.headers["Content-Length"], r.headers["X-Odd"]) == ("5", "yes")
+        assert r.content == b"hello"
+
+
+def test_a_101_without_upgrade_is_a_502_that_says_so(
+    proxy: ProxyProcess, bad_upstreams: dict[str, BadUpstream]
+) -> None:
+    with requests_session(proxy) as s:
+        r = s.get(_bad_url(bad_upstreams, "http", "/101-without-upgrade"), timeout=20)
+    assert r.status_code == 502
+    assert "101 without an Upgrade field" in r.text, r.text
 
 
 class Http10ChunkedUpstream(RawServer):

@@ -454,6 +454,24 @@ def test_differing_content_lengths_stay_refused(lines: bytes) -> None:
         parse_response_head(b"HTTP/1.1 200 OK\r\n" + lines + b"\r\n")
 
 
+def test_whitespace_before_a_colon_is_removed_from_a_response_refused_in_a_request() -> None:
+    """RFC 9112 5.1: a server rejects it (400); a proxy removes it from a response and
+    forwards the rest, rather than fail the exchange (502)."""
+    head = parse_response_head(
+        b"HTTP/1.1 200 OK\r\nContent-Length : 5\r\nX-A\t: b\r\nX-B: c : d\r\n\r\n"
+    )
+    assert head.content_length == 5
+    assert head.headers == [(b"Content-Length", b"5"), (b"X-A", b"b"), (b"X-B", b"c : d")]
+    with pytest.raises(ProtocolError) as info:
+        parse_request_head(b"GET http://a/ HTTP/1.1\r\nHost : a\r\n\r\n")
+    assert info.value.status == 400
+
+
+def test_a_101_without_upgrade_says_so() -> None:
+    with pytest.raises(UpstreamError, match="101 without an Upgrade field"):
+        parse_response_head(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\n")
+
+
 def test_a_partial_head_is_scanned_from_where_the_last_call_stopped() -> None:
     """A caller that calls again as more arrives passes how much it saw: a CRLF split
     across the two calls is no bare LF, and a bare LF in the new bytes is found."""

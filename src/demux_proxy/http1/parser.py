@@ -343,9 +343,14 @@ def parse_response_head(head: bytes) -> ResponseHead:
     except httptools.HttpParserUpgrade:
         pass
     except httptools.HttpParserError as exc:
-        merged = _one_length(head)
-        if merged is not None:
-            return parse_response_head(merged)
+        repaired = _no_space_before_colon(head) or _one_length(head)
+        if repaired is not None:
+            return parse_response_head(repaired)
+        if head[9:13] == b"101 " and not _UPGRADE_LINE.search(head):
+            # llhttp's own words here ("Pause on CONNECT/Upgrade") would tell a user nothing.
+            raise UpstreamError(
+                "malformed upstream response: 101 without an Upgrade field (RFC 9110 15.2.2)"
+            ) from None
         raise UpstreamError(f"malformed upstream response: {exc}") from None
     if len(c.headers) > MAX_HEADER_COUNT:
         raise UpstreamError("malformed upstream response: too many header fields")
@@ -374,6 +379,18 @@ def parse_response_head(head: bytes) -> ResponseHead:
         codings,
         tokens,
     )
+
+
+_UPGRADE_LINE: Final = re.compile(rb"(?im)^upgrade[ \t]*:")
+# A field name (a token) with spaces or tabs before its colon, at a line's start.
+_SPACE_BEFORE_COLON: Final = re.compile(rb"(?m)^([!#$%&'*+\-.^_`|~0-9A-Za-z]+)[ \t]+:")
+
+
+def _no_space_before_colon(head: bytes) -> bytes | None:
+    """The head without whitespace between field names and colons: RFC 9112 5.1 has a
+    proxy remove it from a response (a request with it is a 400). None when none."""
+    repaired, n = _SPACE_BEFORE_COLON.subn(rb"\1:", head)
+    return repaired if n else None
 
 
 _LENGTH_LINE: Final = re.compile(rb"(?im)^content-length:[ \t]*([^\r\n]*?)[ \t]*\r\n")
