@@ -92,12 +92,13 @@ def run(config: Config) -> None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def listen_error(config: Config, exc: OSError) -> ConfigError:
-    """The one line a user gets when the listen address cannot be had."""
+def listen_error(host: str, port: int, exc: OSError, option: str = "") -> ConfigError:
+    """The one line a user gets when a listen address (`option`'s, if not --listen's)
+    cannot be had."""
     reason = exc.strerror or str(exc)
     if exc.errno == errno.EADDRINUSE:
         reason = "address already in use (is another proxy running?)"
-    return ConfigError(f"cannot listen on {config.listen_host}:{config.listen_port}: {reason}")
+    return ConfigError(f"cannot listen on {option + ' ' if option else ''}{host}:{port}: {reason}")
 
 
 def _raise_fd_limit() -> None:
@@ -215,7 +216,7 @@ async def serve(
     try:
         port = await server.start()
     except OSError as exc:
-        raise listen_error(config, exc) from exc
+        raise listen_error(config.listen_host, config.listen_port, exc) from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -243,10 +244,7 @@ async def serve(
             admin_port = await admin.start(*config.admin)
         except OSError as exc:
             server.close_listener()
-            raise ConfigError(
-                f"cannot listen on --admin {config.admin[0]}:{config.admin[1]}: "
-                f"{exc.strerror or exc}"
-            ) from exc
+            raise listen_error(*config.admin, exc, option="--admin") from exc
         config = replace(config, admin=(config.admin[0], admin_port))
     if ready is None:
         announce(events, config, ca, port)

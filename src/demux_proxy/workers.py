@@ -28,7 +28,6 @@ import uvloop
 
 from demux_proxy import log, metrics
 from demux_proxy.app import Shared, announce, listen_error, serve
-from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError
 from demux_proxy.limits import parse_host_rate
 from demux_proxy.scheduler import SharedBuckets, SharedCursor
@@ -42,7 +41,7 @@ MAX_RESTARTS_PER_MINUTE = 5
 STUCK_LOCK_S = 0.5
 
 
-def reserve_port(config: Config, host: str, port: int) -> tuple[socket.socket, int]:
+def reserve_port(host: str, port: int, option: str = "") -> tuple[socket.socket, int]:
     """Bind (never listen) host:port with SO_REUSEPORT, for the workers to join.
 
     Any socket of this user that sets SO_REUSEPORT may join a port, another demux-proxy
@@ -56,7 +55,7 @@ def reserve_port(config: Config, host: str, port: int) -> tuple[socket.socket, i
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
             probe.bind((host, port))
         except OSError as exc:
-            raise listen_error(replace(config, listen_host=host, listen_port=port), exc) from exc
+            raise listen_error(host, port, exc, option) from exc
         finally:
             probe.close()
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -66,7 +65,7 @@ def reserve_port(config: Config, host: str, port: int) -> tuple[socket.socket, i
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise listen_error(replace(config, listen_host=host, listen_port=port), exc) from exc
+        raise listen_error(host, port, exc, option) from exc
     return sock, sock.getsockname()[1]
 
 
@@ -222,11 +221,11 @@ class _Supervisor:
 
 def supervise(shared: Shared) -> None:
     config, events = shared.config, shared.events
-    reserved, port = reserve_port(config, config.listen_host, config.listen_port)
+    reserved, port = reserve_port(config.listen_host, config.listen_port)
     config = replace(config, listen_port=port)
     admin_reserved = None
     if config.admin is not None:
-        admin_reserved, admin_port = reserve_port(config, *config.admin)
+        admin_reserved, admin_port = reserve_port(*config.admin, option="--admin")
         config = replace(config, admin=(config.admin[0], admin_port))
     sup = _Supervisor(replace(shared, config=config))
     signal.signal(signal.SIGTERM, sup.on_signal)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -168,3 +169,25 @@ def test_a_second_proxy_on_a_port_in_use_is_refused(
         assert out.returncode == 2, out.stdout[-500:] + out.stderr
         assert "address already in use" in out.stderr and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_admin_port_in_use_is_named_as_the_admin_port(tmp_path: Path, workers: str) -> None:
+    """Which of the two listen addresses is taken: one line naming --admin, either way."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            proxy_command(
+                ["start", "--listen", "127.0.0.1:0", "--egress", "127.0.0.3", "--allow-private",
+                 "--state-dir", str(tmp_path), "--workers", workers,
+                 "--admin", f"127.0.0.1:{port}"]
+            ),
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert out.returncode == 2, out.stdout[-500:] + out.stderr
+    assert out.stderr == (
+        f"demux-proxy: error: cannot listen on --admin 127.0.0.1:{port}: "
+        "address already in use (is another proxy running?)\n"
+    )
