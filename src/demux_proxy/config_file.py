@@ -126,10 +126,9 @@ def _unknown(key: str, known: Mapping[str, click.Option]) -> str:
 
 def _normalise(raw: Any, option: click.Option, base: Path) -> Any:
     if option.multiple:
-        items = [raw] if isinstance(raw, str) else raw
-        if not isinstance(items, list):
-            raise ValueError(f"expected an array (or a string), got {_toml_type(raw)}")
-        return tuple(_scalar(item, option, base, in_array=True) for item in items)
+        if not isinstance(raw, list):  # one value: one element (ban_status = 429)
+            return (_scalar(raw, option, base, in_array=False),)
+        return tuple(_scalar(item, option, base, in_array=True) for item in raw)
     return _scalar(raw, option, base, in_array=False)
 
 

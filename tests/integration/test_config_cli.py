@@ -198,6 +198,13 @@ def test_a_timeout_that_is_not_a_finite_number_is_refused(value: str) -> None:
     assert out.returncode == 2 and "not a finite number" in out.stderr
 
 
+def test_one_value_for_a_repeatable_key_is_a_list_of_one(tmp_path: Path) -> None:
+    path = _write(tmp_path, "ban_status = 403\negress = '127.0.0.2'\n")
+    options = _config("--config", str(path))
+    assert options["ban_status"] == {"value": [403], "source": "file"}
+    assert options["egress"] == {"value": ["127.0.0.2"], "source": "file"}
+
+
 # --------------------------------------------------------------------------- refusals
 
 
