@@ -144,11 +144,21 @@ def test_every_address_cooling_gives_the_429_with_the_smallest_retry_after(
     limited.banned = set(EGRESS)
     limited.retry_after = 5
     url = f"http://127.0.0.1:{limited.port}/item"
-    with running_proxy(tmp_path / "state", "--workers", "1", "--retries", "3") as p:
+    with running_proxy(
+        tmp_path / "state", "--workers", "1", "--retries", "3", "--queue-timeout", "1"
+    ) as p:
         r = _get(p, url)
-    assert r.status_code == 429
-    assert 1 <= int(r.headers["Retry-After"]) <= 5
-    assert sum(limited.refused.values()) == 4  # each address tried once
+        assert r.status_code == 429
+        assert 1 <= int(r.headers["Retry-After"]) <= 5
+        assert sum(limited.refused.values()) == 4  # each address tried once
+        # Every address cooling now: the next request waits in the host's queue for
+        # --queue-timeout, then a 503 says how long until the first is ready.
+        started = time.monotonic()
+        r = _get(p, url)
+        assert r.status_code == 503 and "within 1 s" in r.text, r.text
+        assert time.monotonic() - started >= 0.9
+        assert 1 <= int(r.headers["Retry-After"]) <= 5
+        assert sum(limited.refused.values()) == 4  # nothing more was sent
 
 
 def test_queue_timeout_is_a_503_with_retry_after(tmp_path: Path, limited: Limited) -> None:
