@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 # The TLS name is part of the key: a connection is reused only for the name its
 # certificate was verified against. (A tunnel to one host whose SNI names another has
@@ -31,9 +31,11 @@ class Pooled(Protocol):
 
     def usable(self) -> bool: ...
     def close(self) -> None: ...
+    def drop(self) -> None: ...  # close now, its descriptor free at once (no TLS goodbye)
 
 
 C = TypeVar("C", bound=Pooled)
+SHED_AT_LEAST: Final = 4
 
 
 class Pool(Generic[C]):
@@ -92,12 +94,16 @@ class Pool(Generic[C]):
         conns.remove(oldest)
         if not conns:
             del self._idle[oldest.key]
-        oldest.close()
+        # Evicted to bound descriptors: a TLS close would hold this one until the server
+        # answers its close_notify (up to 30 s with uvloop), so dropped outright instead.
+        oldest.drop()
 
     def shed(self) -> int:
-        """Close the least recently used quarter of the idle connections (at least one,
-        if any): the process is out of descriptors. How many were closed."""
-        n = (len(self._lru) + 3) // 4
+        """Close the least recently used quarter of the idle connections, and at least
+        SHED_AT_LEAST of them (or all there are): the process is out of descriptors, and
+        what it tries next may need a few at once (a leaf certificate's memory file and
+        the path ssl opens it by; a lookup in the hashed trust store). How many closed."""
+        n = min(len(self._lru), max(SHED_AT_LEAST, (len(self._lru) + 3) // 4))
         for _ in range(n):
             self._evict_oldest()
         return n

@@ -451,10 +451,8 @@ class ProxyServer:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
             await self._serve(stream, Tunnel("http", host, port, host, session, pin))
             return
-        try:
-            context = self._ca.server_context(host)
-        except OSError as exc:  # out of descriptors for the certificate's memory file
-            self._events.error("cannot make a certificate", host=host, error=exc.strerror)
+        context = await self._leaf(host)
+        if context is None:
             return
         context.sni_callback = self._on_sni
         try:
@@ -472,6 +470,20 @@ class ProxyServer:
             sni = self._sni.pop(id(stream.ssl_object), None)
         await self._serve(stream, Tunnel("https", host, port, sni or host, session, pin))
 
+    async def _leaf(self, host: str) -> ssl.SSLContext | None:
+        """The CONNECT host's leaf context; None, said, when it cannot be made (its memory
+        file needs a descriptor: idle upstreams give some back, and it is tried again)."""
+        for attempt in range(2):
+            try:
+                return self._ca.server_context(host)
+            except OSError as exc:
+                shed = self._forwarder.shed_idle() if exc.errno in _SHORT_OF_FDS else 0
+                if attempt or not shed:
+                    self._events.error("cannot make a certificate", host=host, error=exc.strerror)
+                    return None
+            await asyncio.sleep(0)  # the loop closes the dropped sockets at the end of its turn
+        return None  # not reached: the second attempt returns
+
     def _on_sni(self, sslobj: Any, server_name: str | None, context: ssl.SSLContext) -> None:
         """Serve a leaf for the name the client asked for (SNI), else the CONNECT host's.
 
@@ -484,6 +496,8 @@ class ProxyServer:
         except ValueError:
             return  # not a host name we can mint for: the CONNECT host's leaf stays
         except OSError as exc:  # out of descriptors: the CONNECT host's leaf stays
+            if exc.errno in _SHORT_OF_FDS:
+                self._forwarder.shed_idle()  # for the next one: no waiting in a handshake
             self._events.error("cannot make a certificate", host=server_name, error=exc.strerror)
             return
         leaf.sni_callback = self._on_sni

@@ -75,6 +75,11 @@ class UpstreamConnection:
     def close(self) -> None:
         self.stream.close()
 
+    def drop(self) -> None:
+        """Closed at once, FIN without close_notify: an idle connection has nothing in
+        flight, and its descriptor is free by the end of this loop turn."""
+        self.stream.transport.abort()
+
 
 class Resolver:
     """getaddrinfo per address family, with a short cache (DNS TTLs are not visible here).

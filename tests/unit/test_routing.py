@@ -204,12 +204,16 @@ class FakeConn:
         self.idle_since = 0.0
         self.alive = alive
         self.closed = False
+        self.dropped = False  # closed at once, to bound descriptors
 
     def usable(self) -> bool:
         return self.alive and not self.closed
 
     def close(self) -> None:
         self.closed = True
+
+    def drop(self) -> None:
+        self.closed = self.dropped = True
 
 
 KEY: PoolKey = ("127.0.0.2", "https", "a.test", 443, "a.test")
@@ -380,7 +384,7 @@ def test_pool_bounds_idle_connections_in_all_least_recently_used_first() -> None
     for c in conns:
         pool.checkin(c)
     assert len(pool) == 3
-    assert [c.closed for c in conns] == [True, True, False, False, False]
+    assert [c.dropped for c in conns] == [True, True, False, False, False]
     # A checkout and checkin makes a connection the most recently used: h2 outlives h3.
     assert pool.checkout(keys[2]) is conns[2]
     pool.checkin(conns[2])
@@ -402,9 +406,16 @@ def test_pool_shed_closes_the_oldest_quarter_and_prune_keeps_the_order() -> None
         conns.append(c)
     conns[5].alive = False
     assert pool.prune() == 1 and len(pool) == 7
-    assert pool.shed() == 2  # a quarter of 7, rounded up
-    assert [c.closed for c in conns] == [True, True, False, False, False, True, False, False]
-    assert len(pool) == 5
+    assert pool.shed() == 4  # a quarter of 7 is 2, but at least SHED_AT_LEAST
+    assert [c.closed for c in conns] == [True, True, True, True, False, True, False, False]
+    assert [c.dropped for c in conns] == [True, True, True, True, False, False, False, False]
+    assert len(pool) == 3  # conns[5] was pruned (its server closed it): closed, not dropped
     assert pool.checkout(KEY) is conns[7]
-    pool.close_all()
-    assert len(pool) == 0 and all(c.closed for c in conns if c is not conns[7])
+    assert pool.shed() == 2  # fewer left than SHED_AT_LEAST: all of them
+    assert len(pool) == 0 and pool.checkout(KEY) is None
+    big: Pool[FakeConn] = Pool(max_idle_per_key=100, idle_s=10, clock=lambda: now[0])
+    for _ in range(40):
+        big.checkin(FakeConn(KEY))
+    assert big.shed() == 10 and len(big) == 30  # a quarter
+    big.close_all()
+    assert len(big) == 0
