@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkContext
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Final
 
 import uvloop
 
@@ -33,6 +34,8 @@ from demux_proxy.limits import parse_host_rate
 from demux_proxy.scheduler import SharedBuckets, SharedCursor
 
 READY_TIMEOUT_S = 30.0
+# What the supervisor handles, and a worker must not before its own handlers are set.
+_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 _PR_SET_PDEATHSIG = 1
 # A worker that keeps dying is a bug, not bad luck: stop restarting after this many a minute.
 MAX_RESTARTS_PER_MINUTE = 5
@@ -83,6 +86,7 @@ def _worker(
     # Ignored, not the default (which kills), until serve() installs its handler: the
     # supervisor forwards SIGHUP to workers still starting too.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # blocked by spawn()
     _die_with_parent()
     try:
         uvloop.run(
@@ -141,7 +145,14 @@ class _Supervisor:
             args=(self.shared, self.cursor, self.buckets, index, child_end, restarted),
             name=f"demux-proxy-worker-{index}",
         )
-        proc.start()
+        # Blocked across the fork: a signal there would run the supervisor's handler in
+        # the new worker (on its copy of the supervisor's state). The worker unblocks
+        # them once its own dispositions are set; here they arrive after start().
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         child_end.close()
         self.procs[index] = proc
         return parent_end
