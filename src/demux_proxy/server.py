@@ -229,6 +229,7 @@ class ProxyServer:
     async def _serve(self, stream: Stream, tunnel: Tunnel | None) -> None:
         idle_timeout = self._config.idle_timeout_s
         served = 0
+        valid_host: bytes | None = None  # the Host field last found valid in the tunnel
         while not self._closing:
             if stream.buffer:
                 served += 1
@@ -264,8 +265,13 @@ class ProxyServer:
                 continue
             try:
                 route = route_for(req.target, tunnel, req.method == b"OPTIONS")
-                if tunnel is not None and route.host_header is None:
+                if (
+                    tunnel is not None
+                    and route.host_header is None
+                    and (req.host is None or req.host != valid_host)
+                ):
                     check_host_field(req.host, req.version)
+                    valid_host = req.host  # the tunnel's next requests mostly repeat it
             except ProtocolError as exc:
                 self._refuse(stream, exc)
                 return
