@@ -3,12 +3,13 @@
 Rotation would otherwise cost a TCP (and TLS) handshake per request: with one idle
 connection per key kept warm, request N+1 from address A reuses what request N from A
 left. Pure bookkeeping: the pool decides which connections to drop and the caller's
-`close()` does the I/O, as httpcore's pool does. The clock is injected for tests.
+`close()` (or `drop()`) does the I/O, as httpcore's pool does. The clock is injected
+for tests.
 
 Bounded per key and in all (`max_idle`, least recently used first out): every idle
 connection holds a descriptor, and a crawl over many hosts and addresses would
 otherwise fill the process's table with them. `shed` gives some back at once when the
-table is full anyway (EMFILE on a connect or an accept).
+table is full anyway (EMFILE on an accept, a connect or a certificate's memory file).
 """
 
 from __future__ import annotations
