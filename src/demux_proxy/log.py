@@ -16,9 +16,10 @@ whenever requests come one at a time.)
 The writes themselves are `_Sink`'s, from a thread of its own: a reader that stops
 reading (`start | less`, a stalled journald) fills the pipe and blocks that thread, never
 the event loop. What the reader cannot take is held up to `BACKLOG_BYTES`, then dropped
-and counted, and a warning line says how many once the reader is back. Among forked
-workers each write is whole lines of at most PIPE_BUF bytes, so that the kernel keeps
-them whole in a pipe another worker writes to as well. Everything else that
+and counted, and a warning line says how many (where they went missing) once the reader
+is back. Among forked workers each write is whole lines of at most PIPE_BUF bytes, so
+that the kernel keeps them whole in a pipe another worker writes to as well; a longer
+line has its longest text fields cut to fit (`EventLog._fit`). Everything else that
 logs through stdlib `logging` (our own tracebacks, asyncio's complaints) goes through
 `EventHandler` into the same EventLog, so there is one stream, one format, one order.
 """
@@ -78,6 +79,8 @@ _MESSAGE_CACHE_MAX: Final = 256
 # At most this late, or this much at once: one write() per 64 KiB of lines under load.
 FLUSH_S: Final = 0.05
 FLUSH_BYTES: Final = 64 * 1024
+# What a field cut to fit a line in PIPE_BUF keeps at least (see EventLog._fit).
+_KEPT: Final = 64
 # Held for a reader that does not keep up, then dropped (and counted).
 BACKLOG_BYTES: Final = 8 * 1024 * 1024
 # How long an exit waits for the reader to take the last lines.
@@ -132,6 +135,7 @@ class _Sink:
         self._busy = False
         self._writer: threading.Thread | None = None
         self.dropped = 0  # lines dropped since the last notice
+        self._drop_at = -1  # where in the queue the notice goes (-1: at its start)
         self.broken = False
         self._failing = False  # said once on stderr, until a write succeeds again
         self.piece = 0  # > 0: write whole lines, at most this many bytes at once
@@ -153,6 +157,8 @@ class _Sink:
             if self.broken:
                 return
             if self._queued + len(data) > BACKLOG_BYTES:
+                if not self.dropped:  # the notice goes after what was queued before
+                    self._drop_at = len(self._queue)
                 self.dropped += data.count(b"\n")
                 return
             self._queue.append(data)
@@ -169,6 +175,8 @@ class _Sink:
         self._forked()
         deadline = time.monotonic() + timeout
         with self._cond:
+            if self.stalled and (self._queue or self._busy):
+                return False  # a wait already ran out: an exit waits once, not per call
             while self._queue or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._writer is None or not self._writer.is_alive():
@@ -182,15 +190,17 @@ class _Sink:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
-                data = b"".join(self._queue)
+                batch = list(self._queue)
                 self._queue.clear()
                 self._queued = 0
                 dropped, self.dropped = self.dropped, 0
+                at, self._drop_at = self._drop_at, -1
                 self._busy = True
             try:
-                if dropped:
-                    data = self._dropped_line(dropped) + data
-                self._write(data)
+                if dropped:  # in order: where the first line went missing
+                    at = max(at, 0)
+                    batch[at:at] = [self._dropped_line(dropped)]
+                self._write(b"".join(batch))
             finally:
                 with self._cond:
                     self._busy = False
@@ -287,36 +297,9 @@ class EventLog:
         (the two lines of every request do), which spares sorting them again."""
         if level < self.level:
             return
-        if self._json:
-            # Spliced by hand: fields sorted, the top level in the original's order, the
-            # constant parts encoded once (two lines per request: this is the hot path).
-            ns = _time_ns()
-            second = ns // _NS
-            # ".%09d" of the nanoseconds: "1" and nine digits, the "1" cut off (a bytes
-            # %-format costs four times as much, and this runs twice per request).
-            nanos = str(_NS + ns % _NS).encode()
-            tail = self._tails.get(message)
-            if tail is None:
-                tail = b'Z","message":' + _dumps(message) + b"}\n"
-                if len(self._tails) < _MESSAGE_CACHE_MAX:
-                    self._tails[message] = tail
-            level_json = _LEVEL_JSON.get(level)
-            line = b"".join(
-                (
-                    b'{"fields":',
-                    _dumps(fields, _str) if in_order else _dumps(fields, _str, _SORT_KEYS),
-                    level_json if level_json is not None else _LEVEL_JSON[INFO],
-                    self._clock.prefix(second),
-                    b".",
-                    nanos[1:],
-                    tail,
-                )
-            )
-        else:
-            stamp = self._clock.stamp(time.time_ns())
-            name = _LEVEL_NAMES.get(level, "info")
-            pairs = " ".join(f"{k}={_text_value(v)}" for k, v in sorted(fields.items()))
-            line = f"{stamp} {name:7} {message} {pairs}".rstrip().encode() + b"\n"
+        line = self._format(level, message, fields, in_order)
+        if self._sink.piece and len(line) > self._sink.piece:
+            line = self._fit(level, message, fields)
         self._pending.append(line)
         self._pending_bytes += len(line)
         if self._pending_bytes >= FLUSH_BYTES:
@@ -332,6 +315,62 @@ class EventLog:
                 return
             self._scheduled = True
             loop.call_later(FLUSH_S, self.flush)
+
+    def _format(self, level: int, message: str, fields: dict[str, Any], in_order: bool) -> bytes:
+        if self._json:
+            # Spliced by hand: fields sorted, the top level in the original's order, the
+            # constant parts encoded once (two lines per request: this is the hot path).
+            ns = _time_ns()
+            second = ns // _NS
+            # ".%09d" of the nanoseconds: "1" and nine digits, the "1" cut off (a bytes
+            # %-format costs four times as much, and this runs twice per request).
+            nanos = str(_NS + ns % _NS).encode()
+            tail = self._tails.get(message)
+            if tail is None:
+                tail = b'Z","message":' + _dumps(message) + b"}\n"
+                if len(self._tails) < _MESSAGE_CACHE_MAX:
+                    self._tails[message] = tail
+            level_json = _LEVEL_JSON.get(level)
+            return b"".join(
+                (
+                    b'{"fields":',
+                    _dumps(fields, _str) if in_order else _dumps(fields, _str, _SORT_KEYS),
+                    level_json if level_json is not None else _LEVEL_JSON[INFO],
+                    self._clock.prefix(second),
+                    b".",
+                    nanos[1:],
+                    tail,
+                )
+            )
+        stamp = self._clock.stamp(time.time_ns())
+        name = _LEVEL_NAMES.get(level, "info")
+        if not message.isprintable():  # a traceback's lines: one physical line still
+            message = _dumps(message).decode()
+        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in sorted(fields.items()))
+        return f"{stamp} {name:7} {message} {pairs}".rstrip().encode() + b"\n"
+
+    def _fit(self, level: int, message: str, fields: dict[str, Any]) -> bytes:
+        """A line for a shared stdout that is longer than the kernel keeps whole (another
+        worker's write could land inside it): its longest text fields are cut short,
+        ending in "...", and named in `truncated`. Rare: a URL of some KiB."""
+        limit = self._sink.piece
+        fitted = dict(fields)
+        cut: list[str] = []
+        line = self._format(level, message, fitted, False)
+        while len(line) > limit:
+            # Values longer than a cut one: each pass shortens one, so this ends.
+            texts = [k for k, v in fitted.items() if isinstance(v, str) and len(v) > _KEPT + 3]
+            if not texts:
+                break  # nothing left to shorten: written as it is
+            key = max(texts, key=lambda k: len(fitted[k]))
+            value: str = fitted[key]
+            keep = max(_KEPT, len(value) - (len(line) - limit) - 64)
+            fitted[key] = value[:keep] + "..."
+            if key not in cut:
+                cut.append(key)
+            fitted["truncated"] = cut
+            line = self._format(level, message, fitted, False)
+        return line
 
     def flush(self, wait: float = 0.0) -> bool:
         """Hand everything pending to the writer (a timer left armed only flushes again);

@@ -8,6 +8,7 @@ import asyncio
 import fcntl
 import multiprocessing
 import os
+import select
 import time
 from collections.abc import Iterator
 
@@ -141,6 +142,11 @@ def test_text_lines_split_back_into_their_fields(pipe: tuple[int, int]) -> None:
     back = {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
     assert back == {k: str(v) for k, v in fields.items()}, line
     assert "method=GET" in line and "status_code=502" in line  # plain words stay bare
+    # A message of several lines (asyncio's "Task exception was never retrieved" and
+    # its traceback) stays one physical line: quoted.
+    events.error("first\nsecond", n=1)
+    line = os.read(r, 65536).decode()
+    assert line.count("\n") == 1 and ' error   "first\\nsecond" n=1' in line, line
 
 
 def test_text_lines_show_lists_and_mappings_as_a_user_writes_them(
@@ -176,7 +182,7 @@ def test_a_reader_that_stops_reading_never_blocks_the_loop() -> None:
         loop = asyncio.get_running_loop()
         worst = 0.0
         for i in range(count):
-            events.emit(log.INFO, "outbound request", line_fields, in_order=True)
+            events.emit(log.INFO, "outbound request", {"i": i, **line_fields})
             if not i % 2000:
                 started = loop.time()
                 await asyncio.sleep(0)
@@ -203,7 +209,41 @@ def test_a_reader_that_stops_reading_never_blocks_the_loop() -> None:
     assert notice["level"] == "warning"
     assert 0 < delivered < count
     assert delivered + notice["fields"]["dropped"] == count
+    # Said where the lines went missing: every line before it was emitted before the
+    # first one dropped, the first after it after (it came first, before some of those).
+    ids = [line["fields"]["i"] for line in lines if line["message"] == "outbound request"]
+    at = lines.index(notice)
+    assert ids == sorted(ids) and ids[:at] == list(range(at))
+    assert at == len(ids) or ids[at] > at  # the gap is there
     assert lines[-1]["message"] == "after"
+
+
+def test_an_exit_waits_for_a_stalled_reader_once() -> None:
+    """Each exit path flushes with a wait: with nobody reading, a stop took one wait
+    per path (4 s for EXIT_WAIT_S of 2) instead of one."""
+    r, w = _small_pipe()
+    events = log.EventLog(fd=w)
+
+    async def fill() -> None:
+        for _ in range(200):
+            events.emit(log.INFO, "outbound request", {"url": "x" * 200})
+        events.flush()
+
+    try:
+        uvloop.run(fill())
+        started = time.monotonic()
+        assert not events.flush(0.3)
+        assert 0.25 < time.monotonic() - started < 2
+        started = time.monotonic()
+        assert not events.flush(0.3)  # the reader is known not to be taking lines
+        assert time.monotonic() - started < 0.1
+        _read_bytes(r)  # back: the next wait waits again, and succeeds
+        while not events.wait_written(0.05):
+            _read_bytes(r)
+        assert events.flush(0.3)
+    finally:
+        os.close(r)
+        os.close(w)
 
 
 def test_a_failed_write_drops_that_batch_only(capfd: pytest.CaptureFixture[str]) -> None:
@@ -253,11 +293,14 @@ def test_shared_writes_are_whole_lines_of_at_most_pipe_buf() -> None:
     events = log.EventLog(fd=w)
     events.share()
     fields = {"url": "https://example.test/" + "y" * 300}
+    # Longer than PIPE_BUF: cut to fit (torn by the other worker's lines before).
+    long = {"url": "https://example.test/" + "z" * 6000}
 
     def child(n: int) -> None:
         async def burst() -> None:
             for i in range(3000):
-                events.emit(log.INFO, "outbound request", {"i": i, "w": n, **fields})
+                extra = long if i % 50 == 0 else fields
+                events.emit(log.INFO, "outbound request", {"i": i, "w": n, **extra})
             events.flush(log.EXIT_WAIT_S)
 
         uvloop.run(burst())
@@ -280,10 +323,15 @@ def test_shared_writes_are_whole_lines_of_at_most_pipe_buf() -> None:
         for p in workers:
             p.join(10)
         os.close(r)
-    lines = [orjson.loads(line) for line in data.splitlines()]  # raises on a torn line
+    raw = data.splitlines()
+    lines = [orjson.loads(line) for line in raw]  # raises on a torn line
     assert sorted((line["fields"]["w"], line["fields"]["i"]) for line in lines) == [
         (n, i) for n in range(2) for i in range(3000)
     ]
+    assert max(len(line) + 1 for line in raw) <= select.PIPE_BUF
+    cut = [line["fields"] for line in lines if line["fields"]["i"] % 50 == 0]
+    assert all(f["truncated"] == ["url"] and f["url"].endswith("z...") for f in cut)
+    assert all("truncated" not in line["fields"] for line in lines if line["fields"]["i"] % 50)
 
 
 def test_pieces_split_at_line_ends() -> None:
