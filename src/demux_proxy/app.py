@@ -23,13 +23,7 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from demux_proxy import __version__, log, metrics
-from demux_proxy.auth import (
-    ClientPolicy,
-    admin_refusal,
-    ca_files_refusal,
-    is_loopback,
-    public_listen_refusal,
-)
+from demux_proxy.auth import ClientPolicy, is_loopback, start_refusal
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.egress import resolve_egress
@@ -49,9 +43,8 @@ if TYPE_CHECKING:
 
 
 def load_ca(config: Config) -> CertificateAuthority:
-    refusal = ca_files_refusal(config.ca_cert, config.ca_key)
-    if refusal is not None:
-        raise ConfigError(refusal)
+    """The user's CA (--ca-cert and --ca-key: `start_refusal` saw both or neither), else
+    the one in the state directory, made there at first use."""
     if config.ca_cert is not None and config.ca_key is not None:
         return CertificateAuthority.load(config.ca_cert, config.ca_key)
     return CertificateAuthority.load_or_create(config.state_dir)
@@ -63,9 +56,7 @@ def run(config: Config) -> None:
     destinations = DestinationPolicy(
         allow_private=config.allow_private, deny=config.deny, allow_dest=config.allow_dest
     )
-    refusal = public_listen_refusal(config.listen_host, policy) or (
-        admin_refusal(config.admin, policy) if config.admin is not None else None
-    )
+    refusal = start_refusal(config.listen_host, config.admin, policy, config.ca_cert, config.ca_key)
     if refusal is not None:
         raise ConfigError(refusal)
     events = log.setup(config.log_level, config.log_format)

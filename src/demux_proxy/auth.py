@@ -358,18 +358,25 @@ def public_listen_refusal(listen_host: str, policy: ClientPolicy) -> str | None:
     )
 
 
-def admin_refusal(admin: tuple[str, int], policy: ClientPolicy) -> str | None:
-    """Why `start` must refuse `--admin HOST:PORT`, or None: beyond loopback, the admin
-    endpoint asks for the proxy's credentials, so there must be some."""
-    if policy.auth_required or is_loopback(admin[0]):
-        return None
-    return (
-        f"--admin {admin[0]}:{admin[1]} is not loopback: "
-        "set --auth or --auth-file, whose credentials it will then ask for"
-    )
-
-
-def ca_files_refusal(ca_cert: Path | None, ca_key: Path | None) -> str | None:
+def start_refusal(
+    listen_host: str,
+    admin: tuple[str, int] | None,
+    policy: ClientPolicy,
+    ca_cert: Path | None,
+    ca_key: Path | None,
+) -> str | None:
+    """Why `start` must refuse these settings taken together, each fine on its own, or
+    None (`start` and `config` both ask, so they say it in the same words): an open
+    listener; an admin endpoint beyond loopback, which asks for the proxy's credentials,
+    without any; half a CA."""
+    refusal = public_listen_refusal(listen_host, policy)
+    if refusal is not None:
+        return refusal
+    if admin is not None and not policy.auth_required and not is_loopback(admin[0]):
+        return (
+            f"--admin {admin[0]}:{admin[1]} is not loopback: "
+            "set --auth or --auth-file, whose credentials it will then ask for"
+        )
     if (ca_cert is None) != (ca_key is None):
         return "--ca-cert and --ca-key go together: give both or neither"
     return None

@@ -366,24 +366,19 @@ def config_command(ctx: click.Context, /, as_json: bool, **options: Any) -> None
 
 
 def _start_refusal(options: Mapping[str, Any]) -> str | None:
-    """What `start` would refuse in these options taken together (an open listener, an
-    admin endpoint beyond loopback without credentials, half a CA), as it words it."""
-    from demux_proxy.auth import (
-        ClientPolicy,
-        admin_refusal,
-        ca_files_refusal,
-        public_listen_refusal,
-    )
+    """What `start` would refuse in these options taken together, as it words it."""
+    from demux_proxy.auth import ClientPolicy, start_refusal
 
     policy = ClientPolicy.from_options(
         options["auth"], options["auth_file"], _split(options["allow_client"])
     )
-    listen_host = parse_listen(options["listen"])[0]
     admin = options["admin"]
-    return (
-        ca_files_refusal(options["ca_cert"], options["ca_key"])
-        or public_listen_refusal(listen_host, policy)
-        or (admin_refusal(parse_listen(admin, option="--admin"), policy) if admin else None)
+    return start_refusal(
+        parse_listen(options["listen"])[0],
+        parse_listen(admin, option="--admin") if admin else None,
+        policy,
+        options["ca_cert"],
+        options["ca_key"],
     )
 
 

@@ -135,7 +135,7 @@ class _Sink:
         self._busy = False
         self._writer: threading.Thread | None = None
         self.dropped = 0  # lines dropped since the last notice
-        self._drop_at = -1  # where in the queue the notice goes (-1: at its start)
+        self._drop_at = 0  # where in the queue the notice goes (a failed write: first)
         self.broken = False
         self._failing = False  # said once on stderr, until a write succeeds again
         self.piece = 0  # > 0: write whole lines, at most this many bytes at once
@@ -194,11 +194,10 @@ class _Sink:
                 self._queue.clear()
                 self._queued = 0
                 dropped, self.dropped = self.dropped, 0
-                at, self._drop_at = self._drop_at, -1
+                at, self._drop_at = self._drop_at, 0
                 self._busy = True
             try:
                 if dropped:  # in order: where the first line went missing
-                    at = max(at, 0)
                     batch[at:at] = [self._dropped_line(dropped)]
                 self._write(b"".join(batch))
             finally:

@@ -153,11 +153,15 @@ class ProxyServer:
             conn.close()
             return None
 
+    def _shed_if_short(self, exc: OSError) -> int:
+        """Out of descriptors: idle upstream connections closed to make room (how many)."""
+        return self._forwarder.shed_idle() if exc.errno in _SHORT_OF_FDS else 0
+
     def _accept_failed(self, exc: OSError) -> int:
         """Out of descriptors: close idle upstream connections (how many) and say so, at
         most once a second unless some were closed. Other errors: 0, said likewise (the
         accept loop sleeps 0.1 s after each, so the shed sockets are closed by then)."""
-        shed = self._forwarder.shed_idle() if exc.errno in _SHORT_OF_FDS else 0
+        shed = self._shed_if_short(exc)
         now = asyncio.get_running_loop().time()
         if shed or now - self._accept_failed_at >= 1.0:
             self._accept_failed_at = now
@@ -483,7 +487,7 @@ class ProxyServer:
             try:
                 return self._ca.server_context(host)
             except OSError as exc:
-                shed = self._forwarder.shed_idle() if exc.errno in _SHORT_OF_FDS else 0
+                shed = self._shed_if_short(exc)
                 if attempt or not shed:
                     self._events.error("cannot make a certificate", host=host, error=exc.strerror)
                     return None
@@ -502,8 +506,7 @@ class ProxyServer:
         except ValueError:
             return  # not a host name we can mint for: the CONNECT host's leaf stays
         except OSError as exc:  # out of descriptors: the CONNECT host's leaf stays
-            if exc.errno in _SHORT_OF_FDS:
-                self._forwarder.shed_idle()  # for the next one: no waiting in a handshake
+            self._shed_if_short(exc)  # for the next one: no waiting in a handshake
             self._events.error("cannot make a certificate", host=server_name, error=exc.strerror)
             return
         leaf.sni_callback = self._on_sni
