@@ -21,6 +21,7 @@ from demux_proxy.errors import (
     EgressFailure,
     EgressTimeout,
     NoEgressLeft,
+    PeerGone,
     ProtocolError,
     Unavailable,
     UpstreamError,
@@ -31,6 +32,7 @@ from demux_proxy.limits import parse_retry_after, session_egress
 from demux_proxy.metrics import Recorder
 from demux_proxy.route import Route
 from demux_proxy.scheduler import Scheduler
+from demux_proxy.stream import Stream
 
 _PIN: Final = b"x-demux-egress"
 _SESSION: Final = b"x-demux-session"
@@ -146,10 +148,19 @@ class Dispatcher:
         return None
 
     async def acquire(
-        self, route: Route, exclude: list[str], only: str | None, family: int | None
+        self,
+        client: Stream,
+        route: Route,
+        exclude: list[str],
+        only: str | None,
+        family: int | None,
     ) -> tuple[Egress, float]:
         """(An egress with budget for the host, ms queued), after `acquire_now` found none:
-        in the host's FIFO queue until one has."""
+        in the host's FIFO queue until one has.
+
+        A client that closed its connection meanwhile (a crawler's own timeout) gives up
+        its place when its turn comes (PeerGone): the budget goes to the next request
+        instead of to an answer nobody reads."""
         scheduler, host = self.scheduler, route.host
         loop = self._clock()
         queue = self._queues.get(host)
@@ -163,6 +174,8 @@ class Dispatcher:
         try:
             async with asyncio.timeout(self._config.queue_timeout_s), queue.lock:
                 while True:
+                    if client.eof:
+                        raise PeerGone("it closed while its request waited in the queue")
                     got = scheduler.acquire(
                         host, loop.time(), exclude=exclude, only=only, family=family
                     )

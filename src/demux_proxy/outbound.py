@@ -109,7 +109,7 @@ class Outbound:
             policy.check_request(route.host, route.tls_name, host_field)
         egress = self._dispatch.acquire_now(route, tried, only, family)
         if egress is None:
-            egress, out.queued_ms = await self._dispatch.acquire(route, tried, only, family)
+            egress, out.queued_ms = await self._dispatch.acquire(client, route, tried, only, family)
         else:
             out.queued_ms = 0.0
         out.egress = egress
