@@ -311,9 +311,9 @@ class Stream(asyncio.Protocol):
         `can_splice_to(target)` and `buffer` is empty (bytes already read are the
         caller's to pass on first).
 
-        The transports stay ours: reading from this one pauses for the duration, and
-        readiness comes from duplicates of the two descriptors, since the loop refuses
-        to watch a descriptor a transport owns.
+        The transports stay ours: reading from this one pauses for the duration, and the
+        splice reads, writes and waits on duplicates of the two descriptors, since the
+        loop refuses to watch a descriptor a transport owns.
         """
         assert not self.buffer and length != 0
         loop = self.loop
@@ -327,20 +327,23 @@ class Stream(asyncio.Protocol):
         dst_sock = target.transport.get_extra_info("socket")
         if dst_sock is None:
             raise SinkClosed("connection closed")
-        src, dst = src_sock.fileno(), dst_sock.fileno()
         fds: list[int] = []
         try:
             pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             fds += (pipe_r, pipe_w)
             with contextlib.suppress(OSError):  # the default 64 KiB works, only slower
                 fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, _PIPE_SIZE)
-            fds.append(os.dup(src))
-            fds.append(os.dup(dst))
+            fds.append(os.dup(src_sock.fileno()))
+            fds.append(os.dup(dst_sock.fileno()))
         except OSError as exc:  # EMFILE, ENFILE
             for fd in fds:
                 os.close(fd)
             raise SpliceUnavailable(exc.strerror or str(exc)) from exc
-        watch_src, watch_dst = fds[2], fds[3]
+        # Every splice goes through our own duplicates, never the transports' numbers:
+        # another task may close a transport while we wait (an upload that failed aborts
+        # the upstream), and the next socket the process opens takes the freed number.
+        # Splicing from it would hand one client's bytes to another.
+        src, dst = fds[2], fds[3]
         self.transport.pause_reading()
         self._read_paused = False  # ours now; resumed at the end whatever it was
         target._source = self  # its connection_lost ends the splice (`_sink_gone`)
@@ -350,7 +353,7 @@ class Stream(asyncio.Protocol):
                 size = _PIPE_SIZE if left < 0 else min(left, _PIPE_SIZE)
                 n = _splice_chunk(src, pipe_w, size, StreamClosed)
                 if n < 0:
-                    await self._ready(loop.add_reader, loop.remove_reader, watch_src, idle_timeout)
+                    await self._ready(loop.add_reader, loop.remove_reader, src, idle_timeout)
                     continue
                 if n == 0:
                     self.eof = True
@@ -360,7 +363,7 @@ class Stream(asyncio.Protocol):
                     if m < 0:
                         try:
                             await self._ready(
-                                loop.add_writer, loop.remove_writer, watch_dst, idle_timeout
+                                loop.add_writer, loop.remove_writer, dst, idle_timeout
                             )
                         except TimeoutError:
                             raise SinkClosed(f"peer took nothing for {idle_timeout:g} s") from None
@@ -385,7 +388,7 @@ class Stream(asyncio.Protocol):
         timeout: float | None,
     ) -> None:
         """Wait until `fd` is ready (`watch` is the loop's add_reader or add_writer)."""
-        self._raise_sink_error()
+        self._raise_if_gone()
         waiter = self._waiter = self.loop.create_future()
         watch(fd, _resolve, waiter)
         if timeout is not None:
@@ -398,11 +401,13 @@ class Stream(asyncio.Protocol):
             self._deadline = _NEVER
         # A method, not the test inline: the test before the await would narrow the
         # attribute to None here, and the compiled module would trust that.
-        self._raise_sink_error()
+        self._raise_if_gone()
 
-    def _raise_sink_error(self) -> None:
+    def _raise_if_gone(self) -> None:
         if self._sink_error is not None:
             raise self._sink_error
+        if self.closed or self.transport.is_closing():  # our own transport, closed by
+            raise StreamClosed("connection closed")  # another task while we waited
 
     def _sink_gone(self, exc: StreamClosed) -> None:
         """The target of our splice closed: the splice ends with SinkClosed."""

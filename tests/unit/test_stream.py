@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from demux_proxy.errors import SinkClosed, SpliceUnavailable
+from demux_proxy.errors import SinkClosed, SpliceUnavailable, StreamClosed
 from demux_proxy.stream import Stream
 
 Pair = tuple[Stream, socket.socket]
@@ -233,6 +233,49 @@ async def test_splice_times_out_when_the_peer_says_nothing(
     source_peer.send(b"late")
     assert await source.fill(5.0)
     assert bytes(source.buffer) == b"late"
+
+
+@on_two_streams
+async def test_a_source_closed_mid_splice_is_never_read_through_its_old_number(
+    source: Stream, source_peer: socket.socket, target: Stream, target_peer: socket.socket
+) -> None:
+    """Another task aborts the source while the splice waits (exchange._upload does, when
+    a client's upload ends short during an early response). Its descriptor number is then
+    free, and the next socket the process opens takes it: the splice ends, and never
+    reads that socket, which belongs to someone else."""
+    loop = asyncio.get_running_loop()
+    number = source.transport.get_extra_info("socket").fileno()
+    someone, someone_peer = socket.socketpair()
+    someone_peer.send(b"GET /someone-elses HTTP/1.1\r\nCookie: secret\r\n\r\n")
+    reused: list[bool] = []
+
+    def next_socket_takes_the_number() -> None:
+        # Runs after the transport's close and before the splice resumes (queued
+        # behind the connection_lost call that wakes it).
+        try:
+            os.fstat(number)
+        except OSError:
+            os.dup2(someone.fileno(), number)  # what the next accept() would get
+            reused.append(True)
+
+    splicing = loop.create_task(source.splice(target, 1000, 1.0))
+    await asyncio.sleep(0.05)  # waiting for the upstream's next bytes
+    source.abort()
+    loop.call_soon(next_socket_takes_the_number)
+    try:
+        with pytest.raises(StreamClosed):
+            await splicing
+        assert reused == [True]
+        target_peer.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing reached this client
+            target_peer.recv(4096)
+        assert source.spliced == 0
+        assert someone.recv(4096, socket.MSG_PEEK | socket.MSG_DONTWAIT).startswith(b"GET")
+    finally:
+        if reused:
+            os.close(number)
+        someone.close()
+        someone_peer.close()
 
 
 @on_two_streams
