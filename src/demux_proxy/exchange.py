@@ -453,7 +453,11 @@ class Forwarder:
         elif req.version == b"1.0":
             headers.append((b"Connection", b"keep-alive"))
         head = writer.response_head(resp.status, resp.reason, headers)
-        await self._pump_body(client, up, decoder, to_chunked, out, head)
+        try:
+            await self._pump_body(client, up, decoder, to_chunked, out, head)
+        except UpstreamError:
+            _raise_upload_error(upload)  # our failed upload aborted the upstream: say so
+            raise
         if isinstance(decoder, CloseDelimitedDecoder):
             up.close()
         return keep

@@ -261,6 +261,59 @@ def test_client_closing_mid_upload_gets_400_and_never_completes_upstream(
     _assert_serving(proxy, upstream)
 
 
+class EarlyAnswerUpstream(RawServer):
+    """Answers a POST at once, before its body, with a 1 MiB body of which it sends 256
+    KiB, then waits (the proxy splices the rest as it comes), then sends the rest."""
+
+    SIZE = 1 << 20
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        head = read_head(sock)
+        if not head:
+            return
+        self.seen.append(head.split(b" ", 2)[1].decode("latin-1"))
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
+        sock.sendall(b"d" * (256 * 1024))
+        time.sleep(1.0)
+        sock.sendall(b"d" * (self.SIZE - 256 * 1024))
+
+
+def test_client_closing_its_upload_during_an_early_answer_is_told_as_the_clients(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """The upload fails (the client's FIN ends the body short) while the answer is being
+    spliced: the upstream connection is aborted under the splice. The log says what
+    happened, the client's short body, not an upstream reset; the client's connection
+    is cut, since its answer is incomplete."""
+    marker = f"case={RUN}-early-answer"
+    server = EarlyAnswerUpstream(None)
+    authority = f"127.0.0.1:{server.port}"
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT) as sock:
+            sock.sendall(
+                f"POST http://{authority}/upload?{marker} HTTP/1.1\r\nHost: {authority}\r\n"
+                f"Content-Length: {4 << 20}\r\n\r\n".encode()
+                + b"u" * 1024
+            )
+            got = b""
+            while len(got) < 128 * 1024:
+                chunk = sock.recv(65536)
+                assert chunk, got[:200]
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    got += chunk
+        assert len(got) < EarlyAnswerUpstream.SIZE  # cut, not passed off as complete
+        line = _response_line(proxy, marker)
+    finally:
+        server.close()
+    assert line["level"] == "warning", line
+    assert "closed before the end of the body" in line["fields"]["error"], line
+    _assert_serving(proxy, upstream)
+
+
 # --------------------------------------------------------------------------- downloads
 
 
