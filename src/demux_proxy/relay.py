@@ -21,12 +21,18 @@ async def _pump(src: Stream, dst: Stream) -> None:
 async def relay(a: Stream, b: Stream) -> None:
     """Copy both ways with backpressure until either side closes or resets; close both."""
     tasks = [asyncio.create_task(_pump(a, b)), asyncio.create_task(_pump(b, a))]
+    cut: BaseException | None = None
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        # A reset on one side ends the relay like a close does: nothing more to report.
-        await asyncio.gather(*tasks, return_exceptions=True)
-        a.close()
-        b.close()
+    except BaseException as exc:  # cancelled: the proxy is stopping
+        cut = exc
+    # Not in a `finally`: compiled with mypyc, an await there lost the CancelledError
+    # (the cut relay returned as if it had ended cleanly).
+    for task in tasks:
+        task.cancel()
+    # A reset on one side ends the relay like a close does: nothing more to report.
+    await asyncio.gather(*tasks, return_exceptions=True)
+    a.close()
+    b.close()
+    if cut is not None:
+        raise cut

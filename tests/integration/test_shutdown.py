@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import requests
+import websockets.exceptions
+import websockets.sync.client
 
 from tests.proxy_process import ProxyProcess, requests_session, running_proxy
 from tests.upstream import Upstream, expected_sha256
@@ -233,6 +235,26 @@ def test_a_download_cut_at_the_end_of_the_grace_period_is_reset_and_logged(
         line = p.wait_for_log("inbound response", lambda ln: "/slow/" in ln["fields"]["url"])
     assert line["level"] == "warning"
     assert "stopping" in line["fields"]["error"]
+
+
+def test_a_websocket_cut_at_the_end_of_the_grace_period_is_logged_as_cut(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """An upgraded connection never ends by itself: past --shutdown-grace it is cut, and
+    its line says so (the compiled build once logged it as a clean 101 at info)."""
+    with running_proxy(tmp_path / "state", "--shutdown-grace", "1", "--workers", "1") as p:
+        url = upstream.http_url("/ws?cut").replace("http://", "ws://", 1)
+        with websockets.sync.client.connect(url, proxy=p.url, open_timeout=10) as ws:
+            ws.send("hello")
+            assert ws.recv(timeout=10) == "hello"
+            p.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                ws.recv(timeout=15)
+        assert p.proc.wait(timeout=15) == 0
+        line = p.wait_for_log("inbound response", lambda ln: "/ws?cut" in ln["fields"]["url"])
+    assert line["fields"]["status_code"] == 101
+    assert line["level"] == "warning", line
+    assert line["fields"]["error"] == "cut short: the proxy is stopping", line
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
