@@ -317,19 +317,22 @@ class Scheduler:
                 and (family is None or e.family == family)
             )
 
+        lost: list[int] = []  # looked ready, but another worker took the token first
+
         def ready(i: int) -> bool:
-            if not possible(i):
+            if not possible(i) or i in lost:
                 return False
             address = egress[i].address
             if cooldowns.cooling(address, host, now) or self.health.cooling(address, "", now):
                 return False
             return rule is None or self._bucket(address, rule, now).wait_s(now) == 0
 
-        i = self._strategy.choose(len(egress), ready)
-        if i is not None:
-            if rule is not None:
-                self._bucket(egress[i].address, rule, now).take(now)
-            return egress[i]
+        while (i := self._strategy.choose(len(egress), ready)) is not None:
+            # The look and the take are two steps under a shared bucket's lock: the take
+            # decides. (One step would not do: least-busy looks at every address.)
+            if rule is None or self._bucket(egress[i].address, rule, now).take(now):
+                return egress[i]
+            lost.append(i)
         waits = [
             max(
                 cooldowns.remaining(e.address, host, now),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -304,6 +305,37 @@ def test_shared_buckets_hold_one_budget_across_processes() -> None:
     # 127.0.0.3's bucket is its own; and after 60 s the shared one has a token again.
     assert isinstance(workers[0].acquire("a.test", 100.0, exclude=[], only="127.0.0.3"), Egress)
     assert isinstance(workers[0].acquire("a.test", 161.0, exclude=[], only="127.0.0.2"), Egress)
+
+
+def test_a_token_another_worker_takes_meanwhile_is_not_given_twice() -> None:
+    """The look at a bucket and the take are two steps: another worker may take the last
+    token in between. This one then gets another address, or a wait: never that token."""
+    import multiprocessing
+
+    from demux_proxy.limits import HostRate
+    from demux_proxy.scheduler import SharedBuckets
+
+    ctx = multiprocessing.get_context("fork")
+    rule = HostRate("a.test", rate_per_s=1 / 60, burst=1)
+    keys = [(e.address, "a.test") for e in V4]
+    buckets = SharedBuckets(ctx, keys)
+    other = Scheduler(V4, rules=RateRules([rule]), workers=1, buckets=buckets)
+
+    class RacedCursor:
+        """The other worker takes its pick's token right after this one looked."""
+
+        def take(self, n: int, accept: Callable[[int], bool]) -> int | None:
+            i = next((j for j in range(n) if accept(j)), None)
+            if i is not None:
+                assert isinstance(other.acquire("a.test", 100.0, only=V4[i].address), Egress)
+            return i
+
+    this = Scheduler(V4, cursor=RacedCursor(), rules=RateRules([rule]), workers=1, buckets=buckets)
+    got = this.acquire("a.test", 100.0)
+    # Every address looked free to it and each went to the other worker first.
+    assert isinstance(got, float) and 59 < got <= 60, got
+    # Nothing was granted twice: every bucket is empty, for both.
+    assert all(isinstance(other.acquire("a.test", 100.0, only=e.address), float) for e in V4)
 
 
 @pytest.mark.parametrize("which", ["cursor", "buckets"])
