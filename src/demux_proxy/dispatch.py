@@ -62,7 +62,10 @@ class Dispatcher:
         self.scheduler = scheduler
         self._events = events
         self._metrics = metrics
-        self._queues: dict[str, _HostQueue] = {}  # per host: FIFO for budget
+        # FIFO for budget per host, and apart per host and address for the requests
+        # bound to one (pinned, or a sticky session): those wait for their own address,
+        # and must not hold up the rest, which any address may serve.
+        self._queues: dict[tuple[str, str | None], _HostQueue] = {}
         self.retries = config.retries
         self._cooling_statuses = frozenset({429, 503, *config.ban_status})
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -136,7 +139,7 @@ class Dispatcher:
         and `acquire` queues. Not a coroutine: most requests need no wait, and a coroutine
         call costs about as much as the choice itself."""
         host = route.host
-        if host in self._queues:  # others wait: no overtaking them
+        if (host, only) in self._queues:  # others wait: no overtaking them
             return None
         got = self.scheduler.acquire(
             host, self._clock().time(), exclude=exclude, only=only, family=family
@@ -163,9 +166,10 @@ class Dispatcher:
         instead of to an answer nobody reads."""
         scheduler, host = self.scheduler, route.host
         loop = self._clock()
-        queue = self._queues.get(host)
+        key = (host, only)
+        queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[host] = _HostQueue()
+            queue = self._queues[key] = _HostQueue()
         queue.waiting += 1
         queued = loop.time()
         rule = scheduler.rules.match(host) if scheduler.rules else None
@@ -196,7 +200,7 @@ class Dispatcher:
             self._metrics.queued(label, -1)
             queue.waiting -= 1
             if not queue.waiting:  # the last one out takes the queue away
-                del self._queues[host]
+                del self._queues[key]
 
     def rest(self, egress: Egress, exc: EgressFailure) -> None:
         now = self._clock().time()

@@ -232,6 +232,33 @@ def test_a_client_gone_while_queued_gives_up_its_place(
     assert limited.ok["127.0.0.2"] == 2  # the first request and the last: not the quitter's
 
 
+def test_a_request_waiting_for_its_own_address_holds_up_no_other(
+    tmp_path: Path, limited: Limited
+) -> None:
+    """A pinned request whose address has no budget waits for that address alone; the
+    next request, which any address may serve, goes at once from a free one."""
+    limited.rate = 1000.0
+    url = f"http://127.0.0.1:{limited.port}/item"
+    pin = {"X-Demux-Egress": "127.0.0.2"}
+    with running_proxy(
+        tmp_path / "state",
+        "--workers", "1",
+        "--host-rate", "127.0.0.1=1/min",
+        "--queue-timeout", "3",
+        egress=["127.0.0.2", "127.0.0.3"],
+    ) as p:  # fmt: skip
+        assert _get(p, url, headers=pin).status_code == 200  # 127.0.0.2's token
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_get, p, url, headers=pin)  # 127.0.0.2's next: in 60 s
+            time.sleep(0.5)
+            free = _get(p, url + "?free")
+            assert free.status_code == 200 and free.text == "127.0.0.3", free.text
+            assert waiting.result().status_code == 503  # its own wait, to --queue-timeout
+        sent = p.wait_for_log("outbound request", lambda ln: "?free" in ln["fields"]["url"])
+    assert "queued_ms" not in sent["fields"], sent  # not behind the pinned one
+    assert dict(limited.ok) == {"127.0.0.2": 1, "127.0.0.3": 1}
+
+
 def test_a_pinned_request_gets_the_servers_429(tmp_path: Path, limited: Limited) -> None:
     """A pinned request cannot move: the 429 and its Retry-After are the client's, not
     a 502 "no egress address left" after a retry that could only fail."""
