@@ -18,6 +18,11 @@ class ConfigError(DemuxError):
     """A bad option, file or environment at start: reported as one line, non-zero exit."""
 
 
+class ServeError(DemuxError):
+    """Serving, once started, ended in failure (workers kept dying): exit status 1, so
+    that a service manager restarts the proxy (systemd's Restart=on-failure)."""
+
+
 class ProxyError(DemuxError):
     """An error answered to the client with `status` and a plain-text `reason`."""
 

@@ -19,7 +19,7 @@ import sys
 from typing import NoReturn
 
 from demux_proxy.config import Config
-from demux_proxy.errors import ConfigError
+from demux_proxy.errors import ConfigError, ServeError
 
 MODULE = "demux_proxy.launch"
 
@@ -80,6 +80,9 @@ def main(argv: list[str]) -> NoReturn:
     except ConfigError as exc:
         print(f"demux-proxy: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except ServeError as exc:
+        print(f"demux-proxy: error: {exc}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(0)
 
 

@@ -3,9 +3,10 @@
 The parent reserves the port (bound, never listening, so the kernel hands it no
 connections), builds what workers share, forks them, waits until each listens, then
 only supervises: it forwards SIGTERM/SIGINT, restarts a worker that dies unasked, and
-exits 0 once all have drained. Rotation stays global through `SharedCursor`; session ids
-stay unique by striding (see app.serve); each worker keeps its own upstream pool and leaf
-certificate cache (a name may be minted once per worker).
+exits 0 once all have drained (1 when it gave up on workers that kept dying). Rotation
+stays global through `SharedCursor`; session ids stay unique by striding (see
+app.serve); each worker keeps its own upstream pool and leaf certificate cache (a name
+may be minted once per worker).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import uvloop
 
 from demux_proxy import log, metrics
 from demux_proxy.app import Shared, announce, listen_error, serve
-from demux_proxy.errors import ConfigError
+from demux_proxy.errors import ConfigError, ServeError
 from demux_proxy.limits import parse_host_rate
 from demux_proxy.scheduler import SharedBuckets, SharedCursor
 
@@ -133,6 +134,7 @@ class _Supervisor:
         self.buckets = SharedBuckets(self.ctx, keys)
         self.procs: dict[int, BaseProcess] = {}
         self.stopping = False
+        self.gave_up = False  # workers kept dying: the exit says it failed
         self.restarts: list[float] = []
 
     def spawn(self, index: int, restarted: bool = False) -> Connection:
@@ -214,6 +216,7 @@ class _Supervisor:
         self.restarts = [t for t in self.restarts if now - t < 60] + [now]
         if len(self.restarts) > MAX_RESTARTS_PER_MINUTE:
             self.events.error("workers keep dying: stopping", worker=index, exitcode=exitcode)
+            self.gave_up = True
             self.on_signal(signal.SIGTERM, None)
             return
         self.events.error("worker died: restarting it", worker=index, exitcode=exitcode)
@@ -263,6 +266,10 @@ def supervise(shared: Shared) -> None:
         announce(events, config, shared.ca, port)
         events.flush()
         sup.watch()
+        if sup.gave_up:
+            raise ServeError(
+                f"workers kept dying (over {MAX_RESTARTS_PER_MINUTE} restarts in a minute)"
+            )
     finally:
         reserved.close()
         if admin_reserved is not None:

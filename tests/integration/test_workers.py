@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -56,6 +57,23 @@ def test_a_killed_worker_is_replaced(tmp_path: Path, upstream: Upstream) -> None
             assert _peer(p.url, upstream) in EGRESS
         p.proc.send_signal(signal.SIGTERM)
         assert p.proc.wait(timeout=20) == 0
+
+
+def test_workers_that_keep_dying_end_the_proxy_with_a_failure(tmp_path: Path) -> None:
+    """Past the restart limit the supervisor gives up: exit status 1, not 0, so that
+    systemd's Restart=on-failure (deploy/demux-proxy.service) brings the proxy back."""
+    with running_proxy(tmp_path / "state", "--workers", "2") as p:
+        deadline = time.monotonic() + 60
+        while not p.logs("workers keep dying: stopping"):
+            assert time.monotonic() < deadline, "never gave up"
+            children = psutil.Process(p.proc.pid).children()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if children:
+                    children[0].kill()
+            time.sleep(0.3)
+        assert p.proc.wait(timeout=20) == 1
+        assert len(p.logs("worker died: restarting it")) == 5
+        assert "workers kept dying" in (p.proc.stderr.read() if p.proc.stderr else "")
 
 
 def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path, upstream: Upstream) -> None:
