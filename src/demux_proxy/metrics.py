@@ -129,7 +129,9 @@ class Metrics:
             "Hosts an egress address is cooling down for (429/503/--ban-status)",
             ["egress"],
             registry=self.registry,
-            multiprocess_mode="livesum",
+            # Each worker learns a cooldown for itself: the sum would count one (address,
+            # host) pair once per worker that met its 429. The most any worker knows.
+            multiprocess_mode="livemax",
         )
         self._errors = Counter(
             "demux_errors", "Failed exchanges by kind", ["kind"], registry=self.registry

@@ -356,6 +356,32 @@ def test_status_shows_cooldowns_and_queue_depth(tmp_path: Path, limited: Limited
             assert waiting.result().status_code == 503
 
 
+def test_one_cooldown_learnt_by_two_workers_counts_once(tmp_path: Path, limited: Limited) -> None:
+    """Each worker learns a cooldown for itself (a second one meets the 429 once): the
+    gauge is the most any worker knows, not the sum of their views of the same pair."""
+    limited.rate = 1000.0
+    limited.banned = {"127.0.0.2"}
+    limited.retry_after = 60
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(tmp_path / "state", "--workers", "2", "--admin", "127.0.0.1:0") as p:
+        admin = "http://" + p.wait_for_log("Starting Proxy")["fields"]["admin"]
+        deadline = time.monotonic() + 20
+        while limited.refused["127.0.0.2"] < 2:  # fresh connections: both workers meet it
+            assert time.monotonic() < deadline, limited.refused
+            assert _get(p, url).status_code == 200
+        time.sleep(2.5)  # the gauges' refresh, every 1-2 s (and the log lines' batch)
+        cooled = [ln for ln in p.logs("inbound response") if "retried_from" in ln["fields"]]
+        assert {ln["fields"]["session_id"] % 2 for ln in cooled} == {0, 1}  # one per worker
+        with requests.Session() as s:
+            text = s.get(admin + "/metrics", timeout=10).text
+            doc = s.get(admin + "/status.json", timeout=10).json()
+    assert 'demux_cooling_hosts{egress="127.0.0.2"} 1.0' in text, [
+        ln for ln in text.splitlines() if ln.startswith("demux_cooling_hosts")
+    ]
+    rows = {r["address"]: r for r in doc["addresses"]}
+    assert rows["127.0.0.2"]["cooling_hosts"] == 1
+
+
 def test_a_session_named_on_connect_holds_inside_the_tunnel(
     tmp_path: Path, upstream: Upstream
 ) -> None:
