@@ -300,11 +300,11 @@ class Forwarder:
                 and upload is None
                 and self._dispatch.another_address_free(route.host, conn.egress.address)
             ):
-                conn.close()  # its body is unread: the connection is not reusable
+                conn.drop()  # its body is unread: the connection is not reusable
                 return _RETRY
             keep = await self._relay_response(client, up, req, resp, out, upload, retry_after)
         except BaseException as exc:
-            conn.close()
+            conn.drop()  # mid-message: no TLS shutdown that reads on for the rest
             if upload is None:
                 raise
             failed = exc  # the upload is reaped below, outside the except block

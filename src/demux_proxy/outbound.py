@@ -146,7 +146,7 @@ class Outbound:
             except _StaleConnection:
                 stale = True  # no await in an except block: see stream._splice_chunk
             except BaseException:
-                conn.close()  # a timeout here: the caller never sees `conn` to close it
+                conn.drop()  # a timeout here: the caller never sees `conn` to close it
                 raise
             if stale:
                 conn.close()

@@ -76,8 +76,10 @@ class UpstreamConnection:
         self.stream.close()
 
     def drop(self) -> None:
-        """Closed at once, FIN without close_notify: an idle connection has nothing in
-        flight, and its descriptor is free by the end of this loop turn."""
+        """Closed at once, without close_notify, the descriptor free by the end of this
+        loop turn: for an idle connection (nothing in flight), and for one left mid-message
+        (a client gone mid-body, an error), where uvloop's TLS shutdown would read and
+        discard the rest of the body for up to 30 s, the site sending it all."""
         self.stream.transport.abort()
 
 

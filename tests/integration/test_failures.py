@@ -422,6 +422,56 @@ def test_client_reset_mid_download_is_logged_and_contained(
     _assert_serving(proxy, upstream)
 
 
+class CountingUpstream(RawServer):
+    """Answers with a 400 MB body, sent as fast as it is taken; records how much of it
+    went before the connection failed."""
+
+    SIZE = 400 * 1024 * 1024
+
+    def __init__(self, tls: ssl.SSLContext | None) -> None:
+        super().__init__(tls)
+        self.sent: list[int] = []
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        if not read_head(sock):
+            return
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
+        piece = b"d" * (256 * 1024)
+        sent = 0
+        try:
+            while sent < self.SIZE:
+                sock.sendall(piece)
+                sent += len(piece)
+        finally:
+            self.sent.append(sent)
+
+
+def test_a_client_gone_mid_download_stops_the_tls_upstream_at_once(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """The upstream connection is cut, not shut down with TLS's close_notify: that
+    shutdown read on and discarded the rest of the body for up to 30 s, so the site sent
+    all 400 MB that nobody wanted."""
+    with plain_and_tls(CountingUpstream, upstream.ca) as servers:
+        server = servers["https"]
+        authority = f"127.0.0.1:{server.port}"
+        with contextlib.ExitStack() as stack:
+            sock, _ = _client(stack, proxy, "https", authority)
+            sock.sendall(f"GET /big HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            got = b""
+            while len(got) < 512 * 1024:
+                chunk = sock.recv(65536)
+                assert chunk, "closed early"
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200 ")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+        deadline = time.monotonic() + 20
+        while not server.sent:
+            assert time.monotonic() < deadline, "the upstream is still sending"
+            time.sleep(0.05)
+    assert server.sent[0] < CountingUpstream.SIZE // 4, server.sent
+
+
 def _rss(pid: int) -> int:
     procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     return sum(p.memory_info().rss for p in procs)
