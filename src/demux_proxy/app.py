@@ -41,6 +41,8 @@ from demux_proxy.upstream import UpstreamConnection
 if TYPE_CHECKING:
     from demux_proxy.admin import AdminServer
 
+SESSIONS_PER_GENERATION = 1 << 32
+
 
 def load_ca(config: Config) -> CertificateAuthority:
     """The user's CA (--ca-cert and --ca-key: `start_refusal` saw both or neither), else
@@ -174,9 +176,11 @@ async def serve(
     ready: Callable[[int], None] | None = None,
     buckets: SharedBuckets | None = None,
     rediscover: bool = False,
+    generation: int = 0,
 ) -> None:
     """One event loop's proxy: listen, serve until SIGTERM/SIGINT, drain, return.
-    `rediscover`: look for the host's addresses now (a restarted worker)."""
+    `rediscover`: look for the host's addresses now (a restarted worker); `generation`:
+    how many workers of this index came before (for unique session ids)."""
     config, ca, tls, events = shared.config, shared.ca, shared.tls, shared.events
     policy, destinations = shared.policy, shared.destinations
     pool: Pool[UpstreamConnection] = Pool(
@@ -184,8 +188,11 @@ async def serve(
         idle_s=config.pool_idle_s,
         max_idle=_max_idle_upstream(),
     )
-    # Session ids stay unique across workers: worker i of N numbers i+1, i+1+N, ...
-    sessions = count(worker + 1, config.workers)
+    # Session ids stay unique across workers: worker i of N numbers i+1, i+1+N, ...; its
+    # g-th replacement (a restart) starts past g * N * 2**32, above all its forerunners'.
+    sessions = count(
+        generation * config.workers * SESSIONS_PER_GENERATION + worker + 1, config.workers
+    )
     scheduler = Scheduler(
         config.egress,
         strategy=config.strategy,

@@ -79,7 +79,7 @@ def _worker(
     buckets: SharedBuckets,
     index: int,
     conn: Connection,
-    restarted: bool,
+    generation: int,
 ) -> None:
     # The parent's Python-level handlers were inherited by fork: the loop installs ours.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -97,7 +97,8 @@ def _worker(
                 worker=index,
                 ready=lambda port: conn.send(port),
                 buckets=buckets,
-                rediscover=restarted,
+                rediscover=generation > 0,
+                generation=generation,
             )
         )
     except ConfigError as exc:
@@ -136,15 +137,19 @@ class _Supervisor:
         self.stopping = False
         self.gave_up = False  # workers kept dying: the exit says it failed
         self.restarts: list[float] = []
+        self.spawned: dict[int, int] = {}  # per index: workers forked so far
 
-    def spawn(self, index: int, restarted: bool = False) -> Connection:
-        """Fork worker `index`. A restarted one looks for the host's addresses first: the
-        others may have re-discovered since start, and rotation needs the same list."""
+    def spawn(self, index: int) -> Connection:
+        """Fork worker `index`. A restarted one (generation 1 on) looks for the host's
+        addresses first: the others may have re-discovered since start, and rotation
+        needs the same list."""
+        generation = self.spawned.get(index, 0)
+        self.spawned[index] = generation + 1
         parent_end, child_end = self.ctx.Pipe(duplex=False)
         self.events.flush()  # nothing pending may be written twice by parent and child
         proc = self.ctx.Process(
             target=_worker,
-            args=(self.shared, self.cursor, self.buckets, index, child_end, restarted),
+            args=(self.shared, self.cursor, self.buckets, index, child_end, generation),
             name=f"demux-proxy-worker-{index}",
         )
         # Blocked across the fork: a signal there would run the supervisor's handler in
@@ -221,7 +226,7 @@ class _Supervisor:
             return
         self.events.error("worker died: restarting it", worker=index, exitcode=exitcode)
         try:
-            self.await_ready(index, self.spawn(index, restarted=True))
+            self.await_ready(index, self.spawn(index))
         except ConfigError as exc:
             self.events.error("worker restart failed", worker=index, error=str(exc))
 

@@ -45,6 +45,9 @@ def test_rotation_is_global_across_workers(tmp_path: Path, upstream: Upstream) -
 
 def test_a_killed_worker_is_replaced(tmp_path: Path, upstream: Upstream) -> None:
     with running_proxy(tmp_path / "state", "--workers", "2", upstream_ca=upstream.ca_pem_path) as p:
+        for _ in range(8):  # both workers number some requests
+            assert _peer(p.url, upstream) in EGRESS
+        time.sleep(0.3)  # their lines written (a SIGKILL loses the last 50 ms of them)
         children = psutil.Process(p.proc.pid).children()
         assert len(children) == 2
         os.kill(children[0].pid, signal.SIGKILL)
@@ -57,6 +60,9 @@ def test_a_killed_worker_is_replaced(tmp_path: Path, upstream: Upstream) -> None
             assert _peer(p.url, upstream) in EGRESS
         p.proc.send_signal(signal.SIGTERM)
         assert p.proc.wait(timeout=20) == 0
+        # The replacement numbers its requests past its forerunner's: still unique.
+        ids = [ln["fields"]["session_id"] for ln in p.logs("inbound response")]
+        assert len(ids) == 16 and len(set(ids)) == 16, sorted(ids)
 
 
 def test_workers_that_keep_dying_end_the_proxy_with_a_failure(tmp_path: Path) -> None:
