@@ -179,7 +179,10 @@ class Dispatcher:
             async with asyncio.timeout(self._config.queue_timeout_s), queue.lock:
                 while True:
                     if client.eof:
-                        raise PeerGone("it closed while its request waited in the queue")
+                        raise PeerGone(
+                            "client connection lost: it closed while its request waited in "
+                            "the queue"
+                        )
                     got = scheduler.acquire(
                         host, loop.time(), exclude=exclude, only=only, family=family
                     )

@@ -194,7 +194,12 @@ class Forwarder:
                     writer.plain_response(exc.status, exc.reason, close=not keep, extra=extra)
                 )
         except (StreamClosed, TimeoutError) as exc:
-            error = f"client connection lost: {exc or 'timed out'}"
+            # A PeerGone says so itself (and why): no second "client connection lost".
+            error = (
+                str(exc)
+                if isinstance(exc, PeerGone)
+                else f"client connection lost: {exc or 'timed out'}"
+            )
             kind = "client_lost"
             client.abort()
         except asyncio.CancelledError:

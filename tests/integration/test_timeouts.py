@@ -363,7 +363,9 @@ def test_a_client_that_resets_while_waiting_releases_its_upstream(
         c.close()  # a reset
         assert server.let_go.wait(5), "the upstream connection was kept for the gone client"
         line = p.wait_for_log("inbound response")
-        assert "client connection lost" in line["fields"]["error"], line
+        error = line["fields"]["error"]
+        assert error.startswith("client connection lost"), line
+        assert error.count("client connection lost") == 1, line  # said once
 
 
 @pytest.mark.parametrize("pooled", [False, True])
