@@ -128,6 +128,12 @@ class Stream(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH)
+        if self._native_tls:
+            # uvloop's TLS drops the records it has not decrypted yet when the TCP FIN
+            # comes while we pause reading (uvloop#661): a whole body from a server that
+            # closes without close_notify arrived short. With no encrypted bytes let
+            # wait, TCP reading pauses with ours, and the FIN is read only after them.
+            cast(Any, transport).set_read_buffer_limits(high=1, low=0)  # uvloop's own
         self.loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if peer:

@@ -472,6 +472,47 @@ def test_a_client_gone_mid_download_stops_the_tls_upstream_at_once(
     assert server.sent[0] < CountingUpstream.SIZE // 4, server.sent
 
 
+class ClosingUpstream(RawServer):
+    """A whole Content-Length body, then a TCP close without TLS close_notify, as
+    Python's http.server and many others do."""
+
+    SIZE = 8 * 1024 * 1024
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        if not read_head(sock):
+            return
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
+        sock.sendall(b"d" * self.SIZE)
+        # Leaving the `with` in _serve closes the socket: no unwrap, no close_notify.
+
+
+def test_a_whole_body_then_a_bare_close_reaches_a_slow_client_whole(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """The client reads slower than the upstream sends, so the proxy pauses reading the
+    upstream; uvloop then saw the FIN and dropped the TLS records it had not decrypted
+    yet: the body arrived short, the proxy logged a truncation and reset the client."""
+    with plain_and_tls(ClosingUpstream, upstream.ca) as servers:
+        authority = f"127.0.0.1:{servers['https'].port}"
+        for attempt in range(5):
+            with contextlib.ExitStack() as stack:
+                sock, _ = _client(stack, proxy, "https", authority)
+                sock.sendall(
+                    f"GET /whole?{RUN}-{attempt} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+                )
+                head = read_head(sock)
+                assert head.startswith(b"HTTP/1.1 200 "), head[:200]
+                got = len(head) - head.index(b"\r\n\r\n") - 4
+                while got < ClosingUpstream.SIZE:
+                    chunk = sock.recv(256 * 1024)
+                    assert chunk, f"attempt {attempt}: {got} of {ClosingUpstream.SIZE} bytes"
+                    got += len(chunk)
+                    time.sleep(0.002)  # a TLS record (16 KiB) each: slower than the upstream
+            assert got == ClosingUpstream.SIZE
+            line = _response_line(proxy, f"{RUN}-{attempt}")
+            assert "error" not in line["fields"], line
+
+
 def _rss(pid: int) -> int:
     procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     return sum(p.memory_info().rss for p in procs)
