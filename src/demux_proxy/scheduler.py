@@ -190,19 +190,12 @@ class RandomStrategy:
         self._rng = rng or random.Random()
 
     def choose(self, n: int, accept: Callable[[int], bool]) -> int | None:
-        start = self._rng.randrange(n)
-        step = self._rng.choice([k for k in range(1, n + 1) if _coprime(k, n)])
-        for j in range(n):  # a random permutation walk: every index once
-            i = (start + j * step) % n
-            if accept(i):
-                return i
-        return None
-
-
-def _coprime(a: int, b: int) -> bool:
-    while b:
-        a, b = b, a % b
-    return a == 1
+        if accept is _any:
+            return self._rng.randrange(n)
+        # Uniform over those accepted: a walk from a random start would favour the
+        # index after each refused one.
+        allowed = [i for i in range(n) if accept(i)]
+        return self._rng.choice(allowed) if allowed else None
 
 
 class LeastBusyStrategy:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -305,6 +306,20 @@ def test_shared_buckets_hold_one_budget_across_processes() -> None:
     # 127.0.0.3's bucket is its own; and after 60 s the shared one has a token again.
     assert isinstance(workers[0].acquire("a.test", 100.0, exclude=[], only="127.0.0.3"), Egress)
     assert isinstance(workers[0].acquire("a.test", 161.0, exclude=[], only="127.0.0.2"), Egress)
+
+
+def test_random_is_uniform_over_the_addresses_that_may_send() -> None:
+    """With one address out (cooling, excluded), each of the others gets a third: a
+    permutation walk from a random start gave the one after it half again as many."""
+    import random
+
+    from demux_proxy.scheduler import RandomStrategy
+
+    strategy = RandomStrategy(random.Random(7))
+    picks = Counter(strategy.choose(4, lambda i: i != 0) for _ in range(6000))
+    assert set(picks) == {1, 2, 3}
+    assert all(1800 <= picks[i] <= 2200 for i in (1, 2, 3)), picks
+    assert strategy.choose(4, lambda i: False) is None
 
 
 def test_a_token_another_worker_takes_meanwhile_is_not_given_twice() -> None:
