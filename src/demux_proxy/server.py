@@ -332,9 +332,13 @@ class ProxyServer:
             user = policy.check(req.headers)
         if user is not None:
             return True
-        self._events.warning(
+        # The challenge to a client that sent no credentials is how Basic auth begins
+        # (browsers, Scrapy, curl --proxy-anyauth ask first): info. Refused ones: warning.
+        offered = get(req.headers, b"proxy-authorization") is not None
+        (self._events.warning if offered else self._events.info)(
             "proxy authentication required",
             client=stream.peer[0],
+            credentials="refused" if offered else "none",
             method=req.method.decode("latin-1"),
             status_code=407,
         )

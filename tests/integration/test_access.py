@@ -73,6 +73,14 @@ def test_missing_or_wrong_credentials_get_407(
             r = _get(auth_proxy, url, user)
             assert r.status_code == 407
             assert r.headers["Proxy-Authenticate"].startswith("Basic realm=")
+        # Asking first is how Basic auth begins (info); refused credentials are a warning.
+        asked = auth_proxy.wait_for_log(
+            "proxy authentication required", lambda ln: ln["fields"]["credentials"] == "none"
+        )
+        refused = auth_proxy.wait_for_log(
+            "proxy authentication required", lambda ln: ln["fields"]["credentials"] == "refused"
+        )
+        assert (asked["level"], refused["level"]) == ("info", "warning")
     else:
         for user in (None, "alice:wrong"):
             with pytest.raises(requests.exceptions.ProxyError, match="407"):
