@@ -577,7 +577,12 @@ class Forwarder:
         if upload is not None:
             await upload
         out.request_done = True
-        await relay(client, conn.stream)
+        moved = [0, 0]
+        try:
+            await relay(client, conn.stream, moved)
+        finally:
+            out.bytes_up += moved[0]  # the log line counts the new protocol's bytes too
+            out.bytes_down += moved[1]
         return False
 
 

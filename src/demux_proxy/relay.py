@@ -7,20 +7,25 @@ import asyncio
 from demux_proxy.stream import Stream
 
 
-async def _pump(src: Stream, dst: Stream) -> None:
+async def _pump(src: Stream, dst: Stream, moved: list[int], i: int) -> None:
     buf = src.buffer
     while True:
         if buf:
             dst.write(bytes(buf))
+            moved[i] += len(buf)
             buf.clear()
             await dst.drain()
         if not await src.fill(have=0):  # bytes that came in during the drain count
             return
 
 
-async def relay(a: Stream, b: Stream) -> None:
-    """Copy both ways with backpressure until either side closes or resets; close both."""
-    tasks = [asyncio.create_task(_pump(a, b)), asyncio.create_task(_pump(b, a))]
+async def relay(a: Stream, b: Stream, moved: list[int]) -> None:
+    """Copy both ways with backpressure until either side closes or resets; close both.
+    `moved` counts the bytes passed on, a to b then b to a (also when this raises)."""
+    tasks = [
+        asyncio.create_task(_pump(a, b, moved, 0)),
+        asyncio.create_task(_pump(b, a, moved, 1)),
+    ]
     cut: BaseException | None = None
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

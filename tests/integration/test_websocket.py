@@ -103,6 +103,12 @@ async def test_websockets_asyncio_client_echo(
     assert ws.protocol.close_rcvd is not None
     assert ws.protocol.close_rcvd.code == 1000
     _assert_went_through_proxy(proxy, tag)
+    # Its line counts the frames both ways (each message, echoed), not 0 and 0. They are
+    # compressed (permessage-deflate): at least a 2-byte header each, no exact size.
+    line = proxy.wait_for_log("inbound response", lambda ln: tag in ln["fields"]["url"])
+    assert line["fields"]["status_code"] == 101
+    assert line["fields"]["bytes_sent"] >= 2 * len(MESSAGES), line
+    assert line["fields"]["bytes"] >= 2 * len(MESSAGES), line
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
