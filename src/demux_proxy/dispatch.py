@@ -251,6 +251,7 @@ class Dispatcher:
             if resp.status < 400:
                 cooldowns.ok(address, host)
             return None, None
+        self._metrics.cooled(address, resp.status)
         now = self._clock().time()
         told = parse_retry_after(get(resp.headers, b"retry-after"), time.time())
         applied = cooldowns.cool(address, host, now, told)

@@ -50,6 +50,7 @@ class Recorder(Protocol):
     def pooled(self, idle_by_egress: dict[str, int]) -> None: ...
     def queued(self, rule: str, delta: int) -> None: ...
     def cooling(self, hosts_by_egress: dict[str, int]) -> None: ...
+    def cooled(self, egress: str, status: int) -> None: ...
 
 
 class NoMetrics:
@@ -71,6 +72,9 @@ class NoMetrics:
         pass
 
     def cooling(self, hosts_by_egress: dict[str, int]) -> None:
+        pass
+
+    def cooled(self, egress: str, status: int) -> None:
         pass
 
 
@@ -136,6 +140,14 @@ class Metrics:
         self._errors = Counter(
             "demux_errors", "Failed exchanges by kind", ["kind"], registry=self.registry
         )
+        # Every cooling answer, also those replayed from another address (which
+        # demux_requests_total, one per client request, never shows): the rate limits met.
+        self._cooled = Counter(
+            "demux_cooling_responses",
+            "Cooling answers (429/503/--ban-status) by egress and status, replayed ones too",
+            ["egress", "status"],
+            registry=self.registry,
+        )
         # Children resolved once: labels() takes a lock and a dict lookup per call.
         self._by_status: dict[tuple[str, str], Any] = {}
         self._latency_of: dict[str, Any] = {}
@@ -168,6 +180,9 @@ class Metrics:
 
     def queued(self, rule: str, delta: int) -> None:
         self._queue.labels(rule).inc(delta)
+
+    def cooled(self, egress: str, status: int) -> None:
+        self._cooled.labels(egress, str(status)).inc()
 
     def cooling(self, hosts_by_egress: dict[str, int]) -> None:
         for egress in self._egress:

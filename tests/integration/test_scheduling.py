@@ -382,6 +382,10 @@ def test_one_cooldown_learnt_by_two_workers_counts_once(tmp_path: Path, limited:
     ]
     rows = {r["address"]: r for r in doc["addresses"]}
     assert rows["127.0.0.2"]["cooling_hosts"] == 1
+    # Both 429s were replayed from elsewhere: no request counts under 127.0.0.2, but the
+    # rate limits it met do.
+    assert rows["127.0.0.2"]["requests"] == 0
+    assert 'demux_cooling_responses_total{egress="127.0.0.2",status="429"} 2.0' in text
 
 
 def test_a_session_named_on_connect_holds_inside_the_tunnel(
