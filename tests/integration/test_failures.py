@@ -382,10 +382,9 @@ def test_upstream_reset_mid_download_is_an_error_for_the_client(
     _assert_serving(proxy, upstream)
 
 
-def _download_then_reset(proxy: ProxyProcess, upstream: Upstream, scheme: str, path: str) -> None:
-    """GET `path`, read 512 KiB of the answer, then reset the connection (SO_LINGER 0)."""
-    port = upstream.http_port if scheme == "http" else upstream.https_port
-    authority = f"127.0.0.1:{port}"
+def _download_then_reset(proxy: ProxyProcess, scheme: str, authority: str, path: str) -> None:
+    """GET `path` from `authority`, read 512 KiB of the answer, then reset the connection
+    (SO_LINGER 0)."""
     with contextlib.ExitStack() as stack:
         sock, prefix = _client(stack, proxy, scheme, authority)
         target = f"{prefix}{path}"
@@ -407,7 +406,8 @@ def test_client_reset_mid_download_is_logged_and_contained(
     first_line = len(proxy.lines)
     for attempt in range(3):  # the race between our write and the reset varies
         path = f"/bytes/{size}?case={RUN}-client-reset-{scheme}-{attempt}"
-        _download_then_reset(proxy, upstream, scheme, path)
+        port = upstream.http_port if scheme == "http" else upstream.https_port
+        _download_then_reset(proxy, scheme, f"127.0.0.1:{port}", path)
         line = _response_line(proxy, path)
         # A cut transfer is logged as one: a warning with the reason, not a plain 200.
         assert line["level"] == "warning", line
@@ -454,17 +454,7 @@ def test_a_client_gone_mid_download_stops_the_tls_upstream_at_once(
     all 400 MB that nobody wanted."""
     with plain_and_tls(CountingUpstream, upstream.ca) as servers:
         server = servers["https"]
-        authority = f"127.0.0.1:{server.port}"
-        with contextlib.ExitStack() as stack:
-            sock, _ = _client(stack, proxy, "https", authority)
-            sock.sendall(f"GET /big HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-            got = b""
-            while len(got) < 512 * 1024:
-                chunk = sock.recv(65536)
-                assert chunk, "closed early"
-                got += chunk
-            assert got.startswith(b"HTTP/1.1 200 ")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+        _download_then_reset(proxy, "https", f"127.0.0.1:{server.port}", "/big")
         deadline = time.monotonic() + 20
         while not server.sent:
             assert time.monotonic() < deadline, "the upstream is still sending"
