@@ -55,7 +55,11 @@ def _exec_fresh(config: Config) -> None:
 def _run(config: Config) -> None:
     from demux_proxy.app import run
 
-    run(config)
+    try:
+        run(config)
+    except ServeError as exc:  # in both ways of serving: the fresh interpreter and here
+        print(f"demux-proxy: error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _read_config(fd: int) -> Config:
@@ -80,9 +84,6 @@ def main(argv: list[str]) -> NoReturn:
     except ConfigError as exc:
         print(f"demux-proxy: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except ServeError as exc:
-        print(f"demux-proxy: error: {exc}", file=sys.stderr)
-        sys.exit(1)
     sys.exit(0)
 
 
