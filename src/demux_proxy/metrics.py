@@ -130,7 +130,8 @@ class Metrics:
         )
         self._cooling = Gauge(
             "demux_cooling_hosts",
-            "Hosts an egress address is cooling down for (429/503/--ban-status)",
+            "Hosts an egress address is cooling down for (429/503/--ban-status),"
+            " the most any one worker knows",
             ["egress"],
             registry=self.registry,
             # Each worker learns a cooldown for itself: the sum would count one (address,
