@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -108,14 +108,14 @@ def status_document(
 class AdminServer:
     def __init__(
         self,
-        egress: Sequence[Egress],
+        egress: Callable[[], Sequence[Egress]],
         policy: ClientPolicy,
         events: log.EventLog,
         *,
         require_auth: bool,
         workers: int,
     ) -> None:
-        self._egress = tuple(egress)
+        self._egress = egress  # the addresses now (re-discovery changes them)
         self._policy = policy
         self._events = events
         self._require_auth = require_auth
@@ -180,7 +180,7 @@ class AdminServer:
             body, kind = scrape()[0], _PROMETHEUS_TYPE
         elif path == b"/status.json":
             doc = status_document(
-                scrape()[1], self._egress, started=self._started, workers=self._workers
+                scrape()[1], self._egress(), started=self._started, workers=self._workers
             )
             body, kind = orjson.dumps(doc), b"application/json"
         elif path in (b"/status", b"/"):

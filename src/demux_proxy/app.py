@@ -232,7 +232,7 @@ async def serve(
         from demux_proxy.admin import AdminServer  # with prometheus-client: only for --admin
 
         admin = AdminServer(
-            config.egress,
+            lambda: scheduler.egress,
             policy,
             events,
             require_auth=not is_loopback(config.admin[0]),

@@ -186,12 +186,20 @@ class Metrics:
         self._cooled.labels(egress, str(status)).inc()
 
     def cooling(self, hosts_by_egress: dict[str, int]) -> None:
-        for egress in self._egress:
+        for egress in self._known(hosts_by_egress):
             self._cooling.labels(egress).set(hosts_by_egress.get(egress, 0))
 
     def pooled(self, idle_by_egress: dict[str, int]) -> None:
-        for egress in self._egress:
+        for egress in self._known(idle_by_egress):
             self._idle.labels(egress).set(idle_by_egress.get(egress, 0))
+
+    def _known(self, by_egress: dict[str, int]) -> list[str]:
+        """Every address a gauge was set for, with those new in `by_egress` (added by
+        re-discovery since start); one that was removed reads 0 from then on."""
+        for egress in by_egress:
+            if egress not in self._egress:
+                self._egress.append(egress)
+        return self._egress
 
 
 def scrape() -> tuple[bytes, list[Any]]:

@@ -322,8 +322,19 @@ def _proxy_pid(proc: subprocess.Popen[str]) -> int:
     raise AssertionError(f"no demux_proxy process under pid {proc.pid}")
 
 
+def _status_rows(proxy: Proxy) -> dict[str, dict[str, Any]]:
+    """/status.json's rows by address, fetched from inside the namespace."""
+    admin = proxy.started["fields"]["admin"]
+    got = subprocess.run(
+        ["ip", "netns", "exec", proxy.ns, "curl", "-sS", "--max-time", "10",
+         f"http://{admin}/status.json"],
+        capture_output=True, text=True, timeout=30, env=_env(), check=True,
+    )  # fmt: skip
+    return {row["address"]: row for row in json.loads(got.stdout)["addresses"]}
+
+
 def test_sighup_rediscovers(netns: str, tmp_path: Path) -> None:
-    proxy = Proxy(netns, tmp_path)
+    proxy = Proxy(netns, tmp_path, "--admin", "127.0.0.1:0")
     try:
         before = proxy.started["fields"]["egress"]
         assert before, proxy.started
@@ -344,6 +355,10 @@ def test_sighup_rediscovers(netns: str, tmp_path: Path) -> None:
         assert "10.77.0.5" in seen, seen
         assert proxy.get("X-Demux-Egress: 10.77.0.5") == "10.77.0.5"
         assert proxy.proc.poll() is None  # SIGHUP did not kill it
+        # /status shows the addresses there are now, the new one with its requests.
+        rows = _status_rows(proxy)
+        assert set(rows) == {*before, "10.77.0.5"}, rows
+        assert rows["10.77.0.5"]["requests"] >= 2, rows["10.77.0.5"]
     finally:
         proxy.close()
     assert proxy.proc.returncode == 0, proxy.lines.raw[-20:]

@@ -23,7 +23,7 @@ async def admin_port() -> AsyncIterator[int]:
     devnull = os.open(os.devnull, os.O_WRONLY)
     policy = ClientPolicy.from_options(("alice:s3cret",), None, ())
     server = AdminServer(
-        [Egress("127.0.0.2", "lo", socket.AF_INET)],
+        lambda: [Egress("127.0.0.2", "lo", socket.AF_INET)],
         policy,
         EventLog(fd=devnull),
         require_auth=True,
