@@ -261,23 +261,6 @@ def test_client_closing_mid_upload_gets_400_and_never_completes_upstream(
     _assert_serving(proxy, upstream)
 
 
-class EarlyAnswerUpstream(RawServer):
-    """Answers a POST at once, before its body, with a 1 MiB body of which it sends 256
-    KiB, then waits (the proxy splices the rest as it comes), then sends the rest."""
-
-    SIZE = 1 << 20
-
-    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        head = read_head(sock)
-        if not head:
-            return
-        self.seen.append(head.split(b" ", 2)[1].decode("latin-1"))
-        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.SIZE)
-        sock.sendall(b"d" * (256 * 1024))
-        time.sleep(1.0)
-        sock.sendall(b"d" * (self.SIZE - 256 * 1024))
-
-
 def test_client_closing_its_upload_during_an_early_answer_is_told_as_the_clients(
     proxy: ProxyProcess, upstream: Upstream
 ) -> None:
@@ -335,6 +318,15 @@ class PartialUpstream(RawServer):
 
     def _after(self, raw: socket.socket) -> None:
         raise NotImplementedError
+
+
+class EarlyAnswerUpstream(PartialUpstream):
+    """... at once, before the request's body (a POST's), then after a second the rest
+    (the proxy splices it as it comes)."""
+
+    def _after(self, raw: socket.socket) -> None:
+        time.sleep(1.0)
+        raw.sendall(b"d" * (self.SIZE - self.SENT))
 
 
 class ResettingUpstream(PartialUpstream):
