@@ -3,7 +3,8 @@
 The per-request path. `Forwarder.forward` is called by the server for every request
 head it parsed, plain or inside an intercepted tunnel, and returns whether the client
 connection can carry another request. It retries from another address where that is
-safe, relays the response (1xx, 101 upgrades, re-framing, splice(2) for plain bodies),
+safe, relays the response (1xx, re-framing, splice(2) for plain bodies; a 101 goes on
+in `relay.switch`),
 returns the connection to the pool and logs the "inbound response" line.
 """
 
@@ -43,7 +44,7 @@ from demux_proxy.http1.framing import (
     request_decoder,
     response_decoder,
 )
-from demux_proxy.http1.headers import Headers, end_to_end, forwarded_trailers, get, replace
+from demux_proxy.http1.headers import end_to_end, forwarded_trailers, replace
 from demux_proxy.http1.parser import (
     RequestHead,
     ResponseHead,
@@ -56,7 +57,7 @@ from demux_proxy.outbound import IDEMPOTENT, Outbound
 from demux_proxy.outcome import Outcome
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
-from demux_proxy.relay import relay
+from demux_proxy.relay import switch
 from demux_proxy.route import Route
 from demux_proxy.scheduler import Scheduler
 from demux_proxy.stream import Stream
@@ -295,7 +296,8 @@ class Forwarder:
                 resp = await self._read_head(up, upload, client)
             out.status = resp.status
             if resp.status == 101:
-                return await self._switch(client, conn, req, resp, out, upload)
+                await switch(client, conn.stream, req, resp, out, upload)
+                return False  # the connection ended with the new protocol
             retry_after, cooled = self._dispatch.learn(conn.egress.address, route.host, resp, only)
             if cooled is not None:  # kept across a retry: the log says what happened
                 out.cooldown_s = cooled
@@ -551,39 +553,6 @@ class Forwarder:
         if not body.done:
             body.eof()  # the peer closed: complete only for a body delimited by the close
         return True
-
-    async def _switch(
-        self,
-        client: Stream,
-        conn: UpstreamConnection,
-        req: RequestHead,
-        resp: ResponseHead,
-        out: Outcome,
-        upload: asyncio.Task[None] | None,
-    ) -> bool:
-        """101 Switching Protocols: from here on, bytes both ways until either side closes.
-
-        A server may switch before the request's body is all in: the new protocol starts
-        after that body (RFC 9110 7.8), so the upload ends first (its reads and writes
-        are bounded by the idle timeout) and only what follows is relayed.
-        """
-        if not req.upgrade:
-            raise UpstreamError("upstream switched protocols without being asked")
-        headers: Headers = end_to_end(resp.headers, resp.connection, drop_length=False)
-        headers.append((b"Connection", b"upgrade"))
-        headers.append((b"Upgrade", get(resp.headers, b"upgrade") or b""))
-        client.write(writer.response_head(101, resp.reason, headers))
-        out.response_started = True
-        if upload is not None:
-            await upload
-        out.request_done = True
-        moved = [0, 0]
-        try:
-            await relay(client, conn.stream, moved)
-        finally:
-            out.bytes_up += moved[0]  # the log line counts the new protocol's bytes too
-            out.bytes_down += moved[1]
-        return False
 
 
 async def _reap(task: asyncio.Task[None]) -> None:

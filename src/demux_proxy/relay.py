@@ -1,10 +1,48 @@
-"""Byte relay between two streams, for upgraded connections (WebSocket and the like)."""
+"""After a 101: the switch to the new protocol, then a byte relay between the two streams
+(WebSocket and the like)."""
 
 from __future__ import annotations
 
 import asyncio
 
+from demux_proxy.errors import UpstreamError
+from demux_proxy.http1 import writer
+from demux_proxy.http1.headers import Headers, end_to_end, get
+from demux_proxy.http1.parser import RequestHead, ResponseHead
+from demux_proxy.outcome import Outcome
 from demux_proxy.stream import Stream
+
+
+async def switch(
+    client: Stream,
+    up: Stream,
+    req: RequestHead,
+    resp: ResponseHead,
+    out: Outcome,
+    upload: asyncio.Task[None] | None,
+) -> None:
+    """101 Switching Protocols: from here on, bytes both ways until either side closes.
+
+    A server may switch before the request's body is all in: the new protocol starts
+    after that body (RFC 9110 7.8), so the upload ends first (its reads and writes
+    are bounded by the idle timeout) and only what follows is relayed.
+    """
+    if not req.upgrade:
+        raise UpstreamError("upstream switched protocols without being asked")
+    headers: Headers = end_to_end(resp.headers, resp.connection, drop_length=False)
+    headers.append((b"Connection", b"upgrade"))
+    headers.append((b"Upgrade", get(resp.headers, b"upgrade") or b""))
+    client.write(writer.response_head(101, resp.reason, headers))
+    out.response_started = True
+    if upload is not None:
+        await upload
+    out.request_done = True
+    moved = [0, 0]
+    try:
+        await relay(client, up, moved)
+    finally:
+        out.bytes_up += moved[0]  # the log line counts the new protocol's bytes too
+        out.bytes_down += moved[1]
 
 
 async def _pump(src: Stream, dst: Stream, moved: list[int], i: int) -> None:
