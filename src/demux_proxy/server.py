@@ -157,10 +157,10 @@ class ProxyServer:
         """Out of descriptors: idle upstream connections closed to make room (how many)."""
         return self._forwarder.shed_idle() if exc.errno in _SHORT_OF_FDS else 0
 
-    def _accept_failed(self, exc: OSError) -> int:
-        """Out of descriptors: close idle upstream connections (how many) and say so, at
-        most once a second unless some were closed. Other errors: 0, said likewise (the
-        accept loop sleeps 0.1 s after each, so the shed sockets are closed by then)."""
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors: close idle upstream connections and say so, at most once a
+        second unless some were closed. Other errors are said likewise (the accept loop
+        sleeps 0.1 s after each, so the shed sockets are closed by then)."""
         shed = self._shed_if_short(exc)
         now = asyncio.get_running_loop().time()
         if shed or now - self._accept_failed_at >= 1.0:
@@ -168,7 +168,6 @@ class ProxyServer:
             self._events.error(
                 "accept failed", error=exc.strerror or str(exc), idle_upstream_closed=shed
             )
-        return shed
 
     def close_listener(self) -> None:
         if self._accepting is not None:
