@@ -29,6 +29,11 @@ class Tunnel:
     session: str | None = None  # sticky session named on CONNECT (user name, header)
     pin: str | None = None  # X-Demux-Egress sent on CONNECT: every request inside
 
+    @property
+    def host_field(self) -> bytes:
+        """The Host of a request inside that has none (HTTP/1.0): the name asked for."""
+        return authority(self.tls_name, self.port, DEFAULT_PORTS[self.scheme]).encode()
+
 
 # Not frozen: a frozen dataclass pays an object.__setattr__ per field (about 1 us for a
 # Route, per request); nothing changes a Route once made. The __init__ is written out:

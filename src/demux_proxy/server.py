@@ -274,6 +274,8 @@ class ProxyServer:
                     and (req.host is None or req.host != valid_host)
                 ):
                     check_host_field(req.host, req.version)
+                    if req.host is None:  # HTTP/1.0 may omit it; it goes on as 1.1
+                        route.host_header = tunnel.host_field
                     valid_host = req.host  # the tunnel's next requests mostly repeat it
             except ProtocolError as exc:
                 self._refuse(stream, exc)

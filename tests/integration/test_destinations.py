@@ -54,7 +54,9 @@ def test_deny_and_allow_dest(tmp_path: Path, upstream: Upstream) -> None:
         assert p.wait_for_log("inbound response")["fields"]["interface"] in EGRESS
 
 
-def _in_tunnel(p: ProxyProcess, connect: str, sni: str, host: str, *, target: str = "/ip") -> bytes:
+def _in_tunnel(
+    p: ProxyProcess, connect: str, sni: str, host: str, *, target: str = "/ip", version: str = "1.1"
+) -> bytes:
     """CONNECT to `connect`, TLS with the proxy as `sni`, one GET with `host` (the
     whole Host line, or lines, when it holds a colon and a space): the whole answer."""
     if ": " not in host:
@@ -64,7 +66,7 @@ def _in_tunnel(p: ProxyProcess, connect: str, sni: str, host: str, *, target: st
         assert read_head(raw).startswith(b"HTTP/1.1 200 ")
         ctx = ssl.create_default_context(cafile=str(p.ca_path))
         with ctx.wrap_socket(raw, server_hostname=sni) as tls:
-            tls.sendall(f"GET {target} HTTP/1.1\r\n{host}Connection: close\r\n\r\n".encode())
+            tls.sendall(f"GET {target} HTTP/{version}\r\n{host}Connection: close\r\n\r\n".encode())
             answer = b""
             while chunk := tls.recv(65536):  # Connection: close
                 answer += chunk
@@ -112,6 +114,11 @@ def test_a_request_in_a_tunnel_carries_one_valid_host(tmp_path: Path, upstream: 
         assert answer.startswith(b"HTTP/1.1 403 ") and b"--deny *.example.com" in answer
         # Allowed, the absolute-form's authority is the Host the upstream sees.
         answer = _in_tunnel(p, connect, "localhost", "", target=f"https://{connect}/headers")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])[0] == ["Host", connect]
+        # HTTP/1.0 may leave Host out; the upstream (an HTTP/1.1 request now) still gets
+        # one: the name the tunnel's TLS asked for, and its port (it went out without).
+        answer = _in_tunnel(p, connect, "localhost", "", target="/headers", version="1.0")
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert json.loads(answer.partition(b"\r\n\r\n")[2])[0] == ["Host", connect]
         # Outside tunnels too, two Host lines are a 400 (the second one was dropped).
