@@ -649,6 +649,9 @@ BAD_RESPONSES: dict[str, bytes] = {
     # RFC 9110 15: 100-599 only (099 was relayed as "99", 600 with its body).
     "/status-099": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
     "/status-600": b"HTTP/1.1 600 Odd\r\nContent-Length: 2\r\n\r\nok",
+    # RFC 9112 4: no control bytes in the reason phrase (NUL, ESC went to the client).
+    "/nul-in-reason": b"HTTP/1.1 200 O\x00K\r\nContent-Length: 2\r\n\r\nok",
+    "/esc-in-reason": b"HTTP/1.1 200 \x1b[2J\r\nContent-Length: 2\r\n\r\nok",
     # RFC 9110 15.2.2: a 101 names the protocol switched to.
     "/101-without-upgrade": b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n\r\nok",
 }

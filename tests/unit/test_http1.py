@@ -425,6 +425,18 @@ def test_response_status_outside_100_to_599_is_malformed(status: bytes) -> None:
         assert parse_response_head(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % ok).status == ok
 
 
+@pytest.mark.parametrize("reason", [b"O\x00K", b"O\x01K", b"Esc\x1b[2J", b"Del\x7f"])
+def test_a_control_character_in_the_reason_phrase_is_malformed(reason: bytes) -> None:
+    """RFC 9112 4: llhttp passed NUL, ESC, DEL... in the phrase, which went to the client
+    as it came, while the same byte in a field value is refused: the same 502 now."""
+    with pytest.raises(UpstreamError, match="control character in reason phrase"):
+        parse_response_head(b"HTTP/1.1 200 %s\r\nContent-Length: 0\r\n\r\n" % reason)
+    for ok in (b"OK", b"", b"Very\tOdd \x80\xff Reason"):  # HTAB, SP, obs-text stay valid
+        assert (
+            parse_response_head(b"HTTP/1.1 200 %s\r\nContent-Length: 0\r\n\r\n" % ok).reason == ok
+        )
+
+
 @pytest.mark.parametrize(
     "lines",
     [

@@ -25,6 +25,9 @@ MAX_HEADER_COUNT: Final = 256
 
 _CRLF2: Final = b"\r\n\r\n"
 _TOKEN: Final = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# RFC 9112 4: reason-phrase = *( HTAB / SP / VCHAR / obs-text ); llhttp takes any byte
+# but CR and LF there, NUL included, and the phrase is relayed to the client as it came.
+_BAD_REASON: Final = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 _CONTENT_LENGTH_LEN: Final = 14
 _TRANSFER_ENCODING_LEN: Final = 17
 assert (
@@ -361,6 +364,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
     if not 100 <= status <= 599:
         # llhttp takes any three digits; RFC 9110 15 defines 100-599 only.
         raise UpstreamError(f"malformed upstream response: status {status:03d}")
+    if c.reason != b"OK" and _BAD_REASON.search(c.reason):  # as a field value would be
+        raise UpstreamError("malformed upstream response: control character in reason phrase")
     length, chunked, codings, has_te = _length(c.headers, upstream=True)
     if codings and b"identity" in codings:  # no coding at all (dropped since RFC 7230)
         codings = [coding for coding in codings if coding != b"identity"]
