@@ -702,6 +702,8 @@ class BadUpstream(RawServer):
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif path == "/space-before-colon":
             sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length : 5\r\nX-Odd\t: yes\r\n\r\nhello")
+        elif path == "/zero-padded-length":
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 005 \r\nX: y\r\n\r\nhello")
         elif path == "/connection-names-content-length":
             sock.sendall(
                 b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello"
@@ -857,6 +859,28 @@ def test_a_response_whose_connection_names_content_length_stays_framed(
                 assert r.status_code == 200
                 assert r.headers["Content-Length"] == "5"
                 assert r.content == b"hello"
+
+
+def test_content_length_goes_on_in_plain_digits(
+    proxy: ProxyProcess, upstream: Upstream, bad_upstreams: dict[str, BadUpstream]
+) -> None:
+    """ "005 " is a valid length, and passed on as it came, a next hop that reads it
+    another way (octal, or not at all) frames the body another way: one field in plain
+    digits goes on, both ways (ARCHITECTURE: framing is re-declared)."""
+    asks = {
+        upstream.http_url("/headers"): b"Content-Length: 000 \r\n",
+        _bad_url(bad_upstreams, "http", "/zero-padded-length"): b"",
+    }
+    answers = []
+    for url, field in asks.items():
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCK_TIMEOUT) as c:
+            c.sendall(b"GET %s HTTP/1.1\r\nHost: a\r\n%sConnection: close\r\n\r\n" % (
+                url.encode(), field))  # fmt: skip
+            answers.append(_answer(c).data)
+    assert answers[0].startswith(b"HTTP/1.1 200 "), answers[0]
+    assert ["Content-Length", "0"] in json.loads(answers[0].partition(b"\r\n\r\n")[2])
+    assert b"\r\nContent-Length: 5\r\nX: y\r\n" in answers[1], answers[1]
+    assert answers[1].endswith(b"\r\n\r\nhello")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -203,23 +203,30 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list
     length: int | None = None
     codings: list[bytes] = []
     has_te = False
+    recast = False
     for name, value in headers:
         size = len(name)
         if size != _CONTENT_LENGTH_LEN and size != _TRANSFER_ENCODING_LEN:
             continue  # spares a lower() (an allocation) for nearly every field
         lname = name.lower()
         if lname == b"content-length":
-            value = value.strip()
+            digits = value.strip()
             # 1 to 18 ASCII digits (bytes.isdigit is ASCII only): no sign, no space, no "_".
-            if not value.isdigit() or len(value) > 18:
+            if not digits.isdigit() or len(digits) > 18:
                 _fail(upstream, "invalid Content-Length")
-            n = int(value)
-            if length is not None and length != n:
-                _fail(upstream, "conflicting Content-Length values")
+            n = int(digits)
+            if length is not None:
+                if length != n:
+                    _fail(upstream, "conflicting Content-Length values")
+                recast = True
+            elif len(digits) != len(value) or (len(digits) > 1 and digits[0] == 0x30):
+                recast = True
             length = n
         elif lname == b"transfer-encoding":
             has_te = True
             codings += [c.strip().lower() for c in value.split(b",")]
+    if recast:
+        _one_content_length(headers, length)
     if not has_te:
         return length, False, [], False  # the common case, without the checks below
     if length is not None:
@@ -236,6 +243,22 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list
     if not all(codings) or any(not _TOKEN.match(c) for c in codings):
         _fail(upstream, "invalid Transfer-Encoding")
     return length, chunked, codings, has_te
+
+
+def _one_content_length(headers: Headers, length: int | None) -> None:
+    """Content-Length "005", "5 " or "5" twice is valid; passed on as it came, it could be
+    framed otherwise by the next recipient. It goes on once, in plain digits, where the
+    first one was (RFC 9110 8.6). In place: `headers` is the message's own list."""
+    kept: Headers = []
+    done = False
+    for name, value in headers:
+        if len(name) == _CONTENT_LENGTH_LEN and name.lower() == b"content-length":
+            if done:
+                continue
+            value = b"%d" % (length or 0)
+            done = True
+        kept.append((name, value))
+    headers[:] = kept
 
 
 def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
