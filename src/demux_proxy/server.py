@@ -22,7 +22,7 @@ from demux_proxy.config import Config
 from demux_proxy.errors import Forbidden, ProtocolError, ProxyError, StreamClosed
 from demux_proxy.exchange import Forwarder
 from demux_proxy.http1 import writer
-from demux_proxy.http1.headers import get, replace
+from demux_proxy.http1.headers import Headers, get, replace
 from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.route import Tunnel, check_host_field, is_ip_literal, parse_authority, route_for
@@ -38,6 +38,22 @@ _PIPELINED_BATCH: Final = 8
 LISTEN_BACKLOG: Final = 4096
 # accept() errors that mean the descriptor table is full: idle upstreams give some back.
 _SHORT_OF_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def _max_forwards(headers: Headers) -> int | None:
+    """The hops Max-Forwards allows: None without the field, -1 with no valid number."""
+    seen = False
+    least = -1
+    for name, field in headers:
+        if len(name) != 12 or name.lower() != b"max-forwards":
+            continue
+        seen = True
+        for value in field.split(b","):
+            value = value.strip()
+            if value.isdigit():
+                n = int(value) if len(value) <= 18 else 10**18
+                least = n if least < 0 else min(least, n)
+    return least if seen else None
 
 
 def _ends_connection(req: RequestHead) -> bool:
@@ -285,11 +301,15 @@ class ProxyServer:
 
     def _forwards(self, stream: Stream, req: RequestHead) -> bool:
         """RFC 9110 7.6.2: TRACE and OPTIONS with Max-Forwards go on with it decremented,
-        or, at 0, are answered here (False). An invalid value is ignored."""
-        value = get(req.headers, b"max-forwards")
-        if value is None or not value.strip().isdigit():
+        or, at 0, are answered here (False). Several fields or list members count as the
+        least of them, and one field goes on; with no valid number, none goes on (a
+        next hop could read one the proxy ignored)."""
+        hops = _max_forwards(req.headers)
+        if hops is None:
             return True
-        hops = int(value.strip())
+        if hops < 0:
+            req.headers = [(n, v) for n, v in req.headers if n.lower() != b"max-forwards"]
+            return True
         if hops > 0:
             req.headers = replace(req.headers, b"max-forwards", b"Max-Forwards", b"%d" % (hops - 1))
             return True

@@ -923,9 +923,10 @@ def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream
         assert tls.seen == ["OPTIONS * HTTP/1.1"]
 
 
-def _options(target: str, hops: int) -> bytes:
-    head = f"OPTIONS http://{target}/ HTTP/1.1\r\nHost: {target}\r\nMax-Forwards: {hops}\r\n"
-    return head.encode() + b"\r\n"
+def _options(target: str, hops: int | str) -> bytes:
+    """`hops` a number, or the Max-Forwards field lines as they go (none with "")."""
+    fields = f"Max-Forwards: {hops}\r\n" if isinstance(hops, int) else hops
+    return f"OPTIONS http://{target}/ HTTP/1.1\r\nHost: {target}\r\n{fields}\r\n".encode()
 
 
 def test_max_forwards_on_trace_and_options(proxy: ProxyProcess, upstream: Upstream) -> None:
@@ -950,7 +951,22 @@ def test_max_forwards_on_trace_and_options(proxy: ProxyProcess, upstream: Upstre
             head = read_head(c)
             assert head.startswith(b"HTTP/1.1 200 ") and b"\r\nAllow: " in head, head
             assert plain.seen == []  # neither reached the server
+            # Several fields or list members: the least counts, here 0.
+            c.sendall(_options(target, "Max-Forwards: 5, 0\r\n"))
+            assert read_head(c).startswith(b"HTTP/1.1 200 ")
+            c.sendall(_options(target, "Max-Forwards: 7\r\nMax-Forwards: 0\r\n"))
+            assert read_head(c).startswith(b"HTTP/1.1 200 ")
+            assert plain.seen == []
             c.sendall(_options(target, 3))
             assert read_head(c).startswith(b"HTTP/1.1 204 ")
-        assert plain.seen == ["OPTIONS / HTTP/1.1"]
-        assert b"\r\nMax-Forwards: 2\r\n" in plain.heads[0]
+            c.sendall(_options(target, "Max-Forwards: x\r\nMax-Forwards: 3, 9\r\n"))
+            assert read_head(c).startswith(b"HTTP/1.1 204 ")
+            c.sendall(_options(target, "Max-Forwards: x\r\n"))  # no valid number
+            assert read_head(c).startswith(b"HTTP/1.1 204 ")
+        assert plain.seen == ["OPTIONS / HTTP/1.1"] * 3
+        # One field goes on, one less than the least valid number; none for no number.
+        assert [re.findall(rb"(?i)\r\nmax-forwards:[^\r]*", h) for h in plain.heads] == [
+            [b"\r\nMax-Forwards: 2"],
+            [b"\r\nMax-Forwards: 2"],
+            [],
+        ]
