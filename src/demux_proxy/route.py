@@ -137,9 +137,13 @@ def route_for(target: bytes, tunnel: Tunnel | None, options: bool = False) -> Ro
     if tunnel is not None:
         host_header: bytes | None = None
         if target.startswith(b"/") or (options and target == b"*"):
-            origin = target
+            cut = target.find(b"#")  # RFC 9112 3.2.1: no fragment in a request-target
+            origin = target if cut < 0 else target[:cut]
         else:  # absolute-form is allowed too, and its authority is the Host (3.2.2)
             scheme, host, port, path, query = _parsed(target)
+            if scheme == "https" and tunnel.scheme == "http":
+                # A plain tunnel carries it in clear text to whatever listens there.
+                raise ProtocolError("https request target inside a tunnel without TLS")
             origin = _origin(path, query)
             host_header = authority(host, port, DEFAULT_PORTS[scheme]).encode()
         return Route(

@@ -923,6 +923,35 @@ def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream
         assert tls.seen == ["OPTIONS * HTTP/1.1"]
 
 
+def test_tunnel_targets_lose_their_fragment_and_keep_their_scheme(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """RFC 9112 3.2.1: "/a#f" inside a tunnel went upstream with its fragment (absolute
+    form lost it). An https:// target inside a tunnel without TLS would go on in clear
+    text: a 400, and nothing reaches the server."""
+    with plain_and_tls(_RequestLines, upstream.ca) as servers:
+        plain, tls = servers["http"], servers["https"]
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+            raw.sendall(f"CONNECT 127.0.0.1:{tls.port} HTTP/1.1\r\n\r\n".encode())
+            assert read_head(raw).startswith(b"HTTP/1.1 200 ")
+            ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as c:
+                for target in ("/a?b#frag", f"https://127.0.0.1:{tls.port}/c#d"):
+                    c.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                    assert read_head(c).startswith(b"HTTP/1.1 204 ")
+        assert tls.seen == ["GET /a?b HTTP/1.1", "GET /c HTTP/1.1"]
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+            target = f"127.0.0.1:{plain.port}"
+            c.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+            assert read_head(c).startswith(b"HTTP/1.1 200 ")
+            c.sendall(f"GET http://{target}/e#f HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert read_head(c).startswith(b"HTTP/1.1 204 ")
+            c.sendall(f"GET https://{target}/x HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            answer = c.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"without TLS" in answer, answer
+        assert plain.seen == ["GET /e HTTP/1.1"]
+
+
 def _options(target: str, hops: int | str) -> bytes:
     """`hops` a number, or the Max-Forwards field lines as they go (none with "")."""
     fields = f"Max-Forwards: {hops}\r\n" if isinstance(hops, int) else hops

@@ -100,6 +100,24 @@ def test_inside_a_tunnel_the_connect_authority_decides() -> None:
     assert route_for(b"https://other.test/z", tunnel).host == "a.test"
 
 
+def test_a_fragment_never_goes_upstream_in_a_tunnel() -> None:
+    """RFC 9112 3.2.1: a request-target has no fragment; absolute-form already lost it."""
+    tunnel = Tunnel("https", "a.test", 443, "a.test")
+    for target, origin in [(b"/x?y#f", b"/x?y"), (b"/#", b"/"), (b"/a#b#c", b"/a")]:
+        assert route_for(target, tunnel).target == origin
+        assert route_for(b"https://a.test" + target, tunnel).target == origin
+
+
+def test_an_https_target_in_a_tunnel_without_tls_is_refused() -> None:
+    """It would go on in clear text, while the client asked for https."""
+    plain = Tunnel("http", "a.test", 80, "a.test")
+    with pytest.raises(ProtocolError, match="without TLS"):
+        route_for(b"https://a.test/x", plain)
+    assert route_for(b"http://a.test/x", plain).target == b"/x"
+    tls = Tunnel("https", "a.test", 443, "a.test")
+    assert route_for(b"http://a.test/x", tls).scheme == "https"  # TLS all the same
+
+
 def test_connect_authority() -> None:
     assert parse_authority(b"a.test:443") == ("a.test", 443)
     assert parse_authority(b"[2001:db8::1]:443") == ("2001:db8::1", 443)
