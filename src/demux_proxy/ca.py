@@ -33,7 +33,10 @@ from demux_proxy.tls import DirectSSLObject
 CAKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_CACHE_SIZE = 4096  # contexts kept; each holds only a parsed cert, so this is a few MB at most
+# Leaf contexts kept, least recently used out first. Each is about 26 KB of RSS (an
+# OpenSSL SSL_CTX with its certificate and key: measured, docs/performance.md "Memory"),
+# so 1,024 hosts cost ~27 MB a worker at most; a host past that mints again, ~1 ms.
+_CACHE_SIZE = 1024
 _LEAF_LIFETIME = timedelta(days=397)  # browsers refuse leaf certificates valid over 398 days
 _CA_LIFETIME = timedelta(days=3650)
 _BACKDATE = timedelta(days=1)  # tolerate clients whose clocks run a little behind
