@@ -27,10 +27,10 @@ from demux_proxy.metrics import Recorder
 from demux_proxy.outcome import Outcome
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
-from demux_proxy.route import Route
+from demux_proxy.route import Route, is_ip_literal
 from demux_proxy.scheduler import Scheduler
 from demux_proxy.stream import Stream
-from demux_proxy.upstream import Resolver, UpstreamConnection, connect
+from demux_proxy.upstream import Resolver, UpstreamConnection, allowed_addresses, connect
 
 # RFC 9110 9.2.2: the methods a proxy may send again on its own (never a POST: a server
 # that closed without answering may have acted on it already).
@@ -211,12 +211,15 @@ class Outbound:
 
     async def _dial_once(self, egress: Egress, route: Route) -> UpstreamConnection:
         addresses = await self._resolver.resolve(route.host, egress.family)
+        key = (egress.address, route.scheme, route.host, route.port, route.tls_name)
         if not addresses:
+            if is_ip_literal(route.host):  # of the other family: refused is said first
+                allowed_addresses(self._policy, key, [route.host])
             raise self._resolver.no_address(route.host, [egress.family])
         return await connect(
             egress=egress,
             addresses=addresses,
-            key=(egress.address, route.scheme, route.host, route.port, route.tls_name),
+            key=key,
             tls=self._tls if route.scheme == "https" else None,
             server_hostname=route.tls_name,
             policy=self._policy,

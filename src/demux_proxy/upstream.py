@@ -177,7 +177,26 @@ class Resolver:
         if all((host, f) in self._unknown for f in families):
             return UpstreamError(f"cannot resolve {host}: no such host name")
         names = "/".join(FAMILY_NAME[f] for f in families)
+        if is_ip_literal(host):
+            other = "IPv6" if ":" in host else "IPv4"
+            return UpstreamError(f"{host} is an {other} address, and no egress address is {other}")
         return UpstreamError(f"{host} has no {names} address that an egress address can reach")
+
+
+def allowed_addresses(policy: DestinationPolicy, key: PoolKey, addresses: list[str]) -> list[str]:
+    """The `addresses` (at least one) that policy lets `key` connect to; Forbidden, with
+    the first one's reason, when none."""
+    allowed: list[str] = []
+    why: str | None = None
+    for address in addresses:
+        reason = policy.refusal(key[2], address, key[3], key[4])
+        if reason is None:
+            allowed.append(address)
+        elif why is None:
+            why = reason
+    if not allowed:
+        raise Forbidden(f"destination {key[2]} ({addresses[0]}) is {why}")
+    return allowed
 
 
 async def connect(
@@ -192,16 +211,7 @@ async def connect(
 ) -> UpstreamConnection:
     """Dial the first address that policy allows and that answers, bound to `egress`."""
     port = key[3]
-    allowed: list[str] = []
-    why: str | None = None
-    for address in addresses:
-        reason = policy.refusal(key[2], address, port, key[4])
-        if reason is None:
-            allowed.append(address)
-        elif why is None:
-            why = reason
-    if not allowed:
-        raise Forbidden(f"destination {key[2]} ({addresses[0]}) is {why}")
+    allowed = allowed_addresses(policy, key, addresses)
     loop = asyncio.get_running_loop()
     last: UpstreamError | None = None
     try:

@@ -532,6 +532,23 @@ def test_private_destination_refused_http(strict_proxy: ProxyProcess, upstream: 
     assert not [p for p in paths if p in seen]
 
 
+def test_an_ipv6_literal_is_judged_before_its_family(
+    strict_proxy: ProxyProcess, proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """With IPv4 egress only, [::1] or [fe80::1] (link-local) was a 502 "no IPv4
+    address": the refusal is the answer, said as for 127.0.0.1. Allowed, the 502 says
+    what is missing."""
+    port = upstream.http_port
+    with requests_session(strict_proxy) as s:
+        for host in ("[::1]", "[fe80::1]", "[::ffff:127.0.0.1]"):
+            with s.get(f"http://{host}:{port}/ip") as r:
+                assert r.status_code == 403, (host, r.status_code, r.text)
+                assert "--allow-private" in r.text, r.text
+    with requests_session(proxy) as s, s.get(f"http://[::1]:{port}/ip") as r:
+        assert r.status_code == 502
+        assert r.text == "::1 is an IPv6 address, and no egress address is IPv6\n"
+
+
 def test_private_destination_refused_https_at_connect(
     strict_proxy: ProxyProcess, upstream: Upstream
 ) -> None:
