@@ -17,12 +17,13 @@ import stat
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -261,9 +262,18 @@ class CertificateAuthority:
     cert_path: Path
     cert_pem: bytes
 
-    def __init__(self, cert: x509.Certificate, key: CAKey, cert_path: Path) -> None:
+    def __init__(
+        self,
+        cert: x509.Certificate,
+        key: CAKey,
+        cert_path: Path,
+        chain: Sequence[x509.Certificate] = (),
+    ) -> None:
         self.cert_path = cert_path
         self.cert_pem = cert.public_bytes(_PEM)
+        # What each leaf is sent with: this CA, then the certificates that followed it in
+        # its file (the intermediates between it and a root that clients trust).
+        self._chain_pem = self.cert_pem + b"".join(c.public_bytes(_PEM) for c in chain)
         self._cert = cert
         self._key = key
         try:
@@ -348,7 +358,8 @@ class CertificateAuthority:
             )
         key_data = _read(key_path, "CA key")
         try:
-            cert = x509.load_pem_x509_certificate(cert_data)
+            # The CA first, then what chains it to a root (a bundle, as PKI tools write it).
+            cert, *chain = x509.load_pem_x509_certificates(cert_data)
         except ValueError as exc:
             raise ConfigError(f"cannot parse CA cert {cert_path}: {exc}") from exc
         try:
@@ -369,7 +380,15 @@ class CertificateAuthority:
             raise ConfigError(f"CA cert {cert_path} is not a CA certificate (BasicConstraints)")
         if cert.not_valid_after_utc <= datetime.now(UTC):
             raise ConfigError(f"CA cert {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
-        return cls(cert, key, cert_path)
+        for child, parent in zip([cert, *chain], chain, strict=False):
+            try:
+                child.verify_directly_issued_by(parent)
+            except (ValueError, TypeError, InvalidSignature):
+                raise ConfigError(
+                    f"CA cert {cert_path}: {parent.subject.rfc4514_string()!r} did not issue "
+                    f"{child.subject.rfc4514_string()!r}; put the CA first, then each issuer"
+                ) from None
+        return cls(cert, key, cert_path, chain)
 
     def server_context(self, name: str) -> ssl.SSLContext:
         """Return a server TLS context presenting a leaf certificate for ``name``.
@@ -415,7 +434,7 @@ class CertificateAuthority:
         ctx.sslobject_class = DirectSSLObject  # Stream calls its C methods straight
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["http/1.1"])
-        self._files.load(ctx, cert.public_bytes(_PEM) + self.cert_pem)
+        self._files.load(ctx, cert.public_bytes(_PEM) + self._chain_pem)
         return ctx
 
     def close(self) -> None:

@@ -327,6 +327,36 @@ def test_load_trustme_ca(tmp_path: Path, key_type: trustme.KeyType) -> None:
         authority.close()
 
 
+def test_an_intermediate_ca_sends_its_chain(tmp_path: Path) -> None:
+    """--ca-cert holding an intermediate CA and the one above it (a root clients trust
+    is above both): the leaf went out with the first only, which no client could chain
+    to the root. Each certificate after the first goes out with every leaf."""
+    root = trustme.CA()
+    upper = root.create_child_ca()
+    lower = upper.create_child_ca()
+    bundle = lower.cert_pem.bytes() + upper.cert_pem.bytes()
+    cert_path, key_path = _write_ca(tmp_path, bundle, lower.private_key_pem.bytes())
+    authority = CertificateAuthority.load(cert_path, key_path)
+    try:
+        assert authority.cert_pem == lower.cert_pem.bytes()  # the CA itself, as before
+        client = ssl.create_default_context()
+        root.configure_trust(client)  # the root only
+        _, _, data = _handshake(authority.server_context("chain.test"), client, "chain.test")
+        assert data == b"hello"
+    finally:
+        authority.close()
+    # Out of order, or with a stranger in it, the file is refused with what to do.
+    for bad in (
+        upper.cert_pem.bytes() + lower.cert_pem.bytes(),
+        bundle + trustme.CA().cert_pem.bytes(),
+    ):
+        cert_path.write_bytes(bad)
+        key = (upper if bad.startswith(upper.cert_pem.bytes()) else lower).private_key_pem
+        key_path.write_bytes(key.bytes())
+        with pytest.raises(ConfigError, match="did not issue"):
+            CertificateAuthority.load(cert_path, key_path)
+
+
 @pytest.mark.parametrize("mode", [0o604, 0o644, 0o602], ids=oct)
 def test_load_refuses_a_key_open_to_others(tmp_path: Path, mode: int) -> None:
     tca = trustme.CA()
