@@ -17,6 +17,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from demux_proxy.admin import AdminServer
 
 SESSIONS_PER_GENERATION = 1 << 32
+CA_WARN_BEFORE = timedelta(days=30)
 
 
 def load_ca(config: Config) -> CertificateAuthority:
@@ -50,6 +52,19 @@ def load_ca(config: Config) -> CertificateAuthority:
     if config.ca_cert is not None and config.ca_key is not None:
         return CertificateAuthority.load(config.ca_cert, config.ca_key)
     return CertificateAuthority.load_or_create(config.state_dir)
+
+
+def _warn_if_ending(ca: CertificateAuthority, events: log.EventLog) -> None:
+    """Said at start: once the CA ends, CONNECT is refused (503) until a restart with a
+    new one, and clients must trust that one first."""
+    left = ca.expires - datetime.now(UTC)
+    if left < CA_WARN_BEFORE:
+        events.warning(
+            "CA certificate expires soon: HTTPS will be refused then",
+            ca=str(ca.cert_path),
+            expires=ca.expires.isoformat(),
+            days_left=left.days,
+        )
 
 
 def run(config: Config) -> None:
@@ -66,6 +81,7 @@ def run(config: Config) -> None:
     tune_allocator()
     metrics_dir = metrics.enable() if config.admin is not None else None
     ca = load_ca(config)
+    _warn_if_ending(ca, events)
     try:
         tls = upstream_context(config.upstream_ca, insecure=config.insecure_upstream)
         shared = Shared(config, ca, tls, events, policy, destinations)

@@ -39,6 +39,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # so 1,024 hosts cost ~27 MB a worker at most; a host past that mints again, ~1 ms.
 _CACHE_SIZE = 1024
 _LEAF_LIFETIME = timedelta(days=397)  # browsers refuse leaf certificates valid over 398 days
+_RENEW_BEFORE = timedelta(days=1)  # a cached leaf this close to its end is minted again
 _CA_LIFETIME = timedelta(days=3650)
 _BACKDATE = timedelta(days=1)  # tolerate clients whose clocks run a little behind
 # Labels of 1-63 characters (RFC 1035 2.3.4); no wildcards: SNI never has them.
@@ -274,6 +275,8 @@ class CertificateAuthority:
         # What each leaf is sent with: this CA, then the certificates that followed it in
         # its file (the intermediates between it and a root that clients trust).
         self._chain_pem = self.cert_pem + b"".join(c.public_bytes(_PEM) for c in chain)
+        self.expires = cert.not_valid_after_utc
+        self._expires_ts = self.expires.timestamp()
         self._cert = cert
         self._key = key
         try:
@@ -284,7 +287,9 @@ class CertificateAuthority:
         # One leaf key for every host: generating a key per host would cost far more than
         # signing, and the key never leaves this process (but for `_PemFiles`: see there).
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())
-        self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        # host -> (its context, when to mint it again): a proxy up for a year outlives a
+        # leaf, and the least recently used order alone would keep serving it expired.
+        self._cache: OrderedDict[str, tuple[ssl.SSLContext, float]] = OrderedDict()
         key_pem = self._leaf_key.private_bytes(
             _PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
@@ -400,18 +405,27 @@ class CertificateAuthority:
         key, ip = _normalize(name)
         # Minting below is synchronous: under asyncio nothing can run between this lookup and
         # the insert, so concurrent connections to one host mint its certificate only once.
-        ctx = self._cache.get(key)
-        if ctx is not None:
+        hit = self._cache.get(key)
+        if hit is not None and hit[1] > time.time():
             self._cache.move_to_end(key)
-            return ctx
-        ctx = self._mint(key, ip)
-        self._cache[key] = ctx
+            return hit[0]
+        ctx, renew_at = self._mint(key, ip)
+        self._cache[key] = (ctx, renew_at)
+        self._cache.move_to_end(key)  # a renewed entry kept its old place
         if len(self._cache) > _CACHE_SIZE:
             self._cache.popitem(last=False)
         return ctx
 
-    def _mint(self, name: str, ip: IPAddress | None) -> ssl.SSLContext:
+    def expired(self) -> bool:
+        """Whether the CA certificate has ended: a leaf it signs now is refused by clients."""
+        return time.time() >= self._expires_ts
+
+    def _mint(self, name: str, ip: IPAddress | None) -> tuple[ssl.SSLContext, float]:
+        """A context for `name`, and when to mint it again: a day before its leaf ends, or
+        when it ends if the CA ends then too (no later leaf can be made)."""
         now = datetime.now(UTC)
+        ends = min(now + _LEAF_LIFETIME, self.expires)
+        renew_at = ends if ends == self.expires else ends - _RENEW_BEFORE
         san: x509.GeneralName = x509.IPAddress(ip) if ip is not None else x509.DNSName(name)
         leaf_public = self._leaf_key.public_key()
         cert = (
@@ -421,7 +435,7 @@ class CertificateAuthority:
             .public_key(leaf_public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - _BACKDATE)
-            .not_valid_after(min(now + _LEAF_LIFETIME, self._cert.not_valid_after_utc))
+            .not_valid_after(ends)
             .add_extension(x509.SubjectAlternativeName([san]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
@@ -435,7 +449,7 @@ class CertificateAuthority:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["http/1.1"])
         self._files.load(ctx, cert.public_bytes(_PEM) + self._chain_pem)
-        return ctx
+        return ctx, renew_at.timestamp()
 
     def close(self) -> None:
         """Drop the leaf key's file; contexts already handed out keep working."""

@@ -445,6 +445,12 @@ class ProxyServer:
         """CONNECT host:port: say yes, then read what the client speaks in the tunnel."""
         try:
             host, port = parse_authority(req.target)
+            if self._ca.expired():  # before the 200: every leaf would be refused
+                raise ProxyError(
+                    f"the proxy's CA certificate expired on {self._ca.expires:%Y-%m-%d}: "
+                    "HTTPS cannot be intercepted until the proxy restarts with a new one",
+                    status=503,
+                )
             if not valid_name(host):  # before the 200: no leaf could be made for it
                 raise ProtocolError(f"CONNECT target is not a host name: {host[:64]!r}")
             self._destinations.check_name(host)

@@ -9,6 +9,7 @@ import socket
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -537,6 +538,38 @@ def test_all_leaves_share_one_key_but_not_serials(ca: CertificateAuthority) -> N
         assert _leaf(other, "a.test").public_key() != leaves[0].public_key()
     finally:
         other.close()
+
+
+def test_a_cached_leaf_is_minted_again_before_it_ends(
+    ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache kept a context until pushed out: a proxy up longer than a leaf lives
+    served it expired. Within a day of its end, it is minted anew."""
+    monkeypatch.setattr(ca_module, "_LEAF_LIFETIME", ca_module._RENEW_BEFORE + timedelta(seconds=1))
+    ctx = ca.server_context("renew.test")
+    assert ca.server_context("renew.test") is ctx
+    time.sleep(1.1)
+    fresh = ca.server_context("renew.test")
+    assert fresh is not ctx
+    assert ca.server_context("renew.test") is fresh
+
+
+def test_leaves_end_with_the_ca_and_are_kept_until_then(tmp_path: Path) -> None:
+    """No leaf outlives its CA, nor is minted again each time in the CA's last day."""
+    cert_pem, key_pem = _rsa_ca(timedelta(seconds=2), with_ski=True)
+    authority = CertificateAuthority.load(*_write_ca(tmp_path, cert_pem, key_pem))
+    try:
+        assert not authority.expired()
+        ctx = authority.server_context("short.test")
+        assert authority.server_context("short.test") is ctx
+        leaf = _leaf(authority, "short.test")
+        assert (
+            leaf.not_valid_after_utc == authority.expires == _ca_cert(authority).not_valid_after_utc
+        )
+        time.sleep(max(0.0, (authority.expires - datetime.now(UTC)).total_seconds()) + 0.1)
+        assert authority.expired()
+    finally:
+        authority.close()
 
 
 def test_contexts_are_cached_case_insensitively(ca: CertificateAuthority) -> None:
