@@ -75,6 +75,11 @@ _KIND: Final[dict[type[ProxyError], str]] = {
 }
 
 
+def error_kind(exc: ProxyError) -> str:
+    """The `kind` label of demux_errors_total for `exc`."""
+    return _KIND.get(type(exc), "proxy_error")
+
+
 # More than any server has a reason to send before its answer (100, a few 103s).
 MAX_INTERIM_RESPONSES: Final = 32
 _RETRY: Final = object()  # _respond's answer when the exchange should go again elsewhere
@@ -111,6 +116,13 @@ class Forwarder:
     def pin(self, value: bytes) -> str:
         """The egress address an X-Demux-Egress value names (400 when none)."""
         return self._dispatch.pin(value)
+
+    def answered_here(self, status: int, kind: str | None) -> None:
+        """Counts a request the server answered before any exchange (a malformed head,
+        a 407, a refused CONNECT): from no egress address, as a refused exchange is."""
+        self._metrics.request(None, status, 0.0, 0, 0)
+        if kind is not None:
+            self._metrics.error(kind)
 
     def shed_idle(self) -> int:
         """Out of descriptors: close some idle upstream connections (Pool.shed)."""
@@ -179,7 +191,7 @@ class Forwarder:
                 out.egress = None
         except ProxyError as exc:
             error = exc.reason
-            kind = _KIND.get(type(exc), "proxy_error")
+            kind = error_kind(exc)
             if out.response_started:
                 # The status the client got stays the one logged; `error` says it was cut.
                 client.abort()  # a truncated body must not look complete

@@ -20,7 +20,7 @@ from demux_proxy.auth import ClientPolicy, challenge_response, session_of
 from demux_proxy.ca import CertificateAuthority, valid_name
 from demux_proxy.config import Config
 from demux_proxy.errors import Forbidden, ProtocolError, ProxyError, StreamClosed
-from demux_proxy.exchange import Forwarder
+from demux_proxy.exchange import Forwarder, error_kind
 from demux_proxy.http1 import writer
 from demux_proxy.http1.headers import Headers, get, replace
 from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
@@ -364,6 +364,8 @@ class ProxyServer:
             status_code=407,
         )
         stream.write(challenge_response(close=_ends_connection(req)))
+        # Credentials refused count as an error; a challenge is how Basic auth begins.
+        self._forwarder.answered_here(407, "auth" if offered else None)
         return False
 
     async def _next_request(self, stream: Stream) -> RequestHead | None:
@@ -438,6 +440,7 @@ class ProxyServer:
         )
         stream.write(writer.plain_response(exc.status, exc.reason, close=True))
         stream.close()
+        self._forwarder.answered_here(exc.status, error_kind(exc))
 
     # --- CONNECT ------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +82,44 @@ def test_metrics_status_and_health_after_traffic(
     assert all(r["interface"] == "lo" for r in rows.values())
     assert page.headers["Content-Type"].startswith("text/html")
     assert "demux-proxy" in page.text and "status.json" in page.text
+
+
+def test_answers_the_proxy_gives_itself_are_counted(tmp_path: Path) -> None:
+    """A malformed head (400), a 407 and a refused CONNECT (403) were logged but never
+    counted: /metrics showed a proxy that refused everyone as one that saw nothing."""
+    with running_proxy(
+        tmp_path, "--admin", "127.0.0.1:0", "--auth", "u:p", "--deny", "denied.test"
+    ) as p:
+        token = base64.b64encode(b"u:p").decode()
+        asks = [
+            b"GARBAGE\r\n\r\n",  # 400
+            b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",  # 407: a challenge
+            b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n"
+            b"Proxy-Authorization: Basic eDp5\r\n\r\n",  # 407: x:y refused
+            b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n"
+            b"Proxy-Authorization: Basic %s\r\n\r\n" % token.encode(),  # 403
+        ]
+        statuses = []
+        for ask in asks:
+            with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+                c.sendall(ask)
+                statuses.append(c.recv(65536)[:12])
+        assert statuses == [b"HTTP/1.1 %d" % n for n in (400, 407, 407, 403)]
+        text = requests.get(_admin(p) + "/metrics", auth=("u", "p"), timeout=10).text
+    counted: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "demux_requests_total":
+                key = (sample.labels["egress"], sample.labels["status_class"])
+                counted[key] = sample.value
+            if sample.name == "demux_errors_total" and sample.value:
+                counted[("error", sample.labels["kind"])] = sample.value
+    assert counted[("none", "4xx")] == 4
+    assert {k: v for k, v in counted.items() if k[0] == "error"} == {
+        ("error", "bad_request"): 1,
+        ("error", "auth"): 1,
+        ("error", "forbidden"): 1,
+    }
 
 
 def test_admin_on_a_public_address_needs_auth(tmp_path: Path) -> None:
