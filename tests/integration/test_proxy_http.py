@@ -915,6 +915,17 @@ class _RequestLines(RawServer):
         super().__init__(tls)
 
 
+@contextmanager
+def _tls_tunnel(proxy: ProxyProcess, port: int) -> Iterator[ssl.SSLSocket]:
+    """TLS through CONNECT 127.0.0.1:`port`, verified against the proxy's CA."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+        raw.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        assert read_head(raw).startswith(b"HTTP/1.1 200 ")
+        ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as c:
+            yield c
+
+
 def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream) -> None:
     """RFC 9112 3.2.4: OPTIONS http://host:port goes on as OPTIONS * (it went as
     "OPTIONS /"), and OPTIONS * inside a tunnel is passed on (it was a 400)."""
@@ -927,16 +938,11 @@ def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream
             c.sendall(f"OPTIONS http://{target}/?q HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
             assert read_head(c).startswith(b"HTTP/1.1 204 ")
         assert plain.seen == ["OPTIONS * HTTP/1.1", "OPTIONS /?q HTTP/1.1"]
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
-            target = f"127.0.0.1:{tls.port}"
-            raw.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
-            assert read_head(raw).startswith(b"HTTP/1.1 200 ")
-            ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
-            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as c:
-                c.sendall(b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                assert read_head(c).startswith(b"HTTP/1.1 204 ")
-                c.sendall(b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                assert read_head(c).startswith(b"HTTP/1.1 400 ")  # only OPTIONS has "*"
+        with _tls_tunnel(proxy, tls.port) as c:
+            c.sendall(b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert read_head(c).startswith(b"HTTP/1.1 204 ")
+            c.sendall(b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert read_head(c).startswith(b"HTTP/1.1 400 ")  # only OPTIONS has "*"
         assert tls.seen == ["OPTIONS * HTTP/1.1"]
 
 
@@ -948,14 +954,10 @@ def test_tunnel_targets_lose_their_fragment_and_keep_their_scheme(
     text: a 400, and nothing reaches the server."""
     with plain_and_tls(_RequestLines, upstream.ca) as servers:
         plain, tls = servers["http"], servers["https"]
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
-            raw.sendall(f"CONNECT 127.0.0.1:{tls.port} HTTP/1.1\r\n\r\n".encode())
-            assert read_head(raw).startswith(b"HTTP/1.1 200 ")
-            ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
-            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as c:
-                for target in ("/a?b#frag", f"https://127.0.0.1:{tls.port}/c#d"):
-                    c.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-                    assert read_head(c).startswith(b"HTTP/1.1 204 ")
+        with _tls_tunnel(proxy, tls.port) as c:
+            for target in ("/a?b#frag", f"https://127.0.0.1:{tls.port}/c#d"):
+                c.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                assert read_head(c).startswith(b"HTTP/1.1 204 ")
         assert tls.seen == ["GET /a?b HTTP/1.1", "GET /c HTTP/1.1"]
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
             target = f"127.0.0.1:{plain.port}"
