@@ -16,7 +16,7 @@ from typing import Final
 import httptools
 
 from demux_proxy.errors import ProtocolError, UpstreamError
-from demux_proxy.http1.headers import Headers, connection_tokens, websocket_upgrade
+from demux_proxy.http1.headers import Headers, connection_tokens, replace, websocket_upgrade
 
 # Like h11 (16 KiB) we bound the head; 64 KiB matches what the hardening issue names and
 # sits between nginx's default (8 KiB x 4 buffers) and Node's 16 KiB per field.
@@ -203,6 +203,10 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list
     length: int | None = None
     codings: list[bytes] = []
     has_te = False
+    # Content-Length "005", "5 " or "5" twice is valid; passed on as it came, the next
+    # recipient could frame it otherwise. It goes on once, in plain digits, in the
+    # first one's place and with its name (RFC 9110 8.6).
+    first = b""  # the first Content-Length field's name
     recast = False
     for name, value in headers:
         size = len(name)
@@ -219,14 +223,15 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list
                 if length != n:
                     _fail(upstream, "conflicting Content-Length values")
                 recast = True
-            elif len(digits) != len(value) or (len(digits) > 1 and digits[0] == 0x30):
-                recast = True
+            else:
+                first = name
+                recast = len(digits) != len(value) or (len(digits) > 1 and digits[0] == 0x30)
             length = n
         elif lname == b"transfer-encoding":
             has_te = True
             codings += [c.strip().lower() for c in value.split(b",")]
-    if recast:
-        _one_content_length(headers, length)
+    if recast and length is not None:
+        headers[:] = replace(headers, b"content-length", first, b"%d" % length)  # in place
     if not has_te:
         return length, False, [], False  # the common case, without the checks below
     if length is not None:
@@ -243,22 +248,6 @@ def _length(headers: Headers, *, upstream: bool) -> tuple[int | None, bool, list
     if not all(codings) or any(not _TOKEN.match(c) for c in codings):
         _fail(upstream, "invalid Transfer-Encoding")
     return length, chunked, codings, has_te
-
-
-def _one_content_length(headers: Headers, length: int | None) -> None:
-    """Content-Length "005", "5 " or "5" twice is valid; passed on as it came, it could be
-    framed otherwise by the next recipient. It goes on once, in plain digits, where the
-    first one was (RFC 9110 8.6). In place: `headers` is the message's own list."""
-    kept: Headers = []
-    done = False
-    for name, value in headers:
-        if len(name) == _CONTENT_LENGTH_LEN and name.lower() == b"content-length":
-            if done:
-                continue
-            value = b"%d" % (length or 0)
-            done = True
-        kept.append((name, value))
-    headers[:] = kept
 
 
 def _keep_alive(version: bytes, tokens: frozenset[bytes]) -> bool:
