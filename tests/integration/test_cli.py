@@ -20,11 +20,9 @@ from typing import Any
 import pytest
 import requests
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from demux_proxy import __version__
+from tests.cas import rsa_ca, write_ca
 from tests.proxy_process import ProxyProcess, proxy_command, running_proxy, stop
 from tests.upstream import Upstream
 
@@ -450,43 +448,14 @@ def test_a_bad_value_names_the_env_var_only_when_it_came_from_there() -> None:
     assert "'--workers' (env var: 'DEMUX_PROXY_WORKERS'): 'abc'" in env.stderr, env.stderr
 
 
-def _short_lived_ca(tmp_path: Path, seconds: float) -> tuple[Path, Path, datetime]:
-    """A CA of the user's (--ca-cert, --ca-key) that ends `seconds` from now."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "short-lived test CA")])
-    now = datetime.now(UTC)
-    ends = now + timedelta(seconds=seconds)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(ends)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "short-ca.pem", tmp_path / "short-ca-key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path, ends.replace(microsecond=0)
-
-
 def test_a_ca_that_ends_is_said_at_start_and_refuses_connect_then(
     tmp_path: Path, upstream: Upstream
 ) -> None:
     """Once the CA ended, a CONNECT was answered 200 and then the client's handshake
     failed on an expired leaf, with nothing said. Now: a warning at start within 30
     days of the end, and after it a 503 before the 200 that says why; plain http goes on."""
-    cert_path, key_path, ends = _short_lived_ca(tmp_path, 6)
+    cert_path, key_path = write_ca(tmp_path, *rsa_ca(timedelta(seconds=6), with_ski=True))
+    ends = x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc
     args = ("--ca-cert", str(cert_path), "--ca-key", str(key_path))
     with running_proxy(tmp_path / "state", *args) as p:
         warned = p.wait_for_log("CA certificate expires soon: HTTPS will be refused then")

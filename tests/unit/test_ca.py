@@ -19,12 +19,13 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from demux_proxy import ca as ca_module
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.errors import ConfigError
+from tests.cas import rsa_ca, write_ca
 
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 
@@ -97,14 +98,6 @@ def _ca_cert(authority: CertificateAuthority) -> x509.Certificate:
     return x509.load_pem_x509_certificate(authority.cert_pem)
 
 
-def _write_ca(tmp_path: Path, cert_pem: bytes, key_pem: bytes) -> tuple[Path, Path]:
-    cert_path, key_path = tmp_path / "my-ca.pem", tmp_path / "my-ca-key.pem"
-    cert_path.write_bytes(cert_pem)
-    key_path.write_bytes(key_pem)
-    key_path.chmod(0o600)  # not the umask's 0644: load() refuses a key others can read
-    return cert_path, key_path
-
-
 @pytest.fixture
 def warnings_seen(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -121,33 +114,6 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
         for r in caplog.records
         if r.name == "demux_proxy" and r.levelno == logging.WARNING
     ]
-
-
-def _rsa_ca(lifetime: timedelta, with_ski: bool) -> tuple[bytes, bytes]:
-    """An RSA-2048 CA like the bench harness's, generated here (PEM cert, PEM key)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test RSA CA")])
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1))
-        .not_valid_after(now + lifetime)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-    )
-    if with_ski:
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        builder = builder.add_extension(ski, critical=False)
-    cert = builder.sign(key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 # --- load_or_create -------------------------------------------------------------------------
@@ -305,7 +271,7 @@ def test_load_or_create_refuses_open_files_of_another_user(
 
 def test_load_missing_or_unreadable_file(tmp_path: Path) -> None:
     tca = trustme.CA()
-    cert_path, key_path = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    cert_path, key_path = write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
     with pytest.raises(ConfigError, match=r"cannot read CA key .*nope\.pem: No such file"):
         CertificateAuthority.load(cert_path, tmp_path / "nope.pem")
     with pytest.raises(ConfigError, match=f"cannot read CA cert {tmp_path}: Is a directory"):
@@ -315,7 +281,7 @@ def test_load_missing_or_unreadable_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("key_type", [trustme.KeyType.ECDSA, trustme.KeyType.RSA])
 def test_load_trustme_ca(tmp_path: Path, key_type: trustme.KeyType) -> None:
     tca = trustme.CA(key_type=key_type)
-    cert_path, key_path = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    cert_path, key_path = write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
     authority = CertificateAuthority.load(cert_path, key_path)
     try:
         assert authority.cert_path == cert_path
@@ -336,7 +302,7 @@ def test_an_intermediate_ca_sends_its_chain(tmp_path: Path) -> None:
     upper = root.create_child_ca()
     lower = upper.create_child_ca()
     bundle = lower.cert_pem.bytes() + upper.cert_pem.bytes()
-    cert_path, key_path = _write_ca(tmp_path, bundle, lower.private_key_pem.bytes())
+    cert_path, key_path = write_ca(tmp_path, bundle, lower.private_key_pem.bytes())
     authority = CertificateAuthority.load(cert_path, key_path)
     try:
         assert authority.cert_pem == lower.cert_pem.bytes()  # the CA itself, as before
@@ -361,7 +327,7 @@ def test_an_intermediate_ca_sends_its_chain(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", [0o604, 0o644, 0o602], ids=oct)
 def test_load_refuses_a_key_open_to_others(tmp_path: Path, mode: int) -> None:
     tca = trustme.CA()
-    cert_path, key_path = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    cert_path, key_path = write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
     key_path.chmod(mode)
     with pytest.raises(ConfigError, match="chmod 600") as info:
         CertificateAuthority.load(cert_path, key_path)
@@ -371,7 +337,7 @@ def test_load_refuses_a_key_open_to_others(tmp_path: Path, mode: int) -> None:
 
 def test_load_refuses_a_symlink_to_an_open_key(tmp_path: Path) -> None:
     tca = trustme.CA()
-    cert_path, target = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    cert_path, target = write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
     target.chmod(0o604)
     link = tmp_path / "link-key.pem"
     link.symlink_to(target)
@@ -382,7 +348,7 @@ def test_load_refuses_a_symlink_to_an_open_key(tmp_path: Path) -> None:
 def test_load_accepts_a_group_readable_key(tmp_path: Path) -> None:
     # Passes on the old code too: it guards against a check stricter than asked for.
     tca = trustme.CA()
-    cert_path, key_path = _write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
+    cert_path, key_path = write_ca(tmp_path, tca.cert_pem.bytes(), tca.private_key_pem.bytes())
     key_path.chmod(0o640)  # how a key is shared with a service's group
     link = tmp_path / "link-key.pem"
     link.symlink_to(key_path)  # a symlink (itself 0777) is judged by its target
@@ -393,7 +359,7 @@ def test_load_accepts_a_group_readable_key(tmp_path: Path) -> None:
 
 def test_load_refuses_non_ca_certificate(tmp_path: Path) -> None:
     leaf = trustme.CA().issue_cert("leaf.test")
-    cert_path, key_path = _write_ca(
+    cert_path, key_path = write_ca(
         tmp_path, leaf.cert_chain_pems[0].bytes(), leaf.private_key_pem.bytes()
     )
     with pytest.raises(ConfigError, match="is not a CA certificate"):
@@ -401,7 +367,7 @@ def test_load_refuses_non_ca_certificate(tmp_path: Path) -> None:
 
 
 def test_load_refuses_mismatched_key(tmp_path: Path) -> None:
-    cert_path, key_path = _write_ca(
+    cert_path, key_path = write_ca(
         tmp_path, trustme.CA().cert_pem.bytes(), trustme.CA().private_key_pem.bytes()
     )
     with pytest.raises(ConfigError, match="does not match"):
@@ -409,15 +375,15 @@ def test_load_refuses_mismatched_key(tmp_path: Path) -> None:
 
 
 def test_load_refuses_expired_ca(tmp_path: Path) -> None:
-    cert_pem, key_pem = _rsa_ca(timedelta(seconds=-1), with_ski=True)
+    cert_pem, key_pem = rsa_ca(timedelta(seconds=-1), with_ski=True)
     with pytest.raises(ConfigError, match="expired"):
-        CertificateAuthority.load(*_write_ca(tmp_path, cert_pem, key_pem))
+        CertificateAuthority.load(*write_ca(tmp_path, cert_pem, key_pem))
 
 
 @pytest.mark.parametrize("with_ski", [True, False])
 def test_rsa_ca_signs_verifiable_leaves(tmp_path: Path, with_ski: bool) -> None:
-    cert_pem, key_pem = _rsa_ca(timedelta(days=30), with_ski=with_ski)
-    authority = CertificateAuthority.load(*_write_ca(tmp_path, cert_pem, key_pem))
+    cert_pem, key_pem = rsa_ca(timedelta(days=30), with_ski=with_ski)
+    authority = CertificateAuthority.load(*write_ca(tmp_path, cert_pem, key_pem))
     try:
         leaf, _, data = _handshake(
             authority.server_context("rsa.test"), _client_ctx(authority), "rsa.test"
@@ -556,8 +522,8 @@ def test_a_cached_leaf_is_minted_again_before_it_ends(
 
 def test_leaves_end_with_the_ca_and_are_kept_until_then(tmp_path: Path) -> None:
     """No leaf outlives its CA, nor is minted again each time in the CA's last day."""
-    cert_pem, key_pem = _rsa_ca(timedelta(seconds=2), with_ski=True)
-    authority = CertificateAuthority.load(*_write_ca(tmp_path, cert_pem, key_pem))
+    cert_pem, key_pem = rsa_ca(timedelta(seconds=2), with_ski=True)
+    authority = CertificateAuthority.load(*write_ca(tmp_path, cert_pem, key_pem))
     try:
         assert not authority.expired()
         ctx = authority.server_context("short.test")
