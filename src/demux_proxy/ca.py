@@ -43,7 +43,7 @@ _RENEW_BEFORE = timedelta(days=1)  # a cached leaf this close to its end is mint
 _CA_LIFETIME = timedelta(days=3650)
 _BACKDATE = timedelta(days=1)  # tolerate clients whose clocks run a little behind
 # Labels of 1-63 characters (RFC 1035 2.3.4); no wildcards: SNI never has them.
-_HOST_RE = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*\.?")
+_HOST_RE = re.compile(r"[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*")
 _PEM = serialization.Encoding.PEM
 _log = logging.getLogger("demux_proxy")  # log.setup routes it into the JSON log
 
@@ -247,6 +247,8 @@ def _normalize(name: str) -> tuple[str, IPAddress | None]:
     else:
         return str(ip), ip  # canonical form, so "::1" and "0::1" share a cache entry
     host = host.lower()
+    if host.endswith("."):  # "a.test." is "a.test": one leaf, named without the dot
+        host = host[:-1]
     if not host.isascii():
         try:  # certificates carry A-labels only
             host = host.encode("idna").decode("ascii")

@@ -84,6 +84,13 @@ def authority(host: str, port: int, default_port: int) -> str:
     return shown if port == default_port else f"{shown}:{port}"
 
 
+def tls_name(host: str) -> str:
+    """The name SNI carries and an upstream's certificate is verified against: a fully
+    qualified "a.test." is "a.test" there (RFC 6066 3; certificates name hosts without
+    the dot, and OpenSSL's host check does not match a name that has one)."""
+    return host[:-1] if len(host) > 1 and host.endswith(".") else host
+
+
 def _host(raw: bytes) -> str:
     try:
         host = raw.decode("ascii").lower()
@@ -167,24 +174,25 @@ def route_for(target: bytes, tunnel: Tunnel | None, options: bool = False) -> Ro
     if path_at > 0:
         known = _ORIGINS.get(target[:path_at])
         if known is not None:
-            return Route(known[0], known[1], known[2], target[path_at:], known[3], known[1])
+            return Route(known[0], known[1], known[2], target[path_at:], known[3], known[4])
     scheme, host, port, path, query = _parsed(target)
     host_header = authority(host, port, DEFAULT_PORTS[scheme]).encode()
+    name = tls_name(host)
     if options and not path and query is None:
-        return Route(scheme, host, port, b"*", host_header, host)
+        return Route(scheme, host, port, b"*", host_header, name)
     origin = _origin(path, query)
     if path_at > 0 and target[path_at:] == origin:
         # Only a prefix whose parse left the rest of the target as the origin-form
         # (no userinfo trick, no fragment) is remembered. A full memo starts over.
         if len(_ORIGINS) >= _ORIGINS_MAX:
             _ORIGINS.clear()
-        _ORIGINS[target[:path_at]] = (scheme, host, port, host_header)
-    return Route(scheme, host, port, origin, host_header, host)
+        _ORIGINS[target[:path_at]] = (scheme, host, port, host_header, name)
+    return Route(scheme, host, port, origin, host_header, name)
 
 
-# "http://host:port" prefix -> (scheme, host, port, Host header): see route_for. Bounded,
-# and holds only what parsing that prefix again would give.
-_ORIGINS: Final[dict[bytes, tuple[str, str, int, bytes]]] = {}
+# "http://host:port" prefix -> (scheme, host, port, Host header, TLS name): see route_for.
+# Bounded, and holds only what parsing that prefix again would give.
+_ORIGINS: Final[dict[bytes, tuple[str, str, int, bytes, str]]] = {}
 _ORIGINS_MAX: Final = 4096
 
 

@@ -25,7 +25,14 @@ from demux_proxy.http1 import writer
 from demux_proxy.http1.headers import Headers, get, replace
 from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
 from demux_proxy.policy import DestinationPolicy
-from demux_proxy.route import Tunnel, check_host_field, is_ip_literal, parse_authority, route_for
+from demux_proxy.route import (
+    Tunnel,
+    check_host_field,
+    is_ip_literal,
+    parse_authority,
+    route_for,
+    tls_name,
+)
 from demux_proxy.stream import Stream
 
 _internal: Final = logging.getLogger(log.LOGGER_NAME)
@@ -512,7 +519,8 @@ class ProxyServer:
             return
         finally:
             sni = self._sni.pop(id(stream.ssl_object), None)
-        await self._serve(stream, Tunnel("https", host, port, sni or host, session, pin))
+        name = tls_name(sni or host)
+        await self._serve(stream, Tunnel("https", host, port, name, session, pin))
 
     async def _leaf(self, host: str) -> ssl.SSLContext | None:
         """The CONNECT host's leaf context; None, said, when it cannot be made (its memory

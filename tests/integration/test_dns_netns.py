@@ -226,3 +226,74 @@ def test_an_unknown_name_is_told_apart_from_a_name_without_the_family(
     answer = seen["::1 svc.test"]
     assert answer.startswith("HTTP/1.1 502 "), answer
     assert answer.endswith("svc.test has no IPv6 address that an egress address can reach\n")
+
+
+# ... with an HTTPS upstream whose certificate names svc.test, asked for as the fully
+# qualified "svc.test." three ways: CONNECT with SNI without the dot (curl), CONNECT with
+# SNI with it (Python's ssl), and absolute-form https:// outside a tunnel.
+FQDN_PROBE = (
+    START_PROXY
+    + DNS_SERVER
+    + r"""
+import http.server, os, ssl, trustme
+authority = trustme.CA()
+upstream_ca = sys.argv[1] + "-upstream-ca.pem"
+authority.cert_pem.write_to_path(upstream_ca)
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"hello " + self.headers["Host"].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+authority.issue_cert("svc.test").configure_cert(served)
+upstream.socket = served.wrap_socket(upstream.socket, server_side=True)
+threading.Thread(target=upstream.serve_forever, daemon=True).start()
+name = "svc.test.:%d" % upstream.server_address[1]
+proxy, port = start_proxy("--egress", "127.0.0.2", "--upstream-ca", upstream_ca)
+def answer(c):
+    got = b""
+    while chunk := c.recv(65536):
+        got += chunk
+    return got.decode("latin-1")
+try:
+    trust = ssl.create_default_context(cafile=os.path.join(sys.argv[1], "ca.pem"))
+    seen = {}
+    for sni in ("svc.test", "svc.test."):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            c.sendall(b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (name.encode(), name.encode()))
+            c.recv(65536)
+            trust.check_hostname = sni == "svc.test"  # Python itself would not match the dot
+            with trust.wrap_socket(c, server_hostname=sni) as t:
+                names = [v for k, v in t.getpeercert()["subjectAltName"]]
+                head = b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                t.sendall(head % name.encode())
+                seen[sni] = [answer(t), names]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        c.sendall(b"GET https://%s/ HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                  % (name.encode(), name.encode()))
+        seen["absolute"] = [answer(c), []]
+    print(json.dumps(seen))
+finally:
+    proxy.terminate()
+    proxy.wait(10)
+"""
+)
+
+
+def test_a_fully_qualified_name_is_verified_as_its_certificate_names_it(
+    dns_netns: str, tmp_path: Path
+) -> None:
+    """RFC 6066 3: SNI carries no trailing dot, and certificates name hosts without one;
+    "svc.test." is resolved and sent on (Host) as the client wrote it, and verified, in
+    SNI and the upstream's certificate, as "svc.test"."""
+    seen = _probe(dns_netns, FQDN_PROBE, str(tmp_path / "state"), "nodata")
+    for how in ("svc.test", "svc.test.", "absolute"):
+        got, names = seen[how]
+        assert got.startswith("HTTP/1.1 200 "), (how, got)
+        assert got.endswith("\r\n\r\nhello svc.test.:" + got.rsplit(":", 1)[1]), (how, got)
+        assert names in ([], ["svc.test"]), (how, names)

@@ -546,6 +546,17 @@ def test_contexts_are_cached_case_insensitively(ca: CertificateAuthority) -> Non
     assert "leaves=2" in repr(ca)
 
 
+def test_a_fully_qualified_name_shares_the_leaf_named_without_the_dot(
+    ca: CertificateAuthority,
+) -> None:
+    ctx = ca.server_context("a.test.")
+    assert ca.server_context("A.Test") is ctx
+    san = _leaf(ca, "a.test.").extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.value.get_values_for_type(x509.DNSName) == ["a.test"]
+    _, _, data = _handshake(ctx, _client_ctx(ca), "a.test")
+    assert data == b"hello"
+
+
 def test_cache_is_lru_bounded(ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ca_module, "_CACHE_SIZE", 2)
     a = ca.server_context("a.test")
@@ -557,7 +568,9 @@ def test_cache_is_lru_bounded(ca: CertificateAuthority, monkeypatch: pytest.Monk
     assert "leaves=2" in repr(ca)
 
 
-@pytest.mark.parametrize("bad", ["", "two words.test", "a/b.test", "a..test", "*.example.test"])
+@pytest.mark.parametrize(
+    "bad", ["", "two words.test", "a/b.test", "a..test", "a.test..", ".", "*.example.test"]
+)
 def test_invalid_names_are_refused(ca: CertificateAuthority, bad: str) -> None:
     with pytest.raises(ValueError, match="not a valid host name"):
         ca.server_context(bad)

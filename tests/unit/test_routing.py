@@ -39,6 +39,18 @@ def test_default_port_is_left_out_of_host_and_ipv6_is_bracketed() -> None:
     assert route_for(b"http://a.test", None).target == b"/"
 
 
+def test_a_fully_qualified_name_is_verified_without_its_dot() -> None:
+    """The name goes upstream as the client wrote it (Host, resolving); SNI and the
+    certificate check take it without the trailing dot, as certificates name hosts."""
+    route._ORIGINS.clear()
+    for _ in range(2):  # parsed, then from the memo of origins
+        r = route_for(b"https://A.Test.:8443/x", None)
+        assert (r.host, r.host_header, r.tls_name) == ("a.test.", b"a.test.:8443", "a.test")
+    assert route_for(b"https://a.test.", None, options=True).tls_name == "a.test"
+    assert route.tls_name("a.test") == "a.test"
+    assert route.tls_name(".") == "."
+
+
 def _fields(r: route.Route) -> tuple[object, ...]:
     return (r.scheme, r.host, r.port, r.target, r.host_header, r.tls_name, r.session, r.url)
 
@@ -52,6 +64,7 @@ _AUTHORITIES = st.sampled_from(
         b"u@a.test",
         b"u:p@b.test:81",
         b"1.2.3.4",
+        b"a.test.:443",
     ]
 )
 _PATHS = st.sampled_from(
