@@ -119,7 +119,8 @@ class Forwarder:
 
     def answered_here(self, status: int, kind: str | None) -> None:
         """Counts a request the server answered before any exchange (a malformed head,
-        a 407, a refused CONNECT): from no egress address, as a refused exchange is."""
+        a 407, a refused CONNECT, Max-Forwards 0): from no egress address, as a refused
+        exchange is."""
         self._metrics.request(None, status, 0.0, 0, 0)
         if kind is not None:
             self._metrics.error(kind)

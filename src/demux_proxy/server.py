@@ -338,6 +338,7 @@ class ProxyServer:
         if close:
             headers.append((b"Connection", b"close"))
         stream.write(writer.response_head(200, b"OK", headers) + body)
+        self._forwarder.answered_here(200, None)
         self._events.info(
             "answered by the proxy: Max-Forwards 0",
             client=stream.peer[0],

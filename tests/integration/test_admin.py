@@ -85,8 +85,9 @@ def test_metrics_status_and_health_after_traffic(
 
 
 def test_answers_the_proxy_gives_itself_are_counted(tmp_path: Path) -> None:
-    """A malformed head (400), a 407 and a refused CONNECT (403) were logged but never
-    counted: /metrics showed a proxy that refused everyone as one that saw nothing."""
+    """A malformed head (400), a 407, a refused CONNECT (403) and a TRACE at Max-Forwards
+    0 (200) were logged but never counted: /metrics showed a proxy that refused everyone
+    as one that saw nothing."""
     with running_proxy(
         tmp_path, "--admin", "127.0.0.1:0", "--auth", "u:p", "--deny", "denied.test"
     ) as p:
@@ -98,13 +99,15 @@ def test_answers_the_proxy_gives_itself_are_counted(tmp_path: Path) -> None:
             b"Proxy-Authorization: Basic eDp5\r\n\r\n",  # 407: x:y refused
             b"CONNECT denied.test:443 HTTP/1.1\r\nHost: denied.test:443\r\n"
             b"Proxy-Authorization: Basic %s\r\n\r\n" % token.encode(),  # 403
+            b"TRACE http://a.test/ HTTP/1.1\r\nHost: a.test\r\nMax-Forwards: 0\r\n"
+            b"Proxy-Authorization: Basic %s\r\n\r\n" % token.encode(),  # 200, from here
         ]
         statuses = []
         for ask in asks:
             with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
                 c.sendall(ask)
                 statuses.append(c.recv(65536)[:12])
-        assert statuses == [b"HTTP/1.1 %d" % n for n in (400, 407, 407, 403)]
+        assert statuses == [b"HTTP/1.1 %d" % n for n in (400, 407, 407, 403, 200)]
         text = requests.get(_admin(p) + "/metrics", auth=("u", "p"), timeout=10).text
     counted: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
@@ -115,6 +118,7 @@ def test_answers_the_proxy_gives_itself_are_counted(tmp_path: Path) -> None:
             if sample.name == "demux_errors_total" and sample.value:
                 counted[("error", sample.labels["kind"])] = sample.value
     assert counted[("none", "4xx")] == 4
+    assert counted[("none", "2xx")] == 1
     assert {k: v for k, v in counted.items() if k[0] == "error"} == {
         ("error", "bad_request"): 1,
         ("error", "auth"): 1,
