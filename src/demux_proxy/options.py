@@ -80,9 +80,10 @@ def egress_options(f: F) -> F:
         "--egress-interface",
         "egress_interfaces",
         multiple=True,
+        metavar="NAME",
         envvar=_env("egress-interface"),
         show_envvar=True,
-        help="Use every address of this interface (repeatable).",
+        help="Use the IPv4 and global IPv6 addresses of this interface (repeatable).",
     )(f)
     return click.option(
         "--egress",
