@@ -28,7 +28,7 @@ from demux_proxy.auth import ClientPolicy, is_loopback, start_refusal
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.config import Config
 from demux_proxy.egress import resolve_egress
-from demux_proxy.errors import ConfigError
+from demux_proxy.errors import ConfigError, HostNotReady
 from demux_proxy.exchange import Forwarder
 from demux_proxy.limits import Cooldowns, RateRules, parse_host_rate
 from demux_proxy.policy import DestinationPolicy
@@ -107,7 +107,10 @@ def listen_error(host: str, port: int, exc: OSError, option: str = "") -> Config
     reason = exc.strerror or str(exc)
     if exc.errno == errno.EADDRINUSE:
         reason = "address already in use (is another proxy running?)"
-    return ConfigError(f"cannot listen on {option + ' ' if option else ''}{host}:{port}: {reason}")
+    what = f"cannot listen on {option + ' ' if option else ''}{host}:{port}: {reason}"
+    if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):  # may be free, or come, later
+        return HostNotReady(what)
+    return ConfigError(what)
 
 
 def _raise_fd_limit() -> None:

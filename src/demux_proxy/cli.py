@@ -298,7 +298,7 @@ def start(
         )
         serve_fresh(config)
     except ConfigError as exc:
-        _fail(exc)
+        _fail(exc, exc.exit_status)  # only start tells what a service may retry (75)
 
 
 @main.command("config")
@@ -592,6 +592,6 @@ def _split(values: tuple[str, ...]) -> list[str]:
     return [v for value in values for v in value.replace(",", " ").split()]
 
 
-def _fail(exc: ConfigError) -> Any:
+def _fail(exc: ConfigError, status: int = 2) -> Any:
     click.echo(f"demux-proxy: error: {exc}", err=True)
-    sys.exit(2)
+    sys.exit(status)

@@ -10,6 +10,7 @@ there is no module state, so callers can re-resolve at any time (e.g. on reload)
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -17,7 +18,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from demux_proxy.errors import ConfigError
+from demux_proxy.errors import ConfigError, HostNotReady
 
 __all__ = [
     "Egress",
@@ -131,7 +132,7 @@ def discover(interfaces: Sequence[str] = (), *, skipped: list[str] | None = None
                 names.append(name)
                 continue
             if skipped is None:
-                raise ConfigError(problem)
+                raise HostNotReady(problem)  # at boot, it may not be there yet
             skipped.append(name)
     else:
         names = sorted(name for name, st in stats.items() if st.isup)
@@ -194,7 +195,10 @@ def check_bindable(address: str) -> None:
             sock.bind((str(ip), 0))
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno is not None else str(e)
-        raise ConfigError(
+        # Not on the host (yet: a secondary address the cloud's agent assigns after boot)
+        # may change; anything else is the address itself.
+        error = HostNotReady if e.errno == errno.EADDRNOTAVAIL else ConfigError
+        raise error(
             f"cannot use egress address {ip}: {reason} (this host does not own it)"
         ) from None
 
@@ -229,7 +233,7 @@ def resolve_egress(
             searched = f"interface(s) {', '.join(map(repr, ifaces))} carry no IPv4 or global IPv6"
         else:
             searched = "no interface that is up carries a non-loopback IPv4 or a global IPv6"
-        raise ConfigError(
+        raise HostNotReady(
             f"no usable egress address: {searched} address; name one with --egress ADDRESS "
             "(e.g. --egress 127.0.0.2 for local testing)"
         )

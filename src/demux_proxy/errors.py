@@ -15,7 +15,19 @@ class DemuxError(Exception):
 
 
 class ConfigError(DemuxError):
-    """A bad option, file or environment at start: reported as one line, non-zero exit."""
+    """A bad option, file or environment at start: reported as one line, then exit
+    status `exit_status`: 2, retrying cannot fix it."""
+
+    exit_status = 2
+
+
+class HostNotReady(ConfigError):
+    """What start needs of the host is not there, and may yet come: the listen port is in
+    use, an egress address or interface is not (yet) on the host, as at boot before the
+    cloud's agent assigned secondary addresses. Exit status 75 (EX_TEMPFAIL), which a
+    service manager may retry (deploy/demux-proxy.service does)."""
+
+    exit_status = 75
 
 
 class ServeError(DemuxError):

@@ -83,7 +83,7 @@ def main(argv: list[str]) -> NoReturn:
         _run(_read_config(int(argv[1])))
     except ConfigError as exc:
         print(f"demux-proxy: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_status)
     sys.exit(0)
 
 

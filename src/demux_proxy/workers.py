@@ -102,8 +102,8 @@ def _worker(
             )
         )
     except ConfigError as exc:
-        conn.send(str(exc))
-        sys.exit(2)
+        conn.send(exc)  # raised again in the supervisor, its exit status with it
+        sys.exit(exc.exit_status)
     finally:
         # A worker leaves by os._exit: nothing else would write what is pending.
         shared.events.flush(log.EXIT_WAIT_S)
@@ -171,6 +171,8 @@ class _Supervisor:
             answer = f"worker {index} exited during start"
         finally:
             conn.close()
+        if isinstance(answer, ConfigError):
+            raise answer
         if not isinstance(answer, int):
             raise ConfigError(str(answer))
 

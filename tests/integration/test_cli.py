@@ -436,6 +436,18 @@ def test_a_usage_error_is_one_line_with_status_2(args: list[str]) -> None:
     assert f" {args[0]} --help)" in lines[0]  # the help of the command that was used
 
 
+def test_what_the_host_may_yet_provide_is_status_75_not_2(tmp_path: Path) -> None:
+    """An interface or address not there yet (at boot, before the cloud's agent added
+    them) may come: EX_TEMPFAIL, which the systemd unit retries, where it does not
+    retry a 2 (a wrong option stays wrong)."""
+    missing = _run("start", "--egress-interface", "nosuchif0", "--state-dir", str(tmp_path))
+    assert missing.returncode == 75, missing.stderr
+    assert missing.stderr == "demux-proxy: error: no such interface: 'nosuchif0'\n"
+    wrong = _run("start", "--egress", "not-an-address", "--state-dir", str(tmp_path))
+    assert wrong.returncode == 2, wrong.stderr
+    assert wrong.stderr.startswith("demux-proxy: error: "), wrong.stderr
+
+
 def test_a_bad_value_names_the_env_var_only_when_it_came_from_there() -> None:
     """click said "Invalid value for '--workers' (env var: 'DEMUX_PROXY_WORKERS')" for a
     value given with the flag."""

@@ -87,11 +87,13 @@ def test_check_bindable_not_owned() -> None:
     with pytest.raises(ConfigError, match=r"192\.0\.2\.77") as info:
         check_bindable("192.0.2.77")
     assert "does not own" in str(info.value)
+    assert info.value.exit_status == 75  # it may be assigned later (a service retries)
 
 
 def test_check_bindable_rejects_garbage() -> None:
-    with pytest.raises(ConfigError, match="not an IP address"):
+    with pytest.raises(ConfigError, match="not an IP address") as info:
         check_bindable("example.com")
+    assert info.value.exit_status == 2
 
 
 # --- resolve_egress --------------------------------------------------------------------------
