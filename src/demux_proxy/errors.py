@@ -126,6 +126,11 @@ class SinkClosed(StreamClosed):
     """During `Stream.splice`, the stream we were writing to went away."""
 
 
+class SinkStalled(SinkClosed):
+    """The stream we were writing to took nothing for the idle timeout (`Stream.drain`,
+    `Stream.splice`): it is given up as if it had gone."""
+
+
 class PeerGone(StreamClosed):
     """While we waited on this stream, the one it serves (`Stream.watcher`) went away:
     the client of an upstream wait reset its connection."""

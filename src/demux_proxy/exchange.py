@@ -30,6 +30,7 @@ from demux_proxy.errors import (
     ProtocolError,
     ProxyError,
     SinkClosed,
+    SinkStalled,
     SpliceUnavailable,
     StreamClosed,
     TLSTruncated,
@@ -333,9 +334,10 @@ class Forwarder:
             await _reap(upload)
             raise failed
         reusable = resp.keep_alive and out.request_done
-        if upload is not None and not upload.done():
+        if upload is not None and not out.request_done:
             # The server answered before reading the whole body (e.g. 413): neither
-            # connection is at a message boundary any more.
+            # connection is at a message boundary any more. The upload may have ended
+            # already, failed (the server closed): reaped either way, its error retrieved.
             await _reap(upload)
             keep = reusable = False
         if reusable and conn.usable():
@@ -356,19 +358,21 @@ class Forwarder:
                 data = body.read(buf)
                 if data:
                     out.bytes_up += len(data)
-                    if chunked:
-                        up.writelines(writer.chunk(data))
-                    else:
-                        up.write(data)
                     try:
+                        if chunked:
+                            up.writelines(writer.chunk(data))
+                        else:
+                            up.write(data)
                         await up.drain(idle)
-                    except SinkClosed as exc:  # the upstream stopped reading our upload
-                        raise UpstreamTimeout(f"upstream took nothing for {idle:g} s") from exc
+                    except StreamClosed as exc:  # every one here is the upstream's
+                        raise _upload_refused(exc, idle) from exc
                 elif body.done:
                     break
                 else:
                     try:  # Content-Length, and no TLS: the kernel moves the rest
                         moved = await self._splice(client, up, body, idle)
+                    except SinkClosed as exc:  # the upstream's; the rest are the client's
+                        raise _upload_refused(exc, idle) from exc
                     finally:
                         out.bytes_up += client.spliced  # counted also on failure
                     if not moved and not await client.fill(idle):
@@ -586,6 +590,14 @@ def _raise_upload_error(upload: asyncio.Task[None] | None) -> None:
         exc = upload.exception()
         if exc is not None:
             raise exc
+
+
+def _upload_refused(exc: StreamClosed, idle_s: float) -> UpstreamError:
+    """What the client is told when the upstream stopped taking the request's body: it
+    went away (a server refusing the upload by a reset), or took nothing for `idle_s`."""
+    if isinstance(exc, SinkStalled):
+        return UpstreamTimeout(f"upstream took nothing for {idle_s:g} s")
+    return UpstreamError(f"upstream ended the connection during the upload: {exc}")
 
 
 def _upstream_lost(exc: StreamClosed, *, mid_body: bool) -> UpstreamError:

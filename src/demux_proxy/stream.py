@@ -29,6 +29,7 @@ from typing import Any, Final, cast
 from demux_proxy.errors import (
     PeerGone,
     SinkClosed,
+    SinkStalled,
     SpliceUnavailable,
     StreamClosed,
     TLSTruncated,
@@ -372,7 +373,7 @@ class Stream(asyncio.Protocol):
                                 loop.add_writer, loop.remove_writer, dst, idle_timeout
                             )
                         except TimeoutError:
-                            raise SinkClosed(f"peer took nothing for {idle_timeout:g} s") from None
+                            raise SinkStalled(f"peer took nothing for {idle_timeout:g} s") from None
                         continue
                     n -= m
                     self.spliced += m
@@ -453,7 +454,7 @@ class Stream(asyncio.Protocol):
     async def drain(self, timeout: float | None = None) -> None:
         """Wait while the write buffer is above its high mark.
 
-        Raises SinkClosed when the peer took nothing for `timeout` seconds: a peer that
+        Raises SinkStalled when the peer took nothing for `timeout` seconds: a peer that
         stops reading must not hold its connection (and ours upstream) forever.
         """
         if self.closed:
@@ -471,7 +472,7 @@ class Stream(asyncio.Protocol):
                     if self.closed:
                         raise StreamClosed("connection closed by peer")
         except TimeoutError:
-            raise SinkClosed(f"peer took nothing for {timeout:g} s") from None
+            raise SinkStalled(f"peer took nothing for {timeout:g} s") from None
 
     def close(self) -> None:
         """Close cleanly: TLS close_notify where we run TLS, then FIN once writes drain."""

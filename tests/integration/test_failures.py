@@ -21,6 +21,7 @@ import http.client
 import socket
 import ssl
 import struct
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -295,6 +296,121 @@ def test_client_closing_its_upload_during_an_early_answer_is_told_as_the_clients
     assert line["level"] == "warning", line
     assert "closed before the end of the body" in line["fields"]["error"], line
     _assert_serving(proxy, upstream)
+
+
+class UploadResetUpstream(RawServer):
+    """Reads a request head and 100 KiB of its body, then resets: a server refusing an
+    upload the way a body-size limit or a crash does."""
+
+    READ = 100 * 1024
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        head = read_head(sock)
+        if not head:
+            return
+        self.seen.append(head.split(b" ", 2)[1].decode("latin-1"))
+        got = 0
+        while got < self.READ and (chunk := sock.recv(65536)):
+            got += len(chunk)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+
+
+class UploadStallUpstream(RawServer):
+    """Reads a request head, then nothing more, and never answers."""
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        if read_head(sock):
+            self._stop.wait(5)
+
+
+def _curl_upload(proxy: ProxyProcess, url: str, framing: str, body: Path) -> tuple[int, str, str]:
+    """POST `body` (8 MiB) to `url` with curl: its exit code, the status and the text."""
+    body.write_bytes(b"u" * (8 << 20))
+    extra = ["-H", "Transfer-Encoding: chunked"] if framing == "chunked" else []
+    done = subprocess.run(
+        ["curl", "-q", "-sS", "--max-time", "30", "--proxy", proxy.url,
+         "--cacert", str(proxy.ca_path), "-H", "Expect:", *extra,
+         "--data-binary", f"@{body}", "-w", "\n%{http_code}", url],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    text, _, status = done.stdout.decode().rpartition("\n")
+    return done.returncode, status, text
+
+
+UPLOADS = pytest.mark.parametrize(
+    ("scheme", "framing"),
+    # plain with a length: spliced; chunked, or over TLS: written and drained
+    [("http", "content-length"), ("http", "chunked"), ("https", "content-length")],
+)
+
+
+@UPLOADS
+def test_an_upstream_reset_during_the_upload_is_a_502_for_the_client(
+    proxy: ProxyProcess, upstream: Upstream, tmp_path: Path, scheme: str, framing: str
+) -> None:
+    """The upstream's failure, not the client's: the client (curl) got a bare reset, and
+    the log and metrics said "client connection lost"."""
+    marker = f"case={RUN}-upload-reset-{scheme}-{framing}"
+    with plain_and_tls(UploadResetUpstream, upstream.ca) as servers:
+        url = f"{scheme}://127.0.0.1:{servers[scheme].port}/upload?{marker}"
+        code, status, text = _curl_upload(proxy, url, framing, tmp_path / "body")
+    line = _response_line(proxy, marker)
+    assert line["fields"]["status_code"] == 502, line
+    assert "upstream" in line["fields"]["error"] and "client" not in line["fields"]["error"]
+    assert (code, status) == (0, "502"), text
+    assert text.startswith("upstream "), text
+    _assert_serving(proxy, upstream)
+
+
+@UPLOADS
+def test_an_upstream_that_takes_none_of_the_upload_is_a_504(
+    tmp_path: Path, upstream: Upstream, scheme: str, framing: str
+) -> None:
+    marker = f"case={RUN}-upload-stall-{scheme}-{framing}"
+    with (
+        plain_and_tls(UploadStallUpstream, upstream.ca) as servers,
+        running_proxy(
+            tmp_path / "state", "--idle-timeout", "1", upstream_ca=upstream.ca_pem_path
+        ) as p,
+    ):
+        url = f"{scheme}://127.0.0.1:{servers[scheme].port}/upload?{marker}"
+        code, status, text = _curl_upload(p, url, framing, tmp_path / "body")
+        line = _response_line(p, marker)
+    assert (code, status, text) == (0, "504", "upstream took nothing for 1 s\n")
+    assert line["fields"]["status_code"] == 504, line
+
+
+class RefusingUpstream(RawServer):
+    """Answers a request's head at once with a 413 and closes, its body unread (which
+    makes the close a reset, and may discard the answer before it left)."""
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        if read_head(sock):
+            sock.sendall(
+                b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n"
+                b"Connection: close\r\n\r\nbig\n"
+            )
+
+
+def test_an_upload_refused_by_an_early_answer_leaves_no_error_unread(
+    proxy: ProxyProcess, upstream: Upstream, tmp_path: Path
+) -> None:
+    """The client gets the server's 413 (or, where the server's reset overtook it, a 502
+    that says so); the upload, failed when the server closed, was not reaped when it had
+    ended first, and asyncio logged "Task exception was never retrieved" with its
+    traceback (in about one try in seven)."""
+    first = len(proxy.lines)
+    with plain_and_tls(RefusingUpstream, upstream.ca) as servers:
+        for i in range(12):
+            scheme = SCHEMES[i % 2]
+            url = f"{scheme}://127.0.0.1:{servers[scheme].port}/upload?case={RUN}-refused-{i}"
+            code, status, text = _curl_upload(proxy, url, "content-length", tmp_path / "b")
+            assert (code, status, text) == (0, "413", "big\n") or (
+                (code, status) == (0, "502") and text.startswith("upstream ")
+            ), (code, status, text)
+    _assert_serving(proxy, upstream)
+    errors = [ln for ln in proxy.lines[first:] if ln["level"] == "error"]
+    assert errors == [], errors[0]
 
 
 # --------------------------------------------------------------------------- downloads
