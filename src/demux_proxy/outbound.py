@@ -18,7 +18,7 @@ from demux_proxy import log
 from demux_proxy.config import Config
 from demux_proxy.dispatch import Dispatcher
 from demux_proxy.egress import Egress
-from demux_proxy.errors import StreamClosed, Unavailable, UpstreamTimeout
+from demux_proxy.errors import PeerGone, StreamClosed, Unavailable, UpstreamTimeout
 from demux_proxy.http1 import writer
 from demux_proxy.http1.framing import BodyDecoder
 from demux_proxy.http1.headers import end_to_end, replace, websocket_upgrade
@@ -141,7 +141,7 @@ class Outbound:
             # answer; an idempotent request without a body is safe to send again on a
             # fresh one. (Any other fails as the exchange reads its answer: a 502.)
             try:
-                await self._await_first_byte(conn)
+                await self._await_first_byte(conn, client)
                 stale = False
             except _StaleConnection:
                 stale = True  # no await in an except block: see stream._splice_chunk
@@ -226,15 +226,29 @@ class Outbound:
             timeout_s=self._config.connect_timeout_s,
         )
 
-    async def _await_first_byte(self, conn: UpstreamConnection) -> None:
+    async def _await_first_byte(self, conn: UpstreamConnection, client: Stream) -> None:
+        """The answer's first byte on a reused connection; _StaleConnection when it closed
+        first. A client that resets meanwhile ends the wait (PeerGone), as in the
+        exchange's own wait for the head: its upstream is not held to --response-timeout."""
         up = conn.stream
+        if up.buffer:
+            return
+        timeout = self._config.response_timeout_s
+        if client.closed:
+            raise PeerGone("client connection lost while waiting for the upstream")
+        client.watcher = up
         try:
-            if not up.buffer and not await up.fill(self._config.response_timeout_s):
-                raise _StaleConnection
+            more = await up.fill(timeout)
+        except PeerGone:
+            raise
         except StreamClosed:
-            raise _StaleConnection from None
+            more = False
         except TimeoutError as exc:
-            raise UpstreamTimeout("no response from upstream in time") from exc
+            raise UpstreamTimeout(f"no response from upstream within {timeout:g} s") from exc
+        finally:
+            client.watcher = None
+        if not more:
+            raise _StaleConnection
 
 
 def request_head(req: RequestHead, route: Route) -> bytes:

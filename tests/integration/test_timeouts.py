@@ -319,14 +319,19 @@ def test_out_of_descriptors_idle_upstreams_give_theirs_back(
 
 
 class _Silent(RawServer):
-    """Reads a request head and never answers; notes when the proxy lets go."""
+    """Reads a request head and never answers; notes when the proxy lets go. A request
+    for /first is answered, and the connection kept: the next one on it is not."""
 
     def __init__(self, tls: ssl.SSLContext | None) -> None:
         super().__init__(tls)
         self.let_go = threading.Event()
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        if not read_head(sock):
+        head = read_head(sock)
+        if head.startswith(b"GET /first "):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            head = read_head(sock)
+        if not head:
             return
         sock.settimeout(30)
         try:
@@ -336,33 +341,49 @@ class _Silent(RawServer):
         self.let_go.set()
 
 
+@pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_a_client_that_resets_while_waiting_releases_its_upstream(
-    tmp_path: Path, upstream: Upstream, scheme: str
+    tmp_path: Path, upstream: Upstream, scheme: str, pooled: bool
 ) -> None:
     """The upstream connection was held until --response-timeout (120 s) and the
-    request logged as a 504; the client's reset now ends the wait."""
+    request logged as a 504; the client's reset now ends the wait. On a pooled
+    connection too, where the wait is the check that the connection is not stale."""
     with (
         plain_and_tls(_Silent, upstream.ca) as servers,
-        running_proxy(tmp_path / "state", "--workers", "1", upstream_ca=upstream.ca_pem_path) as p,
-    ):
+        running_proxy(
+            tmp_path / "state", "--workers", "1", egress=["127.0.0.2"],
+            upstream_ca=upstream.ca_pem_path,
+        ) as p,
+    ):  # fmt: skip
         server = servers[scheme]
         c = socket.create_connection(("127.0.0.1", p.port), timeout=10)
         target = f"127.0.0.1:{server.port}"
+        paths = ["/first", "/wait"] if pooled else ["/wait"]
         if scheme == "https":
             c.sendall(f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
             assert read_head(c).startswith(b"HTTP/1.1 200 ")
             ctx = ssl.create_default_context(cafile=str(p.ca_path))
             c = ctx.wrap_socket(c, server_hostname="127.0.0.1")
-            c.sendall(b"GET /wait HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            heads = [f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" for path in paths]
         else:
-            c.sendall(f"GET http://{target}/wait HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        p.wait_for_log("outbound request")
+            heads = [
+                f"GET http://{target}{path} HTTP/1.1\r\nHost: {target}\r\n\r\n" for path in paths
+            ]
+        for head in heads:
+            c.sendall(head.encode())
+            if "/first " in head:
+                got = read_head(c)
+                while not got.endswith(b"\r\n\r\nok"):
+                    got += c.recv(2)
+                assert got.startswith(b"HTTP/1.1 200 "), got
+                assert p.wait_for_log("inbound response")["fields"]["status_code"] == 200
+        p.wait_for_log("outbound request", lambda ln: "/wait" in ln["fields"]["url"])
         time.sleep(0.2)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.close()  # a reset
         assert server.let_go.wait(5), "the upstream connection was kept for the gone client"
-        line = p.wait_for_log("inbound response")
+        line = p.wait_for_log("inbound response", lambda ln: "/wait" in ln["fields"]["url"])
         error = line["fields"]["error"]
         assert error.startswith("client connection lost"), line
         assert error.count("client connection lost") == 1, line  # said once
