@@ -169,9 +169,9 @@ class Outbound:
             return None
         known = [self._resolver.known(route.host, f) for f in families]
         if all(k is not None for k in known):  # most requests: no task, no wait
-            reachable = [f for f, k in zip(families, known, strict=True) if k]
-            if reachable:
-                return reachable[0] if len(reachable) == 1 else None
+            decided, family = self._one_family(route, families, known)
+            if decided:
+                return family
         lookups = [asyncio.ensure_future(self._resolver.resolve(route.host, f)) for f in families]
         done, pending = await asyncio.wait(lookups, return_when=asyncio.FIRST_COMPLETED)
         if pending:
@@ -182,14 +182,36 @@ class Outbound:
             for t in lookups:
                 if not t.done():  # left to finish (and be cached) on its own, not cancelled
                     t.add_done_callback(_retrieved)
-        reachable = [f for f, t in zip(families, lookups, strict=True) if _found(t)]
-        if reachable:
-            return reachable[0] if len(reachable) == 1 else None
+        answers = [t.result() if _found(t) else None for t in lookups]
+        decided, family = self._one_family(route, families, answers)
+        if decided:
+            return family
         for t in lookups:
             exc = t.exception() if t.done() and not t.cancelled() else None
             if exc is not None:
                 raise exc
         raise self._resolver.no_address(route.host, families)
+
+    def _one_family(
+        self, route: Route, families: list[int], answers: list[list[str] | None]
+    ) -> tuple[bool, int | None]:
+        """From each family's addresses for the host (None or empty: none), whether any
+        had one, and the one family to use, else None (both can). Only addresses the
+        destination rules admit count: a name whose IPv6 address is refused (private,
+        --deny) goes over IPv4, rather than one request in two getting a 403. Where none
+        is admitted, the family that has addresses is used, and the dial says why not."""
+        found: list[int] = []
+        admitted: list[int] = []
+        policy = self._policy
+        for family, addresses in zip(families, answers, strict=True):
+            if addresses:
+                found.append(family)
+                for address in addresses:
+                    if policy.refusal(route.host, address, route.port, route.tls_name) is None:
+                        admitted.append(family)
+                        break
+        usable = admitted or found
+        return bool(found), usable[0] if len(usable) == 1 else None
 
     async def _dial(self, egress: Egress, route: Route) -> UpstreamConnection:
         """A new connection from `egress`, verified as the route's TLS name."""

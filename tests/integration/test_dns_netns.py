@@ -61,8 +61,9 @@ finally:
 
 
 @contextmanager
-def _namespace(prefix: str, resolv_conf: str) -> Iterator[str]:
-    """A throw-away namespace, loopback up, whose resolv.conf is `resolv_conf`."""
+def _namespace(prefix: str, resolv_conf: str, hosts: str | None = None) -> Iterator[str]:
+    """A throw-away namespace, loopback up, whose resolv.conf is `resolv_conf` (and
+    /etc/hosts `hosts`, where given)."""
     name = f"{prefix}-{secrets.token_hex(4)}"
     add_namespace_or_skip(name)
     conf_dir = Path("/etc/netns") / name
@@ -70,6 +71,8 @@ def _namespace(prefix: str, resolv_conf: str) -> Iterator[str]:
         ns_ip(name, "link", "set", "lo", "up")
         conf_dir.mkdir(parents=True)
         (conf_dir / "resolv.conf").write_text(resolv_conf)
+        if hosts is not None:
+            (conf_dir / "hosts").write_text(hosts)
         yield name
     finally:
         ip("netns", "delete", name)
@@ -297,3 +300,56 @@ def test_a_fully_qualified_name_is_verified_as_its_certificate_names_it(
         assert got.startswith("HTTP/1.1 200 "), (how, got)
         assert got.endswith("\r\n\r\nhello svc.test.:" + got.rsplit(":", 1)[1]), (how, got)
         assert names in ([], ["svc.test"]), (how, names)
+
+
+# ... with a name that /etc/hosts gives both families, an upstream on both, and IPv6's
+# address denied.
+DENIED_FAMILY_PROBE = (
+    START_PROXY
+    + r"""
+import http.server, threading
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Both(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+upstream = Both(("::", 0), Echo)
+threading.Thread(target=upstream.serve_forever, daemon=True).start()
+proxy, port = start_proxy("--egress", "127.0.0.2,::1", "--deny", "::1/128")
+try:
+    seen = []
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            url = "http://both.test:%d/" % upstream.server_address[1]
+            c.sendall(b"GET %s HTTP/1.1\r\nHost: both.test\r\nConnection: close\r\n\r\n"
+                      % url.encode())
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        seen.append(answer.decode("latin-1"))
+    print(json.dumps(seen))
+finally:
+    proxy.terminate()
+    proxy.wait(10)
+"""
+)
+
+
+def test_a_family_whose_addresses_are_refused_is_not_rotated_onto(tmp_path: Path) -> None:
+    """IPv4 and IPv6 egress, a name with an A and an AAAA record, the AAAA's address
+    denied: the host is reachable over IPv4 only, so every request goes that way; it
+    was one request in two refused with 403 (the family was chosen before the rules)."""
+    hosts = "127.0.0.1 localhost\n127.0.0.1 both.test\n::1 both.test\n"
+    with _namespace("demuxfam", "nameserver 127.0.0.1\n", hosts) as netns:
+        seen = _probe(netns, DENIED_FAMILY_PROBE, str(tmp_path / "state"))
+    for answer in seen:
+        assert answer.startswith("HTTP/1.1 200 ") and answer.endswith("127.0.0.2"), seen
