@@ -209,14 +209,19 @@ async def connect(
     policy: DestinationPolicy,
     timeout_s: float,
 ) -> UpstreamConnection:
-    """Dial the first address that policy allows and that answers, bound to `egress`."""
+    """Dial the first address that policy allows and that answers, bound to `egress`.
+
+    Each address but the last may take its share of the time left for its TCP connect
+    (as curl does): one that never answers (SYNs dropped) leaves the others time, where
+    it used to take all of `timeout_s`."""
     port = key[3]
     allowed = allowed_addresses(policy, key, addresses)
     loop = asyncio.get_running_loop()
     last: UpstreamError | None = None
+    deadline = loop.time() + timeout_s
     try:
         async with asyncio.timeout(timeout_s):
-            for address in allowed:
+            for index, address in enumerate(allowed):
                 try:
                     sock = _bound_socket(egress)
                 except OSError as exc:
@@ -227,8 +232,23 @@ async def connect(
                     raise EgressFailure(
                         f"cannot bind egress address {egress.address}: {exc.strerror}"
                     ) from exc
+                left = len(allowed) - index
                 try:
-                    await loop.sock_connect(sock, (address, port))
+                    if left > 1:
+                        share = (deadline - loop.time()) / left
+                        try:
+                            async with asyncio.timeout(share):
+                                await loop.sock_connect(sock, (address, port))
+                        except TimeoutError:
+                            if loop.time() >= deadline:
+                                raise  # the whole time is up: the outer timeout's
+                            sock.close()
+                            last = UpstreamError(
+                                f"connecting to {bracketed(address)}:{port} timed out"
+                            )
+                            continue
+                    else:
+                        await loop.sock_connect(sock, (address, port))
                     _, stream = await loop.create_connection(
                         lambda: Stream(native_tls=tls is not None),
                         sock=sock,

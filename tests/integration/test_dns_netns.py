@@ -353,3 +353,69 @@ def test_a_family_whose_addresses_are_refused_is_not_rotated_onto(tmp_path: Path
         seen = _probe(netns, DENIED_FAMILY_PROBE, str(tmp_path / "state"))
     for answer in seen:
         assert answer.startswith("HTTP/1.1 200 ") and answer.endswith("127.0.0.2"), seen
+
+
+# ... with a name of two addresses, one of which drops SYNs (its listen queue is full):
+# on port A the first address is that one, on port B the second.
+SILENT_ADDRESS_PROBE = (
+    START_PROXY
+    + r"""
+import http.server, threading
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"answered"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+def silent(address, port):
+    # listen(0) with its one slot taken: the kernel drops the SYNs that follow
+    s = socket.socket()
+    s.bind((address, port))
+    s.listen(0)
+    for _ in range(2):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex((address, port))
+        held.append(c)
+    held.append(s)
+held = []
+ports = []
+for silent_one, answering in (("127.0.0.1", "127.0.0.7"), ("127.0.0.7", "127.0.0.1")):
+    upstream = http.server.ThreadingHTTPServer((answering, 0), Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    silent(silent_one, upstream.server_address[1])
+    ports.append(upstream.server_address[1])
+time.sleep(0.2)
+proxy, port = start_proxy("--egress", "127.0.0.2", "--connect-timeout", "3")
+try:
+    seen = []
+    for upstream_port in ports:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            url = "http://two.test:%d/" % upstream_port
+            c.sendall(b"GET %s HTTP/1.1\r\nHost: two.test\r\nConnection: close\r\n\r\n"
+                      % url.encode())
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        seen.append([answer.decode("latin-1"), time.monotonic() - started])
+    print(json.dumps(seen))
+finally:
+    proxy.terminate()
+    proxy.wait(10)
+"""
+)
+
+
+def test_an_address_that_never_answers_leaves_time_for_the_next(tmp_path: Path) -> None:
+    """A name with two addresses, the first silent: it took all of --connect-timeout,
+    and the request failed with a 504 though the second address answers at once."""
+    hosts = "127.0.0.1 localhost\n127.0.0.1 two.test\n127.0.0.7 two.test\n"
+    with _namespace("demuxtwo", "nameserver 127.0.0.1\n", hosts) as netns:
+        seen = _probe(netns, SILENT_ADDRESS_PROBE, str(tmp_path / "state"))
+    for answer, seconds in seen:
+        assert answer.startswith("HTTP/1.1 200 ") and answer.endswith("answered"), seen
+        assert seconds < 2.5, seen  # half of the 3 s for the silent one, then the other
