@@ -246,7 +246,7 @@ class Forwarder:
                 fields["error"] = error
             if used is not None:
                 self._scheduler.finished(used.address)
-                if kind == "forbidden":  # refused before anything left: from no address
+                if kind == "forbidden" or kind == "loop":  # refused before anything left
                     used = None
                 else:
                     fields["interface"] = used.address

@@ -87,7 +87,8 @@ def test_metrics_status_and_health_after_traffic(
 def test_answers_the_proxy_gives_itself_are_counted(tmp_path: Path) -> None:
     """A malformed head (400), a 407, a refused CONNECT (403) and a TRACE at Max-Forwards
     0 (200) were logged but never counted: /metrics showed a proxy that refused everyone
-    as one that saw nothing."""
+    as one that saw nothing. A request to the proxy itself (508) is refused before it
+    leaves, as a 403 is: it was counted under the address picked for it."""
     with running_proxy(
         tmp_path, "--admin", "127.0.0.1:0", "--auth", "u:p", "--deny", "denied.test"
     ) as p:
@@ -101,13 +102,15 @@ def test_answers_the_proxy_gives_itself_are_counted(tmp_path: Path) -> None:
             b"Proxy-Authorization: Basic %s\r\n\r\n" % token.encode(),  # 403
             b"TRACE http://a.test/ HTTP/1.1\r\nHost: a.test\r\nMax-Forwards: 0\r\n"
             b"Proxy-Authorization: Basic %s\r\n\r\n" % token.encode(),  # 200, from here
+            b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Proxy-Authorization: Basic %s\r\n\r\n" % (p.port, token.encode()),  # 508
         ]
         statuses = []
         for ask in asks:
             with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
                 c.sendall(ask)
                 statuses.append(c.recv(65536)[:12])
-        assert statuses == [b"HTTP/1.1 %d" % n for n in (400, 407, 407, 403, 200)]
+        assert statuses == [b"HTTP/1.1 %d" % n for n in (400, 407, 407, 403, 200, 508)]
         text = requests.get(_admin(p) + "/metrics", auth=("u", "p"), timeout=10).text
     counted: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(text):
@@ -119,10 +122,13 @@ def test_answers_the_proxy_gives_itself_are_counted(tmp_path: Path) -> None:
                 counted[("error", sample.labels["kind"])] = sample.value
     assert counted[("none", "4xx")] == 4
     assert counted[("none", "2xx")] == 1
+    assert counted[("none", "5xx")] == 1
+    assert not any(v for k, v in counted.items() if k[0] in EGRESS), counted
     assert {k: v for k, v in counted.items() if k[0] == "error"} == {
         ("error", "bad_request"): 1,
         ("error", "auth"): 1,
         ("error", "forbidden"): 1,
+        ("error", "loop"): 1,
     }
 
 
