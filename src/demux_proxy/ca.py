@@ -377,7 +377,14 @@ class CertificateAuthority:
         if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             raise ConfigError(f"CA key {key_path}: unsupported key type (use RSA or EC)")
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        public = key.public_key().public_bytes(*spki)
+        if public != cert.public_key().public_bytes(*spki):
+            for n, other in enumerate(chain, start=2):
+                if public == other.public_key().public_bytes(*spki):  # a bundle out of order
+                    raise ConfigError(
+                        f"CA cert {cert_path}: the certificate of CA key {key_path} is number "
+                        f"{n} in the file; put it first, then each issuer"
+                    )
             raise ConfigError(f"CA key {key_path} does not match CA cert {cert_path}")
         try:
             is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
