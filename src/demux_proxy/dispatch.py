@@ -19,7 +19,6 @@ from demux_proxy.config import Config
 from demux_proxy.egress import Egress
 from demux_proxy.errors import (
     EgressFailure,
-    EgressTimeout,
     NoEgressLeft,
     PeerGone,
     ProtocolError,
@@ -216,9 +215,10 @@ class Dispatcher:
             rest_s=round(seconds, 3),
         )
 
-    def timed_out(self, egress: Egress, host: str, exc: EgressTimeout) -> None:
-        """A connect to `host` timed out: cool this (address, host) pair down with backoff,
-        as a cooling status would, and leave the address to every other host."""
+    def cool_pair(self, egress: Egress, host: str, exc: EgressFailure) -> None:
+        """A connect to `host` timed out, or had no route: cool this (address, host) pair
+        down with backoff, as a cooling status would, and leave the address to every
+        other host."""
         now = self._clock().time()
         seconds = self.scheduler.cooldowns.cool(egress.address, host, now, None)
         self._events.warning(

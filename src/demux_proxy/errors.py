@@ -96,6 +96,13 @@ class EgressFailure(UpstreamError):
     the scheduler rests it and the request may go from another."""
 
 
+class EgressUnreachable(EgressFailure):
+    """The kernel has no route from this egress address to the host (ENETUNREACH,
+    EHOSTUNREACH). It may be the address (a missing source route), but it may as well be
+    the destination a client named: as a timeout does, it cools the (address, host) pair,
+    so that no client can take an address away from every other by naming one."""
+
+
 class EgressTimeout(EgressFailure, UpstreamTimeout):
     """A connect (TCP or TLS handshake) from this egress address to the host timed out.
 

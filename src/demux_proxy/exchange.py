@@ -23,6 +23,7 @@ from demux_proxy.dispatch import Dispatcher
 from demux_proxy.errors import (
     EgressFailure,
     EgressTimeout,
+    EgressUnreachable,
     Forbidden,
     LoopDetected,
     NoEgressLeft,
@@ -68,6 +69,7 @@ from demux_proxy.upstream import UpstreamConnection
 _KIND: Final[dict[type[ProxyError], str]] = {
     EgressFailure: "egress",
     EgressTimeout: "egress",
+    EgressUnreachable: "egress",
     ProtocolError: "bad_request",
     Forbidden: "forbidden",
     LoopDetected: "loop",
@@ -162,8 +164,8 @@ class Forwarder:
                     failed = out.egress
                     if failed is None:
                         raise
-                    if isinstance(exc, EgressTimeout):
-                        self._dispatch.timed_out(failed, route.host, exc)
+                    if isinstance(exc, (EgressTimeout, EgressUnreachable)):
+                        self._dispatch.cool_pair(failed, route.host, exc)
                     else:
                         self._dispatch.rest(failed, exc)
                     if len(tried) >= self._dispatch.retries or only is not None:

@@ -23,6 +23,7 @@ from demux_proxy.egress import Egress
 from demux_proxy.errors import (
     EgressFailure,
     EgressTimeout,
+    EgressUnreachable,
     Forbidden,
     Unavailable,
     UpstreamError,
@@ -46,7 +47,12 @@ _NO_ADDRESS_ERRNOS: Final = frozenset(
     }
 )
 FAMILY_NAME: Final[dict[int, str]] = {socket.AF_INET: "IPv4", socket.AF_INET6: "IPv6"}
-_EGRESS_ERRNOS: Final = frozenset({errno.EADDRNOTAVAIL, errno.ENETUNREACH, errno.EHOSTUNREACH})
+# ::ffff:0:0/96: an IPv4 address written as IPv6. An IPv6 socket cannot reach it (Linux:
+# ENETUNREACH), and the destination rules already judge it as the IPv4 address inside.
+_V4_MAPPED: Final = bytes(10) + b"\xff\xff"
+# The egress address's own fault (gone from the host), and no route from it to there.
+_EGRESS_ERRNOS: Final = frozenset({errno.EADDRNOTAVAIL})
+_UNREACHABLE_ERRNOS: Final = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH})
 # The proxy short of descriptors or memory: resting an egress address would not help.
 _LOCAL_SHORTAGE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
@@ -111,8 +117,14 @@ class Resolver:
         except OSError:
             literal = None
         if literal is not None:
+            if literal[:12] == _V4_MAPPED:  # IPv6 only in form: dialled as IPv4 (below)
+                return []
             return [host]
         if is_ip_literal(host):
+            if family == socket.AF_INET:  # then it is IPv6: ::ffff:a.b.c.d is a.b.c.d
+                packed = socket.inet_pton(socket.AF_INET6, host)
+                if packed[:12] == _V4_MAPPED:
+                    return [socket.inet_ntop(socket.AF_INET, packed[12:])]
             return []  # an IP literal of the other family
         cached = self._cache.get((host, family))
         if cached is not None and cached[0] > self._clock():
@@ -277,7 +289,13 @@ async def connect(
                             f"cannot open a connection: {exc.strerror}", retry_after_s=1
                         ) from exc
                     # The address's own fault (gone, unroutable) or the destination's.
-                    failure = EgressFailure if exc.errno in _EGRESS_ERRNOS else UpstreamError
+                    failure = (
+                        EgressFailure
+                        if exc.errno in _EGRESS_ERRNOS
+                        else EgressUnreachable
+                        if exc.errno in _UNREACHABLE_ERRNOS
+                        else UpstreamError
+                    )
                     last = failure(describe_connect_error(exc, egress.address, address, port))
                     last.__cause__ = exc
                     continue

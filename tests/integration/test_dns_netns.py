@@ -419,3 +419,52 @@ def test_an_address_that_never_answers_leaves_time_for_the_next(tmp_path: Path) 
     for answer, seconds in seen:
         assert answer.startswith("HTTP/1.1 200 ") and answer.endswith("answered"), seen
         assert seconds < 2.5, seen  # half of the 3 s for the silent one, then the other
+
+
+# ... with no route anywhere but loopback: 10.99.9.9 is ENETUNREACH from 127.0.0.2 (and
+# nothing leaves: the namespace has no other link). Then a host that answers.
+NO_ROUTE_PROBE = (
+    START_PROXY
+    + r"""
+import http.server, threading
+class Hello(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+threading.Thread(target=upstream.serve_forever, daemon=True).start()
+proxy, port = start_proxy("--egress", "127.0.0.2")
+seen = []
+try:
+    for url in ("http://10.99.9.9/", "http://127.0.0.1:%d/" % upstream.server_address[1]):
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            c.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % url.encode())
+            answer = b""
+            while chunk := c.recv(65536):
+                answer += chunk
+        seen.append([answer.decode("latin-1"), time.monotonic() - started])
+finally:
+    proxy.terminate()
+    log = proxy.communicate(timeout=10)[0]
+print(json.dumps({"seen": seen, "log": [json.loads(line)["message"] for line in log.splitlines()]}))
+"""
+)
+
+
+def test_no_route_to_one_host_takes_the_address_from_no_other(tmp_path: Path) -> None:
+    """ENETUNREACH rested the egress address for every host, for longer each time: a
+    client naming an unroutable destination could bench addresses. It cools the
+    (address, host) pair, as a connect timeout does."""
+    with _namespace("demuxroute", "nameserver 127.0.0.1\n") as netns:
+        probe = _probe(netns, NO_ROUTE_PROBE, str(tmp_path / "state"))
+    (unroutable, _), (answered, seconds) = probe["seen"]
+    assert unroutable.startswith("HTTP/1.1 502 ") and "unreachable" in unroutable, unroutable
+    assert answered.startswith("HTTP/1.1 200 ") and answered.endswith("ok"), answered
+    assert seconds < 0.5, probe  # not queued behind a resting address
+    assert "egress address cooling" in probe["log"], probe["log"]
+    assert "egress address resting" not in probe["log"], probe["log"]

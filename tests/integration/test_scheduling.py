@@ -470,3 +470,23 @@ def test_mixed_family_egress_reuses_pooled_connections(tmp_path: Path, upstream:
         assert r.status_code == 502 and "cannot reach" in r.text, r.text
     assert {d["peer"] for d in seen} == {"127.0.0.2"}
     assert len({d["connection_id"] for d in seen}) == 1, seen
+
+
+def test_an_ipv4_mapped_literal_goes_over_ipv4_and_rests_no_address(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """http://[::ffff:127.0.0.1]/ with IPv4 and IPv6 egress was dialled from ::1, which
+    has no route there (ENETUNREACH): the request rotated onto ::1 failed over, and ::1
+    rested for every host, longer each time: any client could bench an address."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with running_proxy(
+        tmp_path / "state", "--workers", "1", egress=["127.0.0.2", "::1"],
+        upstream_ca=upstream.ca_pem_path,
+    ) as p, requests.Session() as s:  # fmt: skip
+        url = f"http://[::ffff:127.0.0.1]:{upstream.http_port}/ip"
+        seen = [s.get(url, proxies={"http": p.url}, timeout=10) for _ in range(4)]
+        assert [r.status_code for r in seen] == [200] * 4, [r.text for r in seen]
+        assert {r.json()["peer"] for r in seen} == {"127.0.0.2"}
+        assert not p.logs("egress address resting")
+        assert not [ln for ln in p.lines if "retried_from" in ln.get("fields", {})]
