@@ -59,6 +59,12 @@ def _any(i: int) -> bool:
     return True
 
 
+def _first(n: int, accept: Callable[[int], bool]) -> int | None:
+    """The one index a request bound to an address may take: the rotation's position
+    is not the bound request's to move (the next unbound one would skip an address)."""
+    return _scan(0, n, accept)
+
+
 class LocalCursor:
     def __init__(self) -> None:
         self.position = 0
@@ -320,7 +326,8 @@ class Scheduler:
                 return False
             return rule is None or self._bucket(address, rule, now).wait_s(now) == 0
 
-        while (i := self._strategy.choose(len(egress), ready)) is not None:
+        choose = self._strategy.choose if only is None else _first
+        while (i := choose(len(egress), ready)) is not None:
             # The look and the take are two steps under a shared bucket's lock: the take
             # decides. (One step would not do: least-busy looks at every address.)
             if rule is None or self._bucket(egress[i].address, rule, now).take(now):

@@ -324,6 +324,22 @@ def test_sessions_stick_and_egress_can_be_pinned(tmp_path: Path, limited: Limite
     assert not any("X-Demux-Session" in h or "X-Demux-Egress" in h for h in limited.headers)
 
 
+@pytest.mark.parametrize("bound", ["X-Demux-Egress", "X-Demux-Session"])
+def test_bound_requests_between_others_leave_the_rotation_even(
+    tmp_path: Path, limited: Limited, bound: str
+) -> None:
+    """A pinned or session request moved the shared rotation past its own address: the
+    plain requests of a crawler that mixes both all went from one address (39 of 40)."""
+    limited.rate = 1000.0
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(tmp_path / "state", "--workers", "2") as p:
+        plain: list[str] = []
+        for _ in range(4 * len(EGRESS)):
+            _get(p, url, headers={bound: "127.0.0.3"})
+            plain.append(_get(p, url).text)
+    assert Counter(plain) == {address: 4 for address in EGRESS}, Counter(plain)
+
+
 def test_status_shows_cooldowns_and_queue_depth(tmp_path: Path, limited: Limited) -> None:
     limited.rate = 1000.0
     limited.banned = {"127.0.0.3"}

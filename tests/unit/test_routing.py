@@ -217,6 +217,19 @@ def test_round_robin_cycles_in_order() -> None:
     assert [rr.pick() for _ in range(7)] == [*V4, *V4, V4[0]]
 
 
+@pytest.mark.parametrize("strategy", ["round-robin", "least-busy"])
+def test_a_request_bound_to_one_address_leaves_the_rotation_where_it_was(strategy: str) -> None:
+    """A pinned or session request (`only`) moved the shared position past its own
+    address, so the unbound requests between such requests kept landing on the address
+    after it: one address got them all."""
+    rr = Scheduler(V4, strategy=strategy)
+    seen = []
+    for _ in range(2 * len(V4)):
+        assert rr.acquire("a.test", 0.0, only=V4[0].address) == V4[0]
+        seen.append(rr.acquire("a.test", 0.0))
+    assert seen == [*V4, *V4]
+
+
 def test_family_pick_skips_to_the_next_of_that_family() -> None:
     rr = Scheduler([V4[0], V6, V4[1]])
     assert rr.pick(socket.AF_INET6) == V6
