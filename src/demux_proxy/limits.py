@@ -8,6 +8,7 @@ tests drive it. State lives in small objects the caller owns (no module state).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import random
 import re
@@ -35,7 +36,7 @@ __all__ = [
 RETRY_AFTER_CAP_S: Final = 3600.0
 _UNITS: Final = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)/([a-z]+)")
-_NAME: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_.:-]*[a-z0-9_])?")
+_NAME: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,17 @@ class HostRate:
 
 def _norm(host: str) -> str:
     return host.strip().lower().rstrip(".")
+
+
+def _ipv6(text: str) -> str | None:
+    """`text` ("::1", "[0::1]") as a request's host shows an IPv6 literal, canonical; None
+    when it is none (a name with a port, say)."""
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        return str(ipaddress.IPv6Address(text))
+    except ValueError:
+        return None
 
 
 def parse_host_rate(text: str) -> HostRate:
@@ -63,7 +75,12 @@ def parse_host_rate(text: str) -> HostRate:
         raise bad("missing '='")
     pattern = _norm(host)
     name = pattern[2:] if pattern.startswith("*.") else pattern
-    if not _NAME.fullmatch(name) or ".." in name:
+    if ":" in pattern:
+        literal = _ipv6(pattern)
+        if literal is None:  # "api.example.com:443" would never match: hosts have no port
+            raise bad(f"bad host {host.strip()!r}: a budget is per host, whatever the port")
+        pattern = literal
+    elif not _NAME.fullmatch(name) or ".." in name:
         raise bad(f"bad host {host.strip()!r}")
     rate_text, colon, burst_text = spec.strip().lower().partition(":")
     m = _RATE.fullmatch(rate_text.strip())
@@ -99,6 +116,8 @@ class RateRules:
 
     def match(self, host: str) -> HostRate | None:
         name = _norm(host)
+        if ":" in name:  # an IPv6 literal, as the rule's was: canonical ("0::1" is "::1")
+            name = _ipv6(name) or name
         rule = self._exact.get(name)
         if rule is not None or not self._suffix:
             return rule

@@ -28,6 +28,8 @@ from demux_proxy.limits import (
         ("a.example=0.5/s", HostRate("a.example", 0.5, 1)),
         ("host=3600/h:2", HostRate("host", 1.0, 2)),
         ("10.0.0.1=.5/s", HostRate("10.0.0.1", 0.5, 1)),
+        ("::1=1/s", HostRate("::1", 1.0, 1)),
+        ("[2001:DB8:0::1]=1/s", HostRate("2001:db8::1", 1.0, 1)),
     ],
 )
 def test_parse_host_rate(text: str, expected: HostRate) -> None:
@@ -42,6 +44,8 @@ def test_parse_host_rate(text: str, expected: HostRate) -> None:
         ("a..b=5/s", "bad host"),
         ("*=5/s", "bad host"),
         ("a b=5/s", "bad host"),
+        ("api.example.com:443=5/s", "a budget is per host, whatever the port"),
+        ("[::1]:443=5/s", "a budget is per host"),
         ("h=5", "bad rate"),
         ("h=five/s", "bad rate"),
         ("h=-1/s", "bad rate"),
@@ -72,6 +76,8 @@ def test_match_precedence() -> None:
     assert rules.match("b.example.com") is wide
     assert rules.match("example.com") is None
     assert rules.match("other.org") is None
+    literal = HostRate("2001:db8::1", 1.0)
+    assert RateRules([literal]).match("2001:DB8:0:0::1") is literal  # as a request has it
     with pytest.raises(ConfigError, match="twice"):
         RateRules([wide, HostRate("*.EXAMPLE.com", 1.0)])
 
