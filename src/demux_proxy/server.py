@@ -518,6 +518,14 @@ class ProxyServer:
                 error=exc.reason or str(exc),
             )
             return
+        except TimeoutError:  # a ClientHello begun and never finished: said, as above
+            self._events.warning(
+                "TLS handshake with client failed",
+                client=stream.peer[0],
+                host=host,
+                error=f"not finished within {cfg.handshake_timeout_s:g} s (--handshake-timeout)",
+            )
+            return
         finally:
             sni = self._sni.pop(id(stream.ssl_object), None)
         name = tls_name(sni or host)

@@ -58,6 +58,23 @@ def test_slow_head_gets_408_and_idle_client_is_closed(tmp_path: Path, upstream: 
             idle.close()
 
 
+def test_a_tls_handshake_never_finished_is_closed_and_said(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """A ClientHello begun and never finished: the tunnel closed after
+    --handshake-timeout with a debug line only, which named no host."""
+    with running_proxy(tmp_path / "state", "--handshake-timeout", "0.5") as p:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+            c.sendall(b"CONNECT half.test:443 HTTP/1.1\r\nHost: half.test:443\r\n\r\n")
+            assert read_head(c).startswith(b"HTTP/1.1 200 ")
+            c.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a hello, cut
+            assert _read_all(c, 10) == b""  # the close, after the timeout
+        said = p.wait_for_log("TLS handshake with client failed")
+        assert said["level"] == "warning"
+        assert said["fields"]["host"] == "half.test", said
+        assert "0.5 s (--handshake-timeout)" in said["fields"]["error"], said
+
+
 def test_a_tunnel_the_client_sends_nothing_into_is_closed_and_said(
     tmp_path: Path, upstream: Upstream
 ) -> None:
