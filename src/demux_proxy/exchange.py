@@ -312,7 +312,9 @@ class Forwarder:
                 resp = await self._read_head(up, upload, client)
             out.status = resp.status
             if resp.status == 101:
-                await switch(client, conn.stream, req, resp, out, upload)
+                await switch(
+                    client, conn.stream, req, resp, out, upload, self._config.idle_timeout_s
+                )
                 return False  # the connection ended with the new protocol
             retry_after, cooled = self._dispatch.learn(conn.egress.address, route.host, resp, only)
             if cooled is not None:  # kept across a retry: the log says what happened

@@ -20,8 +20,10 @@ async def switch(
     resp: ResponseHead,
     out: Outcome,
     upload: asyncio.Task[None] | None,
+    linger_s: float,
 ) -> None:
-    """101 Switching Protocols: from here on, bytes both ways until either side closes.
+    """101 Switching Protocols: from here on, bytes both ways until both sides close
+    (`relay`; `linger_s` bounds the wait for the second once the first has).
 
     A server may switch before the request's body is all in: the new protocol starts
     after that body (RFC 9110 7.8), so the upload ends first (its reads and writes
@@ -39,7 +41,7 @@ async def switch(
     out.request_done = True
     moved = [0, 0]
     try:
-        await relay(client, up, moved)
+        await relay(client, up, moved, linger_s)
     finally:
         out.bytes_up += moved[0]  # the log line counts the new protocol's bytes too
         out.bytes_down += moved[1]
@@ -54,19 +56,25 @@ async def _pump(src: Stream, dst: Stream, moved: list[int], i: int) -> None:
             buf.clear()
             await dst.drain()
         if not await src.fill(have=0):  # bytes that came in during the drain count
+            dst.write_eof()  # the peer's half-close, passed on where the transport can
             return
 
 
-async def relay(a: Stream, b: Stream, moved: list[int]) -> None:
-    """Copy both ways with backpressure until either side closes or resets; close both.
-    `moved` counts the bytes passed on, a to b then b to a (also when this raises)."""
+async def relay(a: Stream, b: Stream, moved: list[int], linger_s: float) -> None:
+    """Copy both ways with backpressure until both sides close, or either resets; close
+    both. A side that closes cleanly is a half-close (RFC 9110 9.3.6: a tunnel closes
+    each side once the other has): passed on, and the other way goes on for up to
+    `linger_s` (a WebSocket server's last frame after the client's close). `moved`
+    counts the bytes passed on, a to b then b to a (also when this raises)."""
     tasks = [
         asyncio.create_task(_pump(a, b, moved, 0)),
         asyncio.create_task(_pump(b, a, moved, 1)),
     ]
     cut: BaseException | None = None
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if pending and not any(t.cancelled() or t.exception() for t in done):
+            await asyncio.wait(pending, timeout=linger_s)
     except BaseException as exc:  # cancelled: the proxy is stopping
         cut = exc
     # Not in a `finally`: compiled with mypyc, an await there lost the CancelledError

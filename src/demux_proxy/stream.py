@@ -474,6 +474,19 @@ class Stream(asyncio.Protocol):
         except TimeoutError:
             raise SinkStalled(f"peer took nothing for {timeout:g} s") from None
 
+    def write_eof(self) -> None:
+        """Half-close: a FIN once writes drain, reading goes on. Over TLS, nothing: TLS
+        has no half-close that the peer's library would not take for the end (uvloop's
+        TLS transport cannot either); the close that follows says it."""
+        transport = self.transport
+        if (
+            self._sslobj is None
+            and not self.closed
+            and not transport.is_closing()
+            and transport.can_write_eof()
+        ):
+            transport.write_eof()
+
     def close(self) -> None:
         """Close cleanly: TLS close_notify where we run TLS, then FIN once writes drain."""
         if self.closed:

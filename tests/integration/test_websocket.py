@@ -192,3 +192,51 @@ def test_a_101_before_the_request_body_ends_loses_no_byte(proxy: ProxyProcess) -
         assert server.after_head == b"1234567890CLIENT-AFTER-UPGRADE"
     finally:
         server.close()
+
+
+class _LastWordServer(RawServer):
+    """Switches, then reads until the client's end (its FIN), and only then sends its
+    last bytes and closes: a WebSocket server answering a Close the client sent before
+    shutting down its side."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.heard = b""
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(4096)
+        sock.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        while chunk := sock.recv(4096):
+            self.heard += chunk
+        sock.sendall(b"LAST-WORD")
+
+
+def test_a_half_close_after_the_switch_lets_the_other_side_finish(proxy: ProxyProcess) -> None:
+    """The client ends its side (FIN) after its last bytes; the server answers once it
+    has seen that end. The relay closed both sides at the first end: the server never
+    learnt of it, and its answer was lost (the client read b"")."""
+    server = _LastWordServer()
+    try:
+        authority = f"127.0.0.1:{server.port}"
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+            c.sendall(
+                f"GET http://{authority}/ws HTTP/1.1\r\nHost: {authority}\r\n"
+                "Connection: upgrade\r\nUpgrade: websocket\r\n\r\n".encode()
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += c.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 101 "), answer
+            c.sendall(b"CLIENT-CLOSE")
+            c.shutdown(socket.SHUT_WR)
+            rest = answer.partition(b"\r\n\r\n")[2]
+            while chunk := c.recv(4096):
+                rest += chunk
+        assert rest == b"LAST-WORD"
+        assert server.heard == b"CLIENT-CLOSE"
+    finally:
+        server.close()
