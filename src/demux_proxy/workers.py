@@ -121,6 +121,22 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def release_dead_locks(cursor: SharedCursor, buckets: SharedBuckets, wait_s: float) -> list[str]:
+    """Release the shared locks a dead worker left taken; the names of those it did.
+
+    Inner lock first: a live worker may hold the rotation lock while it waits for the
+    buckets' (a budget is looked at inside the rotation's scan), never the other way
+    round. Freed of a dead holder, the buckets' lets that worker finish and free the
+    rotation's; looked at first, the rotation's would seem stuck, and releasing it
+    would let two workers rotate at once and the live one fail its release."""
+    released = []
+    if buckets.release_if_stuck(wait_s):
+        released.append("host-rate")
+    if cursor.release_if_stuck(wait_s):
+        released.append("rotation")
+    return released
+
+
 class _Supervisor:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -205,18 +221,13 @@ class _Supervisor:
 
     def release_locks(self, index: int, exitcode: int | None) -> None:
         """A worker that died mid-request may have held the cursor's or the buckets' lock."""
-        released = {
-            "rotation": self.cursor.release_if_stuck(STUCK_LOCK_S),
-            "host-rate": self.buckets.release_if_stuck(STUCK_LOCK_S),
-        }
-        for name, stuck in released.items():
-            if stuck:
-                self.events.warning(
-                    "a dead worker held a shared lock: released",
-                    worker=index,
-                    exitcode=exitcode,
-                    lock=name,
-                )
+        for name in release_dead_locks(self.cursor, self.buckets, STUCK_LOCK_S):
+            self.events.warning(
+                "a dead worker held a shared lock: released",
+                worker=index,
+                exitcode=exitcode,
+                lock=name,
+            )
 
     def restart(self, index: int, exitcode: int | None) -> None:
         now = time.monotonic()

@@ -436,6 +436,52 @@ def test_a_lock_held_by_a_killed_process_is_released(which: str) -> None:
     assert shared.release_if_stuck(0.05) is False
 
 
+def test_a_live_worker_waiting_inside_the_rotation_keeps_its_lock() -> None:
+    """A worker died holding the buckets' lock while a live one, holding the rotation's,
+    waited for it: the rotation's was looked at first, seemed stuck, and was released
+    under the live worker, whose own release then failed ("released too many times")."""
+    import multiprocessing
+    import signal
+
+    from demux_proxy.scheduler import SharedBuckets, SharedCursor
+    from demux_proxy.workers import release_dead_locks
+
+    ctx = multiprocessing.get_context("fork")
+    cursor, buckets = SharedCursor(ctx), SharedBuckets(ctx, [("a", "b")])
+    holding, waiting, outcome = ctx.Event(), ctx.Event(), ctx.Queue()
+
+    def dead() -> None:
+        buckets._lock.acquire()
+        holding.set()
+        time.sleep(60)
+
+    def live() -> None:
+        try:
+            with cursor._lock:
+                waiting.set()
+                with buckets._lock:
+                    pass
+            outcome.put("ok")
+        except Exception as exc:
+            outcome.put(repr(exc))
+
+    victim = ctx.Process(target=dead)
+    victim.start()
+    assert holding.wait(10)
+    worker = ctx.Process(target=live)
+    worker.start()
+    assert waiting.wait(10)
+    assert victim.pid is not None
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(10)
+    assert release_dead_locks(cursor, buckets, 0.5) == ["host-rate"]
+    assert outcome.get(timeout=10) == "ok"
+    worker.join(10)
+    assert cursor._lock.acquire(timeout=1)  # one lock still: taken, then not again
+    assert not cursor._lock.acquire(timeout=0.05)
+    cursor._lock.release()
+
+
 def test_a_request_in_flight_may_outlive_its_address() -> None:
     """Re-discovery removed the address mid-request: its end must not raise (it was a
     KeyError) nor bring the address's count back."""
