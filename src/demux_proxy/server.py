@@ -34,9 +34,11 @@ from demux_proxy.route import (
     tls_name,
 )
 from demux_proxy.stream import Stream
+from demux_proxy.tls import NO_APPLICATION_PROTOCOL, offered_alpn
 
 _internal: Final = logging.getLogger(log.LOGGER_NAME)
 _TLS_HANDSHAKE: Final = 0x16  # first byte of a TLS record carrying a ClientHello
+_HTTP1_ALPN: Final = frozenset({b"http/1.1", b"http/1.0"})
 _MAX_FORWARDS_METHODS: Final = frozenset({b"TRACE", b"OPTIONS"})
 _SENSITIVE_FIELDS: Final = frozenset({b"proxy-authorization", b"authorization", b"cookie"})
 _ALLOW: Final = b"GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"
@@ -502,6 +504,21 @@ class ProxyServer:
         if stream.buffer[0] != _TLS_HANDSHAKE:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
             await self._serve(stream, Tunnel("http", host, port, host, session, pin))
+            return
+        offered = offered_alpn(stream.buffer)
+        if offered is not None and not _HTTP1_ALPN.intersection(offered):
+            # An h2-only client (gRPC, prior knowledge): OpenSSL would finish the
+            # handshake with no protocol, and the client read our HTTP/1.1 as garbage.
+            stream.write(NO_APPLICATION_PROTOCOL)
+            stream.close()
+            self._events.warning(
+                "TLS handshake with client failed",
+                client=stream.peer[0],
+                host=host,
+                error="the client offers "
+                + ", ".join(repr(p.decode("latin-1")) for p in offered[:4])
+                + " only (ALPN): this proxy speaks HTTP/1.1",
+            )
             return
         context = await self._leaf(host)
         if context is None:

@@ -14,6 +14,48 @@ from demux_proxy.errors import ConfigError
 
 # OpenSSL's hashed-directory names: <8 hex digits of the subject hash>.<n>
 _HASHED = re.compile(r"^[0-9a-f]{8}\.[0-9]+$")
+# A fatal no_application_protocol alert (RFC 7301 3.2), as a TLS record.
+NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"
+_ALPN_EXTENSION = 16
+
+
+def offered_alpn(data: bytes | bytearray) -> list[bytes] | None:
+    """The protocol names (ALPN, RFC 7301 3.1) of the TLS ClientHello at the start of
+    `data`; None where it offers none, or `data` does not hold all of a well-formed one
+    in its first record (then the handshake goes on as usual, and OpenSSL judges)."""
+    try:
+        if data[0] != 0x16:
+            return None
+        record = bytes(data[5 : 5 + int.from_bytes(data[3:5])])
+        if len(record) < int.from_bytes(data[3:5]) or record[0] != 1:  # client_hello
+            return None
+        hello = record[4 : 4 + int.from_bytes(record[1:4])]
+        if len(hello) < int.from_bytes(record[1:4]):
+            return None
+        i = 2 + 32  # legacy_version, random
+        i += 1 + hello[i]  # legacy_session_id
+        i += 2 + int.from_bytes(hello[i : i + 2])  # cipher_suites
+        i += 1 + hello[i]  # legacy_compression_methods
+        end = i + 2 + int.from_bytes(hello[i : i + 2])
+        i += 2
+        if end > len(hello):
+            return None
+        while i + 4 <= end:
+            kind = int.from_bytes(hello[i : i + 2])
+            size = int.from_bytes(hello[i + 2 : i + 4])
+            i += 4
+            if kind == _ALPN_EXTENSION:
+                names = hello[i + 2 : i + size]  # after the list's own length
+                offered = []
+                j = 0
+                while j < len(names):
+                    offered.append(names[j + 1 : j + 1 + names[j]])
+                    j += 1 + names[j]
+                return offered
+            i += size
+    except IndexError:
+        pass
+    return None
 
 
 def upstream_context(

@@ -10,9 +10,11 @@ import ssl
 from pathlib import Path
 
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from demux_proxy.ca import CertificateAuthority
-from demux_proxy.tls import DirectSSLObject, upstream_context
+from demux_proxy.tls import DirectSSLObject, offered_alpn, upstream_context
 
 
 def _pump(a: ssl.MemoryBIO, b: ssl.MemoryBIO) -> None:
@@ -84,3 +86,39 @@ def test_a_context_of_someone_elses_still_works_with_a_stdlib_object() -> None:
     client.write(b"ping")
     _pump(c_out, s_in)
     assert server.read(16) == b"ping"
+
+
+def _client_hello(alpn: list[str] | None, sni: str = "a.test") -> bytes:
+    """The ClientHello Python's ssl sends for these ALPN names: real bytes."""
+    ctx = ssl.create_default_context()
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def test_the_alpn_names_a_client_hello_offers() -> None:
+    assert offered_alpn(_client_hello(["h2"])) == [b"h2"]
+    assert offered_alpn(_client_hello(["h2", "http/1.1"])) == [b"h2", b"http/1.1"]
+    assert offered_alpn(_client_hello(None)) is None
+    long = _client_hello(["h2"], sni="x" * 60 + ".test")
+    assert offered_alpn(bytearray(long)) == [b"h2"]
+    for cut in (1, 5, 40, len(long) - 1):  # not all of it here yet: not judged
+        assert offered_alpn(long[:cut]) is None
+    assert offered_alpn(b"GET / HTTP/1.1\r\n\r\n") is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(min_value=0, max_value=2000))
+def test_no_bytes_make_the_alpn_reader_raise(data: bytes, at: int) -> None:
+    hello = _HELLO[:at] + data  # a real hello's start, then anything
+    names = offered_alpn(hello)
+    assert names is None or all(isinstance(n, bytes) for n in names)
+
+
+_HELLO = _client_hello(["h2", "http/1.1"])
