@@ -39,6 +39,8 @@ from demux_proxy.tls import NO_APPLICATION_PROTOCOL, offered_alpn
 _internal: Final = logging.getLogger(log.LOGGER_NAME)
 _TLS_HANDSHAKE: Final = 0x16  # first byte of a TLS record carrying a ClientHello
 _HTTP1_ALPN: Final = frozenset({b"http/1.1", b"http/1.0"})
+# How long a connection we end may still take the client's bytes (Stream.linger_close).
+LINGER_S: Final = 2.0
 _MAX_FORWARDS_METHODS: Final = frozenset({b"TRACE", b"OPTIONS"})
 _SENSITIVE_FIELDS: Final = frozenset({b"proxy-authorization", b"authorization", b"cookie"})
 _ALLOW: Final = b"GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH"
@@ -239,6 +241,8 @@ class ProxyServer:
     async def _client(self, stream: Stream) -> None:
         try:
             await self._serve(stream, None)
+            if not self._closing:
+                await stream.linger_close(LINGER_S)
         except (StreamClosed, TimeoutError, ssl.SSLError, ConnectionError) as exc:
             self._events.debug(
                 "client connection ended",
@@ -441,7 +445,8 @@ class ProxyServer:
             return None
 
     def _refuse(self, stream: Stream, exc: ProxyError) -> None:
-        """Answer a request we will not forward, then close: framing can't be trusted."""
+        """Answer a request we will not forward; the caller returns, and the connection
+        closes (lingering: Stream.linger_close), since its framing can't be trusted."""
         self._events.warning(
             "request refused",
             client=stream.peer[0],
@@ -449,7 +454,6 @@ class ProxyServer:
             error=exc.reason,
         )
         stream.write(writer.plain_response(exc.status, exc.reason, close=True))
-        stream.close()
         self._forwarder.answered_here(exc.status, error_kind(exc))
 
     # --- CONNECT ------------------------------------------------------------------

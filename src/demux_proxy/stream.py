@@ -487,6 +487,40 @@ class Stream(asyncio.Protocol):
         ):
             transport.write_eof()
 
+    async def linger_close(self, timeout: float) -> None:
+        """Close as RFC 9112 9.6 asks of a server that ends a connection the client may
+        still be sending on (an answer before the whole body, a refusal): our side first
+        (close_notify where we run TLS, then a FIN once the answer is out), then what
+        the client still sends is read and dropped until it closes, for at most
+        `timeout` s. Closed at once with bytes unread, the socket would send a reset,
+        which can destroy the answer before the client has read it."""
+        if self.closed or self.eof or self.transport.is_closing():
+            self.close()
+            return
+        if self._sslobj is not None and self._tls_ready:
+            try:
+                self._sslobj.unwrap()
+            except ssl.SSLError:
+                pass  # close_notify is queued in the BIO whether or not the peer answered
+            self._flush_tls()
+            self._tls_ready = False  # said: close() sends no second one
+            self._incoming = None  # what still comes is dropped undecrypted
+        transport = self.transport
+        if not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()
+        deadline = self.loop.time() + timeout
+        try:
+            while True:
+                self.buffer.clear()
+                left = deadline - self.loop.time()
+                if left <= 0 or not await self.fill(left):
+                    break
+        except (StreamClosed, TimeoutError):
+            pass  # reset, or still sending: closed below either way
+        self.close()
+
     def close(self) -> None:
         """Close cleanly: TLS close_notify where we run TLS, then FIN once writes drain."""
         if self.closed:
