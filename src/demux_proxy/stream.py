@@ -497,14 +497,8 @@ class Stream(asyncio.Protocol):
         if self.closed or self.eof or self.transport.is_closing():
             self.close()
             return
-        if self._sslobj is not None and self._tls_ready:
-            try:
-                self._sslobj.unwrap()
-            except ssl.SSLError:
-                pass  # close_notify is queued in the BIO whether or not the peer answered
-            self._flush_tls()
-            self._tls_ready = False  # said: close() sends no second one
-            self._incoming = None  # what still comes is dropped undecrypted
+        self._close_notify()
+        self._incoming = None  # what still comes is dropped undecrypted
         transport = self.transport
         if not transport.can_write_eof():
             self.close()
@@ -525,13 +519,18 @@ class Stream(asyncio.Protocol):
         """Close cleanly: TLS close_notify where we run TLS, then FIN once writes drain."""
         if self.closed:
             return
+        self._close_notify()
+        self.transport.close()
+
+    def _close_notify(self) -> None:
+        """Send TLS's close_notify, once, where we run TLS towards the peer."""
         if self._sslobj is not None and self._tls_ready:
             try:
                 self._sslobj.unwrap()
             except ssl.SSLError:
                 pass  # close_notify is queued in the BIO whether or not the peer answered
             self._flush_tls()
-        self.transport.close()
+            self._tls_ready = False
 
     def abort(self) -> None:
         """Reset: the signal a client gets for a response we cannot finish.

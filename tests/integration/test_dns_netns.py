@@ -41,6 +41,35 @@ def start_proxy(*options):
         if rec["message"] == "Starting Proxy":
             return proxy, int(rec["fields"]["listen"].rsplit(":", 1)[1])
     raise SystemExit("the proxy did not start")
+def fetch(port, url, host):
+    # GET url through the proxy on `port`, the connection closed after: all of the answer
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+        c.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                  % (url.encode(), host.encode()))
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    return answer.decode("latin-1")
+"""
+
+# A small HTTP server for the probes: what `answer` returns, by default the peer's address
+# (the egress address a request came from).
+HTTP_SERVER = r"""
+import http.server, threading
+class Answer(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        return self.client_address[0].encode()
+    def do_GET(self):
+        body = self.answer()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+def serve(server):
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 """
 
 PROBE = (
@@ -142,32 +171,16 @@ threading.Thread(target=serve_dns, daemon=True).start()
 MIXED_PROBE = (
     START_PROXY
     + DNS_SERVER
+    + HTTP_SERVER
     + r"""
-import http.server
-class Echo(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
-threading.Thread(target=upstream.serve_forever, daemon=True).start()
+upstream = serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer))
 proxy, port = start_proxy("--egress", "127.0.0.2,::1")
 try:
     seen = []
     for _ in range(4):
         started = time.monotonic()
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
-            url = "http://svc.test:%d/" % upstream.server_address[1]
-            head = "GET %s HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n" % url
-            c.sendall(head.encode() + b"\r\n")
-            answer = b""
-            while chunk := c.recv(65536):
-                answer += chunk
-        seen.append([answer.decode("latin-1"), time.monotonic() - started])
+        answer = fetch(port, "http://svc.test:%d/" % upstream.server_address[1], "svc.test")
+        seen.append([answer, time.monotonic() - started])
     print(json.dumps(seen))
 finally:
     proxy.terminate()
@@ -237,25 +250,20 @@ def test_an_unknown_name_is_told_apart_from_a_name_without_the_family(
 FQDN_PROBE = (
     START_PROXY
     + DNS_SERVER
+    + HTTP_SERVER
     + r"""
-import http.server, os, ssl, trustme
+import os, ssl, trustme
 authority = trustme.CA()
 upstream_ca = sys.argv[1] + "-upstream-ca.pem"
 authority.cert_pem.write_to_path(upstream_ca)
-class Hello(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b"hello " + self.headers["Host"].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
+class Hello(Answer):
+    def answer(self):
+        return b"hello " + self.headers["Host"].encode()
 upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
 served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 authority.issue_cert("svc.test").configure_cert(served)
 upstream.socket = served.wrap_socket(upstream.socket, server_side=True)
-threading.Thread(target=upstream.serve_forever, daemon=True).start()
+serve(upstream)
 name = "svc.test.:%d" % upstream.server_address[1]
 proxy, port = start_proxy("--egress", "127.0.0.2", "--upstream-ca", upstream_ca)
 def answer(c):
@@ -306,36 +314,20 @@ def test_a_fully_qualified_name_is_verified_as_its_certificate_names_it(
 # address denied.
 DENIED_FAMILY_PROBE = (
     START_PROXY
+    + HTTP_SERVER
     + r"""
-import http.server, threading
-class Echo(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
 class Both(http.server.ThreadingHTTPServer):
     address_family = socket.AF_INET6
     def server_bind(self):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
-upstream = Both(("::", 0), Echo)
-threading.Thread(target=upstream.serve_forever, daemon=True).start()
+upstream = serve(Both(("::", 0), Answer))
 proxy, port = start_proxy("--egress", "127.0.0.2,::1", "--deny", "::1/128")
 try:
     seen = []
     for _ in range(4):
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
-            url = "http://both.test:%d/" % upstream.server_address[1]
-            c.sendall(b"GET %s HTTP/1.1\r\nHost: both.test\r\nConnection: close\r\n\r\n"
-                      % url.encode())
-            answer = b""
-            while chunk := c.recv(65536):
-                answer += chunk
-        seen.append(answer.decode("latin-1"))
+        url = "http://both.test:%d/" % upstream.server_address[1]
+        seen.append(fetch(port, url, "both.test"))
     print(json.dumps(seen))
 finally:
     proxy.terminate()
@@ -359,17 +351,11 @@ def test_a_family_whose_addresses_are_refused_is_not_rotated_onto(tmp_path: Path
 # on port A the first address is that one, on port B the second.
 SILENT_ADDRESS_PROBE = (
     START_PROXY
+    + HTTP_SERVER
     + r"""
-import http.server, threading
-class Echo(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b"answered"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
+class Answered(Answer):
+    def answer(self):
+        return b"answered"
 def silent(address, port):
     # listen(0) with its one slot taken: the kernel drops the SYNs that follow
     s = socket.socket()
@@ -384,8 +370,7 @@ def silent(address, port):
 held = []
 ports = []
 for silent_one, answering in (("127.0.0.1", "127.0.0.7"), ("127.0.0.7", "127.0.0.1")):
-    upstream = http.server.ThreadingHTTPServer((answering, 0), Echo)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    upstream = serve(http.server.ThreadingHTTPServer((answering, 0), Answered))
     silent(silent_one, upstream.server_address[1])
     ports.append(upstream.server_address[1])
 time.sleep(0.2)
@@ -394,14 +379,8 @@ try:
     seen = []
     for upstream_port in ports:
         started = time.monotonic()
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
-            url = "http://two.test:%d/" % upstream_port
-            c.sendall(b"GET %s HTTP/1.1\r\nHost: two.test\r\nConnection: close\r\n\r\n"
-                      % url.encode())
-            answer = b""
-            while chunk := c.recv(65536):
-                answer += chunk
-        seen.append([answer.decode("latin-1"), time.monotonic() - started])
+        answer = fetch(port, "http://two.test:%d/" % upstream_port, "two.test")
+        seen.append([answer, time.monotonic() - started])
     print(json.dumps(seen))
 finally:
     proxy.terminate()
@@ -425,29 +404,18 @@ def test_an_address_that_never_answers_leaves_time_for_the_next(tmp_path: Path) 
 # nothing leaves: the namespace has no other link). Then a host that answers.
 NO_ROUTE_PROBE = (
     START_PROXY
+    + HTTP_SERVER
     + r"""
-import http.server, threading
-class Hello(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-    def log_message(self, *args):
-        pass
-upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-threading.Thread(target=upstream.serve_forever, daemon=True).start()
+class Ok(Answer):
+    def answer(self):
+        return b"ok"
+upstream = serve(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok))
 proxy, port = start_proxy("--egress", "127.0.0.2")
 seen = []
 try:
     for url in ("http://10.99.9.9/", "http://127.0.0.1:%d/" % upstream.server_address[1]):
         started = time.monotonic()
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
-            c.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % url.encode())
-            answer = b""
-            while chunk := c.recv(65536):
-                answer += chunk
-        seen.append([answer.decode("latin-1"), time.monotonic() - started])
+        seen.append([fetch(port, url, "x"), time.monotonic() - started])
 finally:
     proxy.terminate()
     log = proxy.communicate(timeout=10)[0]

@@ -459,15 +459,22 @@ def test_connect_to_a_numeric_loopback_form_is_refused_before_the_tunnel(
                 assert read_head(c).startswith(b"HTTP/1.1 403 "), host
 
 
-def test_mixed_family_egress_reuses_pooled_connections(tmp_path: Path, upstream: Upstream) -> None:
-    """IPv4 and IPv6 egress, an IPv4-only upstream: each request dialled afresh (the
-    fallback from the IPv6 address it picked first never looked in the pool)."""
+@contextlib.contextmanager
+def _mixed_egress(tmp_path: Path, upstream: Upstream) -> Iterator[ProxyProcess]:
+    """One worker, egress 127.0.0.2 and ::1 (skipped where there is no IPv6)."""
     if not socket.has_ipv6:
         pytest.skip("no IPv6 here")
     with running_proxy(
         tmp_path / "state", "--workers", "1", egress=["127.0.0.2", "::1"],
         upstream_ca=upstream.ca_pem_path,
-    ) as p, requests.Session() as s:  # fmt: skip
+    ) as p:  # fmt: skip
+        yield p
+
+
+def test_mixed_family_egress_reuses_pooled_connections(tmp_path: Path, upstream: Upstream) -> None:
+    """IPv4 and IPv6 egress, an IPv4-only upstream: each request dialled afresh (the
+    fallback from the IPv6 address it picked first never looked in the pool)."""
+    with _mixed_egress(tmp_path, upstream) as p, requests.Session() as s:
         seen = [
             s.get(upstream.http_url("/ip"), proxies={"http": p.url}, timeout=10).json()
             for _ in range(6)
@@ -494,12 +501,7 @@ def test_an_ipv4_mapped_literal_goes_over_ipv4_and_rests_no_address(
     """http://[::ffff:127.0.0.1]/ with IPv4 and IPv6 egress was dialled from ::1, which
     has no route there (ENETUNREACH): the request rotated onto ::1 failed over, and ::1
     rested for every host, longer each time: any client could bench an address."""
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6 here")
-    with running_proxy(
-        tmp_path / "state", "--workers", "1", egress=["127.0.0.2", "::1"],
-        upstream_ca=upstream.ca_pem_path,
-    ) as p, requests.Session() as s:  # fmt: skip
+    with _mixed_egress(tmp_path, upstream) as p, requests.Session() as s:
         url = f"http://[::ffff:127.0.0.1]:{upstream.http_port}/ip"
         seen = [s.get(url, proxies={"http": p.url}, timeout=10) for _ in range(4)]
         assert [r.status_code for r in seen] == [200] * 4, [r.text for r in seen]
