@@ -252,9 +252,9 @@ async def connect(
                             async with asyncio.timeout(share):
                                 await loop.sock_connect(sock, (address, port))
                         except TimeoutError:
+                            sock.close()
                             if loop.time() >= deadline:
                                 raise  # the whole time is up: the outer timeout's
-                            sock.close()
                             last = UpstreamError(
                                 f"connecting to {bracketed(address)}:{port} timed out"
                             )
