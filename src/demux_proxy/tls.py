@@ -26,11 +26,13 @@ def offered_alpn(data: bytes | bytearray) -> list[bytes] | None:
     try:
         if data[0] != 0x16:
             return None
-        record = bytes(data[5 : 5 + int.from_bytes(data[3:5])])
-        if len(record) < int.from_bytes(data[3:5]) or record[0] != 1:  # client_hello
+        size = int.from_bytes(data[3:5])
+        record = bytes(data[5 : 5 + size])
+        if len(record) < size or record[0] != 1:  # client_hello
             return None
-        hello = record[4 : 4 + int.from_bytes(record[1:4])]
-        if len(hello) < int.from_bytes(record[1:4]):
+        size = int.from_bytes(record[1:4])
+        hello = record[4 : 4 + size]
+        if len(hello) < size:
             return None
         i = 2 + 32  # legacy_version, random
         i += 1 + hello[i]  # legacy_session_id
