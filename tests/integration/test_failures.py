@@ -328,10 +328,8 @@ class UploadResetUpstream(RawServer):
     READ = 100 * 1024
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        head = read_head(sock)
-        if not head:
+        if not read_head(sock):
             return
-        self.seen.append(head.split(b" ", 2)[1].decode("latin-1"))
         got = 0
         while got < self.READ and (chunk := sock.recv(65536)):
             got += len(chunk)

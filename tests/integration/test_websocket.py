@@ -139,6 +139,17 @@ def test_websockets_sync_client_echo(proxy: ProxyProcess, upstream: Upstream, sc
     _assert_went_through_proxy(proxy, tag)
 
 
+def _switch(sock: socket.socket) -> bytes:
+    """Read a request head and answer 101; what came after the head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    sock.sendall(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    return data.partition(b"\r\n\r\n")[2]
+
+
 class _EarlySwitch(RawServer):
     """Answers 101 as soon as the request head is in, then records every byte after it."""
 
@@ -148,13 +159,7 @@ class _EarlySwitch(RawServer):
         self.done = threading.Event()
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(4096)
-        rest = data.partition(b"\r\n\r\n")[2]
-        sock.sendall(
-            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
-        )
+        rest = _switch(sock)
         while b"CLIENT-AFTER-UPGRADE" not in rest:
             chunk = sock.recv(4096)
             if not chunk:
@@ -204,12 +209,7 @@ class _LastWordServer(RawServer):
         self.heard = b""
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += sock.recv(4096)
-        sock.sendall(
-            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
-        )
+        self.heard = _switch(sock)
         while chunk := sock.recv(4096):
             self.heard += chunk
         sock.sendall(b"LAST-WORD")

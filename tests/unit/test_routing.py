@@ -7,6 +7,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -397,19 +398,11 @@ def test_a_token_another_worker_takes_meanwhile_is_not_given_twice() -> None:
     assert all(isinstance(other.acquire("a.test", 100.0, only=e.address), float) for e in V4)
 
 
-@pytest.mark.parametrize("which", ["cursor", "buckets"])
-def test_a_lock_held_by_a_killed_process_is_released(which: str) -> None:
-    """A worker SIGKILLed inside a critical section leaves the lock taken: the
-    supervisor's release_if_stuck frees it, and only then (never a free lock)."""
-    import multiprocessing
+def _die_holding(ctx: Any, lock: Any) -> None:
+    """A forked process takes `lock` and is SIGKILLed holding it (a worker the OOM
+    killer took inside a critical section)."""
     import signal
 
-    from demux_proxy.scheduler import SharedBuckets, SharedCursor
-
-    ctx = multiprocessing.get_context("fork")
-    shared = SharedCursor(ctx) if which == "cursor" else SharedBuckets(ctx, [("a", "b")])
-    lock = shared._lock
-    assert shared.release_if_stuck(0.05) is False  # free: left alone
     holding = ctx.Event()
 
     def hold() -> None:
@@ -424,6 +417,21 @@ def test_a_lock_held_by_a_killed_process_is_released(which: str) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.join(10)
     assert proc.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("which", ["cursor", "buckets"])
+def test_a_lock_held_by_a_killed_process_is_released(which: str) -> None:
+    """A worker SIGKILLed inside a critical section leaves the lock taken: the
+    supervisor's release_if_stuck frees it, and only then (never a free lock)."""
+    import multiprocessing
+
+    from demux_proxy.scheduler import SharedBuckets, SharedCursor
+
+    ctx = multiprocessing.get_context("fork")
+    shared = SharedCursor(ctx) if which == "cursor" else SharedBuckets(ctx, [("a", "b")])
+    lock = shared._lock
+    assert shared.release_if_stuck(0.05) is False  # free: left alone
+    _die_holding(ctx, lock)
     assert not lock.acquire(timeout=0.1)  # what every worker would block on, for good
     assert shared.release_if_stuck(0.05) is True
     if isinstance(shared, SharedCursor):
@@ -441,19 +449,14 @@ def test_a_live_worker_waiting_inside_the_rotation_keeps_its_lock() -> None:
     waited for it: the rotation's was looked at first, seemed stuck, and was released
     under the live worker, whose own release then failed ("released too many times")."""
     import multiprocessing
-    import signal
 
     from demux_proxy.scheduler import SharedBuckets, SharedCursor
     from demux_proxy.workers import release_dead_locks
 
     ctx = multiprocessing.get_context("fork")
     cursor, buckets = SharedCursor(ctx), SharedBuckets(ctx, [("a", "b")])
-    holding, waiting, outcome = ctx.Event(), ctx.Event(), ctx.Queue()
-
-    def dead() -> None:
-        buckets._lock.acquire()
-        holding.set()
-        time.sleep(60)
+    waiting, outcome = ctx.Event(), ctx.Queue()
+    _die_holding(ctx, buckets._lock)  # what the live worker will wait for, inside
 
     def live() -> None:
         try:
@@ -465,15 +468,9 @@ def test_a_live_worker_waiting_inside_the_rotation_keeps_its_lock() -> None:
         except Exception as exc:
             outcome.put(repr(exc))
 
-    victim = ctx.Process(target=dead)
-    victim.start()
-    assert holding.wait(10)
     worker = ctx.Process(target=live)
     worker.start()
     assert waiting.wait(10)
-    assert victim.pid is not None
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.join(10)
     assert release_dead_locks(cursor, buckets, 0.5) == ["host-rate"]
     assert outcome.get(timeout=10) == "ok"
     worker.join(10)
