@@ -119,7 +119,6 @@ SMUGGLING = [
     b"GET http://a/ HTTP/1.1\r\nX: a\rb\r\n\r\n",
     b"G(T http://a/ HTTP/1.1\r\n\r\n",
     b"GET http://a/ HTTP/1.1\r\nBad Name: v\r\n\r\n",
-    b"GET http://a/ HTTP/9.9\r\n\r\n",
     b"GET http://a/ HTTP/1.1\nX: y\n\n\r\n\r\n",
 ]
 
@@ -129,6 +128,29 @@ def test_ambiguous_requests_are_refused_with_4xx_or_505(head: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_request_head(head)
     assert 400 <= info.value.status < 506
+
+
+def test_a_newer_minor_version_of_1_is_taken_as_11_and_another_major_is_505() -> None:
+    """RFC 9110 2.5: a recipient SHOULD process a higher minor version as the highest it
+    implements (llhttp refuses "HTTP/1.2"); an unsupported major version is a 505."""
+    req = parse_request_head(b"GET http://a/x HTTP/1.2\r\nHost: a\r\n\r\n")
+    assert (req.version, req.target, req.host, req.keep_alive) == (
+        b"1.1",
+        b"http://a/x",
+        b"a",
+        True,
+    )
+    resp = parse_response_head(b"HTTP/1.9 200 OK\r\nContent-Length: 3\r\n\r\n")
+    assert (resp.version, resp.status, resp.content_length) == (b"1.1", 200, 3)
+    for head in (b"GET http://a/ HTTP/9.9\r\n\r\n", b"GET http://a/ HTTP/3.0\r\n\r\n"):
+        with pytest.raises(ProtocolError) as info:
+            parse_request_head(head)
+        assert info.value.status == 505
+    with pytest.raises(UpstreamError, match=r"unsupported HTTP/9\.9"):
+        parse_response_head(b"HTTP/9.9 200 OK\r\n\r\n")
+    with pytest.raises(ProtocolError) as info:  # a newer version does not excuse bad framing
+        parse_request_head(b"GET http://a/ HTTP/1.2\r\nContent-Length: 1, 2\r\n\r\n")
+    assert info.value.status == 400
 
 
 def test_unknown_method_is_501_and_non_token_is_400() -> None:

@@ -290,6 +290,10 @@ def parse_request_head(head: bytes) -> RequestHead:
             raise ProtocolError(f"method not implemented: {name}", status=501) from None
         raise ProtocolError("invalid request method") from None
     except httptools.HttpParserError as exc:
+        line_end = head.find(b"\r\n")
+        newer = _as_http11(head, line_end - 8, upstream=False) if line_end >= 8 else None
+        if newer is not None:
+            return parse_request_head(newer)
         raise ProtocolError(f"malformed request: {exc}") from None
     if len(c.headers) > MAX_HEADER_COUNT:
         raise ProtocolError("too many header fields", status=431)
@@ -358,7 +362,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
     except httptools.HttpParserUpgrade:
         pass
     except httptools.HttpParserError as exc:
-        repaired = _no_space_before_colon(head) or _one_length(head)
+        repaired = (
+            _as_http11(head, 0, upstream=True) or _no_space_before_colon(head) or _one_length(head)
+        )
         if repaired is not None:
             return parse_response_head(repaired)
         if head[9:13] == b"101 " and not _UPGRADE_LINE.search(head):
@@ -401,6 +407,25 @@ def parse_response_head(head: bytes) -> ResponseHead:
 _UPGRADE_LINE: Final = re.compile(rb"(?im)^upgrade[ \t]*:")
 # A field name (a token) with spaces or tabs before its colon, at a line's start.
 _SPACE_BEFORE_COLON: Final = re.compile(rb"(?m)^([!#$%&'*+\-.^_`|~0-9A-Za-z]+)[ \t]+:")
+
+
+_VERSION: Final = re.compile(rb"HTTP/([0-9])\.([0-9])")
+
+
+def _as_http11(head: bytes, at: int, *, upstream: bool) -> bytes | None:
+    """The head with HTTP/1.1 in place of the "HTTP/d.d" at `at`, when it names a newer
+    minor version of 1: RFC 9110 2.5 has a recipient process it as the highest minor
+    version it implements (llhttp refuses any it does not know). None when it is not
+    there; an unsupported major version raises (505 for a client, 502 for an upstream)."""
+    match = _VERSION.match(head, at)
+    if match is None:
+        return None
+    major, minor = match.group(1), match.group(2)
+    if major != b"1":
+        _version(f"{major.decode()}.{minor.decode()}", upstream=upstream)  # raises
+    if minor in (b"0", b"1"):
+        return None  # llhttp refused the message for another reason
+    return head[:at] + b"HTTP/1.1" + head[at + 8 :]
 
 
 def _no_space_before_colon(head: bytes) -> bytes | None:
