@@ -34,9 +34,10 @@ from demux_proxy.route import (
     tls_name,
 )
 from demux_proxy.stream import Stream
-from demux_proxy.tls import NO_APPLICATION_PROTOCOL, offered_alpn
+from demux_proxy.tls import NO_APPLICATION_PROTOCOL, first_record_size, offered_alpn
 
 _internal: Final = logging.getLogger(log.LOGGER_NAME)
+_UNFINISHED: Final = "not finished within {:g} s (--handshake-timeout)"
 _TLS_HANDSHAKE: Final = 0x16  # first byte of a TLS record carrying a ClientHello
 _HTTP1_ALPN: Final = frozenset({b"http/1.1", b"http/1.0"})
 # How long a connection we end may still take the client's bytes (Stream.linger_close).
@@ -509,17 +510,19 @@ class ProxyServer:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
             await self._serve(stream, Tunnel("http", host, port, host, session, pin))
             return
+        deadline = stream.loop.time() + cfg.handshake_timeout_s  # for all of the handshake
+        if not await self._whole_first_record(stream, host, deadline):
+            return
         offered = offered_alpn(stream.buffer)
         if offered is not None and not _HTTP1_ALPN.intersection(offered):
             # An h2-only client (gRPC, prior knowledge): OpenSSL would finish the
             # handshake with no protocol, and the client read our HTTP/1.1 as garbage.
             stream.write(NO_APPLICATION_PROTOCOL)
             stream.close()
-            self._events.warning(
-                "TLS handshake with client failed",
-                client=stream.peer[0],
-                host=host,
-                error="the client offers "
+            self._handshake_failed(
+                stream,
+                host,
+                "the client offers "
                 + ", ".join(repr(p.decode("latin-1")) for p in offered[:4])
                 + " only (ALPN): this proxy speaks HTTP/1.1",
             )
@@ -529,28 +532,43 @@ class ProxyServer:
             return
         context.sni_callback = self._on_sni
         try:
-            async with asyncio.timeout(cfg.handshake_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 await stream.start_tls_server(context)
         except ssl.SSLError as exc:
-            self._events.warning(
-                "TLS handshake with client failed",
-                client=stream.peer[0],
-                host=host,
-                error=exc.reason or str(exc),
-            )
+            self._handshake_failed(stream, host, exc.reason or str(exc))
             return
         except TimeoutError:  # a ClientHello begun and never finished: said, as above
-            self._events.warning(
-                "TLS handshake with client failed",
-                client=stream.peer[0],
-                host=host,
-                error=f"not finished within {cfg.handshake_timeout_s:g} s (--handshake-timeout)",
-            )
+            self._handshake_failed(stream, host, _UNFINISHED.format(cfg.handshake_timeout_s))
             return
         finally:
             sni = self._sni.pop(id(stream.ssl_object), None)
         name = tls_name(sni or host)
         await self._serve(stream, Tunnel("https", host, port, name, session, pin))
+
+    async def _whole_first_record(self, stream: Stream, host: str, deadline: float) -> bool:
+        """Wait for the rest of the client's first TLS record (its ClientHello, which a
+        post-quantum key share makes larger than one TCP segment), so that what it offers
+        is judged whole. False, said, when it closes or `deadline` passes first."""
+        want = first_record_size(stream.buffer)
+        if len(stream.buffer) >= want:
+            return True  # most handshakes: no wait, no timer
+        try:
+            async with asyncio.timeout_at(deadline):
+                while len(stream.buffer) < want:
+                    if not await stream.fill():
+                        return False  # closed mid-ClientHello: nothing to answer
+                    want = first_record_size(stream.buffer)
+        except TimeoutError:
+            self._handshake_failed(
+                stream, host, _UNFINISHED.format(self._config.handshake_timeout_s)
+            )
+            return False
+        return True
+
+    def _handshake_failed(self, stream: Stream, host: str, error: str) -> None:
+        self._events.warning(
+            "TLS handshake with client failed", client=stream.peer[0], host=host, error=error
+        )
 
     async def _leaf(self, host: str) -> ssl.SSLContext | None:
         """The CONNECT host's leaf context; None, said, when it cannot be made (its memory

@@ -19,6 +19,15 @@ NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"
 _ALPN_EXTENSION = 16
 
 
+def first_record_size(data: bytes | bytearray) -> int:
+    """How many bytes the TLS record at the start of `data` takes with its header (5
+    while the header itself is not all there), at most one record's limit (RFC 8446
+    5.1: 2^14 bytes of plaintext; a larger length is OpenSSL's to refuse)."""
+    if len(data) < 5:
+        return 5
+    return 5 + min(int.from_bytes(data[3:5]), 1 << 14)
+
+
 def offered_alpn(data: bytes | bytearray) -> list[bytes] | None:
     """The protocol names (ALPN, RFC 7301 3.1) of the TLS ClientHello at the start of
     `data`; None where it offers none, or `data` does not hold all of a well-formed one

@@ -144,6 +144,47 @@ def test_a_client_offering_only_h2_is_told_so_in_the_handshake(
     _assert_serving(proxy, upstream)
 
 
+def test_a_client_hello_in_pieces_is_judged_whole(proxy: ProxyProcess, upstream: Upstream) -> None:
+    """A ClientHello that arrives over several reads (a post-quantum key share makes it
+    larger than a TCP segment) is still checked for ALPN: an h2-only client gets the
+    alert, not a handshake with no protocol. One offering http/1.1 is served as usual."""
+    for alpn in (["h2"], ["h2", "http/1.1"]):
+        host = f"pieces-{len(alpn)}-{RUN}.test"
+        with _tunnel(proxy, f"{host}:443") as sock:
+            ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+            ctx.set_alpn_protocols(alpn)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = ctx.wrap_bio(incoming, outgoing, server_hostname=host)
+            with pytest.raises(ssl.SSLWantReadError):
+                tls.do_handshake()
+            hello = outgoing.read()
+            for i in range(0, len(hello), 40):  # 40-byte pieces, the first without the length
+                sock.sendall(hello[i : i + 40])
+                time.sleep(0.01)
+            outcome: str | None = "unfinished"
+            for _ in range(100):  # a handshake takes two or three reads
+                data = sock.recv(65536)
+                if data:
+                    incoming.write(data)
+                else:
+                    incoming.write_eof()
+                try:
+                    tls.do_handshake()
+                except ssl.SSLWantReadError:
+                    sock.sendall(outgoing.read())
+                    continue
+                except ssl.SSLError as exc:
+                    outcome = str(exc)
+                    break
+                outcome = tls.selected_alpn_protocol()  # None: done with no protocol
+                break
+        if alpn == ["h2"]:
+            assert outcome is not None and "no application protocol" in outcome
+        else:
+            assert outcome == "http/1.1"
+    _assert_serving(proxy, upstream)
+
+
 def test_leaf_is_for_the_sni_name_not_the_connect_host(
     proxy: ProxyProcess, upstream: Upstream
 ) -> None:
