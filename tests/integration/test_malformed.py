@@ -340,7 +340,6 @@ HEAD_CASES: dict[str, tuple[Build, frozenset[int]]] = {
         frozenset({431}),
     ),
     "http-2.0": (_req("GET", "/ip?{case}", [], version="HTTP/2.0"), frozenset({505})),
-    "unknown-method": (_req("FROBNICATE", "/ip?{case}", []), frozenset({501})),
     "absolute-form-port-0": (_port_zero, BAD_REQUEST),
     "all-bare-lf": (_all_bare_lf, BAD_REQUEST),
     "tls-client-hello": (_client_hello, BAD_REQUEST),

@@ -594,6 +594,22 @@ def test_requests_session_after_502(proxy: ProxyProcess, upstream: Upstream) -> 
             assert r.json()["peer"] in EGRESS
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_method_llhttp_does_not_know_is_relayed_as_written(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    """Any token is a method, case-sensitive (RFC 9110 9.1): BAN (Varnish), one of
+    IANA's registry and a lower-case get reach the server as the client wrote them."""
+    for method in ("BAN", "UPDATEREDIRECTREF", "get"):
+        path = f"/extension-method-{scheme}-{method}"
+        url = upstream.raw_url(path) if scheme == "http" else upstream.raw_https_url(path)
+        res = _curl(proxy, "-X", method, "-w", "%{http_code}", url)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == b"not found\n404"  # the server's answer, whole
+        seen = [s["method"] for s in list(upstream.seen_headers) if s["path"] == path]
+        assert seen == [method]
+
+
 # ------------------------------------------------------------ 5. hop-by-hop
 
 

@@ -285,10 +285,14 @@ def parse_request_head(head: bytes) -> RequestHead:
         pass  # CONNECT or Upgrade: llhttp stops after the head, which is all we gave it.
     except httptools.HttpParserInvalidMethodError:
         method = head.split(b" ", 1)[0]
-        if _TOKEN.match(method):
-            name = method[:32].decode("ascii")  # a token: ASCII
-            raise ProtocolError(f"method not implemented: {name}", status=501) from None
-        raise ProtocolError("invalid request method") from None
+        if not _TOKEN.match(method):
+            raise ProtocolError("invalid request method") from None
+        # llhttp knows a fixed list; any token is a method, case-sensitive (RFC 9110 9.1),
+        # and a proxy relays the ones it does not know (BAN, a lower-case get...): the
+        # rest of the head is parsed as a GET's, and the method put back.
+        parsed = parse_request_head(b"GET" + head[len(method) :])
+        parsed.method = method
+        return parsed
     except httptools.HttpParserError as exc:
         line_end = head.find(b"\r\n")
         newer = _as_http11(head, line_end - 8, upstream=False) if line_end >= 8 else None
