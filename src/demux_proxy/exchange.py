@@ -451,7 +451,8 @@ class Forwarder:
     ) -> bool:
         has_body = response_has_body(req.method, resp.status)
         decoder = response_decoder(has_body, resp.content_length, resp.chunked)
-        headers = end_to_end(resp.headers, resp.connection, drop_length=False)
+        # A 204 never carries Content-Length (RFC 9110 8.6), whatever the upstream sent.
+        headers = end_to_end(resp.headers, resp.connection, drop_length=resp.status == 204)
         if retry_after is not None:
             # Every address is cooling for this host: the client hears when one is free.
             headers = replace(headers, b"retry-after", b"Retry-After", b"%d" % retry_after)

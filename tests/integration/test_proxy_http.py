@@ -17,7 +17,7 @@ import socket
 import ssl
 import subprocess
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -929,6 +929,38 @@ class _RequestLines(RawServer):
     def __init__(self, tls: ssl.SSLContext | None) -> None:
         self.heads = []
         super().__init__(tls)
+
+
+class _NoContentWithLength(RawServer):
+    """Answers each request 204 with a Content-Length, which RFC 9110 8.6 forbids."""
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        while read_head(sock):
+            sock.sendall(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\nX-Kept: 1\r\n\r\n")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_204_goes_on_without_a_content_length(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str
+) -> None:
+    """A 204 never carries Content-Length (RFC 9110 8.6); the upstream's is dropped, as a
+    1xx's is, and the client connection serves the next request."""
+    with plain_and_tls(_NoContentWithLength, upstream.ca) as servers:
+        port = servers[scheme].port
+        with ExitStack() as stack:
+            if scheme == "http":
+                c = stack.enter_context(socket.create_connection(("127.0.0.1", proxy.port)))
+                target = f"http://127.0.0.1:{port}/"
+            else:
+                c = stack.enter_context(_tls_tunnel(proxy, port))
+                target = "/"
+            c.settimeout(10)
+            for _ in range(2):
+                c.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+                head = read_head(c)
+                assert head.startswith(b"HTTP/1.1 204 "), head
+                assert b"x-kept: 1" in head.lower(), head
+                assert b"content-length" not in head.lower(), head
 
 
 @contextmanager
