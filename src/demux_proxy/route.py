@@ -236,11 +236,29 @@ class _URL(Protocol):
     query: bytes | None
 
 
-def _parsed(target: bytes) -> tuple[str, str, int, bytes | None, bytes | None]:
+# An authority ending in ":" (an empty port: port = *DIGIT, RFC 3986 3.2.3), which
+# llhttp refuses; it means the scheme's default (RFC 9110 4.2.3).
+_EMPTY_PORT: Final = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(:)(?:[/?#]|$)")
+
+
+def _parse_url(target: bytes) -> _URL:
     try:
-        url = cast(_URL, httptools.parse_url(target))
+        return cast(_URL, httptools.parse_url(target))
     except httptools.HttpParserInvalidURLError:
-        raise ProtocolError("invalid request target") from None
+        pass
+    empty = _EMPTY_PORT.match(target)
+    if empty is not None:
+        try:  # once: "host::" is no port either
+            return cast(
+                _URL, httptools.parse_url(target[: empty.start(1)] + target[empty.end(1) :])
+            )
+        except httptools.HttpParserInvalidURLError:
+            pass
+    raise ProtocolError("invalid request target")
+
+
+def _parsed(target: bytes) -> tuple[str, str, int, bytes | None, bytes | None]:
+    url = _parse_url(target)
     scheme = (url.schema or b"").decode("ascii", "replace").lower()
     # Some clients (aiohttp) send WebSocket URLs as they are: ws is http, wss is https.
     scheme = _WS_SCHEMES.get(scheme, scheme)

@@ -40,6 +40,20 @@ def test_default_port_is_left_out_of_host_and_ipv6_is_bracketed() -> None:
     assert route_for(b"http://a.test", None).target == b"/"
 
 
+def test_an_empty_port_is_the_default_one() -> None:
+    """RFC 3986 3.2.3 allows "host:" (port = *DIGIT), and RFC 9110 4.2.3 makes it the
+    scheme's default; llhttp refused it (a 400)."""
+    route._ORIGINS.clear()
+    for _ in range(2):  # parsed, then from the memo of origins
+        r = route_for(b"http://a.test:/p?q", None)
+        assert (r.host, r.port, r.target, r.host_header) == ("a.test", 80, b"/p?q", b"a.test")
+    assert route_for(b"https://[::1]:?q", None).port == 443
+    assert route_for(b"http://u@a.test:", None).target == b"/"
+    for bad in (b"http://a.test::/", b"http://a.test:x/"):
+        with pytest.raises(ProtocolError, match="invalid request target"):
+            route_for(bad, None)
+
+
 def test_a_fully_qualified_name_is_verified_without_its_dot() -> None:
     """The name goes upstream as the client wrote it (Host, resolving); SNI and the
     certificate check take it without the trailing dot, as certificates name hosts."""
