@@ -190,7 +190,8 @@ class Resolver:
             return UpstreamError(f"cannot resolve {host}: no such host name")
         names = "/".join(FAMILY_NAME[f] for f in families)
         if is_ip_literal(host):
-            other = "IPv6" if ":" in host else "IPv4"
+            # Not the literal's spelling: [::ffff:a.b.c.d] is reached over IPv4.
+            other = "IPv6" if socket.AF_INET in families else "IPv4"
             return UpstreamError(f"{host} is an {other} address, and no egress address is {other}")
         return UpstreamError(f"{host} has no {names} address that an egress address can reach")
 
