@@ -555,10 +555,14 @@ def test_a_mapped_ipv4_literal_with_ipv6_egress_only_is_said_to_need_ipv4(
     """[::ffff:127.0.0.1] goes over IPv4: with IPv6 egress alone, the 502 said it was
     "an IPv6 address, and no egress address is IPv6", beside an IPv6 egress."""
     port = upstream.http_port
-    with running_proxy(tmp_path / "state", "--workers", "1", egress=["::1"]) as p:
-        with requests_session(p) as s, s.get(f"http://[::ffff:127.0.0.1]:{port}/ip") as r:
-            assert r.status_code == 502
-            assert r.text == "::ffff:127.0.0.1 is an IPv4 address, and no egress address is IPv4\n"
+    url = f"http://[::ffff:127.0.0.1]:{port}/ip"
+    with (
+        running_proxy(tmp_path / "state", "--workers", "1", egress=["::1"]) as p,
+        requests_session(p) as s,
+        s.get(url) as r,
+    ):
+        assert r.status_code == 502
+        assert r.text == "::ffff:127.0.0.1 is an IPv4 address, and no egress address is IPv4\n"
 
 
 def test_private_destination_refused_https_at_connect(
