@@ -47,7 +47,8 @@ async def switch(
         out.bytes_down += moved[1]
 
 
-async def _pump(src: Stream, dst: Stream, moved: list[int], i: int) -> None:
+async def _pump(src: Stream, dst: Stream, moved: list[int], i: int) -> bool:
+    """Copy until `src` ends; whether its end could be passed on to `dst` as one."""
     buf = src.buffer
     while True:
         if buf:
@@ -56,8 +57,7 @@ async def _pump(src: Stream, dst: Stream, moved: list[int], i: int) -> None:
             buf.clear()
             await dst.drain()
         if not await src.fill(have=0):  # bytes that came in during the drain count
-            dst.write_eof()  # the peer's half-close, passed on where the transport can
-            return
+            return dst.write_eof()  # the peer's half-close, passed on where it can be
 
 
 async def relay(a: Stream, b: Stream, moved: list[int], linger_s: float) -> None:
@@ -73,7 +73,9 @@ async def relay(a: Stream, b: Stream, moved: list[int], linger_s: float) -> None
     cut: BaseException | None = None
     try:
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if pending and not any(t.cancelled() or t.exception() for t in done):
+        # The other way goes on only where the end was passed on: a side never told
+        # (a TLS upstream) would not end, and its peer would wait out `linger_s`.
+        if pending and all(not t.cancelled() and not t.exception() and t.result() for t in done):
             await asyncio.wait(pending, timeout=linger_s)
     except BaseException as exc:  # cancelled: the proxy is stopping
         cut = exc

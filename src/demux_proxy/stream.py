@@ -474,18 +474,27 @@ class Stream(asyncio.Protocol):
         except TimeoutError:
             raise SinkStalled(f"peer took nothing for {timeout:g} s") from None
 
-    def write_eof(self) -> None:
-        """Half-close: a FIN once writes drain, reading goes on. Over TLS, nothing: TLS
-        has no half-close that the peer's library would not take for the end (uvloop's
-        TLS transport cannot either); the close that follows says it."""
+    def write_eof(self) -> bool:
+        """Half-close, reading goes on: a FIN once writes drain, or where we run TLS
+        towards the peer, its close_notify (RFC 8446 6.1 lets the peer still send after
+        it). False where it cannot be said: closed, or uvloop's TLS transport (towards
+        upstreams), which has no half-close."""
         transport = self.transport
-        if (
-            self._sslobj is None
-            and not self.closed
-            and not transport.is_closing()
-            and transport.can_write_eof()
-        ):
-            transport.write_eof()
+        if self.closed or transport.is_closing():
+            return False
+        if self._sslobj is not None:
+            if not self._tls_ready:
+                return False
+            try:
+                self._sslobj.unwrap()  # queues close_notify; reading still decrypts
+            except ssl.SSLError:
+                pass  # the peer's close_notify has not come: it may yet, with more data
+            self._flush_tls()
+            return True
+        if not transport.can_write_eof():
+            return False
+        transport.write_eof()
+        return True
 
     async def linger_close(self, timeout: float) -> None:
         """Close as RFC 9112 9.6 asks of a server that ends a connection the client may

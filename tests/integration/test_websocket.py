@@ -7,6 +7,7 @@ case is plain HTTP inside the tunnel.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -237,6 +238,88 @@ def test_a_half_close_after_the_switch_lets_the_other_side_finish(proxy: ProxyPr
             while chunk := c.recv(4096):
                 rest += chunk
         assert rest == b"LAST-WORD"
+        assert server.heard == b"CLIENT-CLOSE"
+    finally:
+        server.close()
+
+
+class _TlsLastWord(RawServer):
+    """Over TLS: switches, then either ends its side at once after its last bytes
+    (close_notify, `ends_first`), or reads until the client's end and notes it."""
+
+    def __init__(self, ctx: ssl.SSLContext, *, ends_first: bool) -> None:
+        self.ends_first = ends_first
+        self.heard = b""
+        self.client_ended = threading.Event()
+        super().__init__(ctx)
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        self.heard = _switch(sock)
+        if self.ends_first:
+            sock.sendall(b"LAST-WORD")
+            assert isinstance(sock, ssl.SSLSocket)
+            sock.unwrap()  # close_notify, then waits for the proxy's
+            return
+        while chunk := sock.recv(4096):
+            self.heard += chunk
+        self.client_ended.set()
+
+
+def _tls_switch(proxy: ProxyProcess, port: int) -> tuple[ssl.SSLSocket, bytes]:
+    """A TLS tunnel to `port` switched to WebSocket; what followed the 101 head."""
+    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    raw.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+    assert raw.recv(4096).startswith(b"HTTP/1.1 200 ")
+    c = _ctx(proxy).wrap_socket(raw, server_hostname="127.0.0.1")
+    c.sendall(
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = c.recv(4096)
+        assert chunk, answer
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 101 "), answer
+    return c, answer.partition(b"\r\n\r\n")[2]
+
+
+def _tls_upstream(upstream: Upstream, *, ends_first: bool) -> _TlsLastWord:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    upstream.ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    return _TlsLastWord(ctx, ends_first=ends_first)
+
+
+def test_over_tls_an_upstream_that_ends_after_the_switch_ends_the_clients_side(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """wss: the server's close_notify after its last bytes reaches the client as one
+    (RFC 8446 6.1); nothing was passed on over TLS, and the client waited out
+    --idle-timeout (120 s here: the read below timed out)."""
+    server = _tls_upstream(upstream, ends_first=True)
+    try:
+        c, rest = _tls_switch(proxy, server.port)
+        with c:
+            while chunk := c.recv(4096):
+                rest += chunk
+        assert rest == b"LAST-WORD"
+    finally:
+        server.close()
+
+
+def test_over_tls_a_client_that_ends_after_the_switch_ends_the_upstreams_side(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """wss: the client's close_notify cannot be passed on as a half-close towards a TLS
+    upstream (uvloop's TLS transport has none): both sides end, rather than the server
+    waiting out --idle-timeout for an end it never hears."""
+    server = _tls_upstream(upstream, ends_first=False)
+    try:
+        c, _ = _tls_switch(proxy, server.port)
+        c.sendall(b"CLIENT-CLOSE")
+        with contextlib.suppress(OSError):
+            c.unwrap()  # close_notify; the proxy's answers it, or the socket closes
+        c.close()
+        assert server.client_ended.wait(10), "the server never heard the client's end"
         assert server.heard == b"CLIENT-CLOSE"
     finally:
         server.close()
