@@ -212,11 +212,12 @@ class Forwarder:
                 )
         except (StreamClosed, TimeoutError) as exc:
             # A PeerGone says so itself (and why): no second "client connection lost".
-            error = (
-                str(exc)
-                if isinstance(exc, PeerGone)
-                else f"client connection lost: {exc or 'timed out'}"
-            )
+            if isinstance(exc, PeerGone):
+                error = str(exc)
+            elif isinstance(exc, TimeoutError):  # a read of the request's body
+                error = f"client sent nothing for {self._config.idle_timeout_s:g} s mid-body"
+            else:
+                error = f"client connection lost: {exc}"
             kind = "client_lost"
             client.abort()
         except asyncio.CancelledError:
@@ -408,11 +409,19 @@ class Forwarder:
         # sending a byte at a time would otherwise hold the request for 64 KiB of them.
         deadline = 0.0
         checked = 0
+        # The wait for an answer begins once the request is all sent: a slow, steady
+        # upload is bounded by --idle-timeout, not by this (an early answer still ends
+        # it). `sent` holds when the upload ended, if it was still running here.
+        sent: list[float] = []
+        if upload is not None and not upload.done():
+            upload.add_done_callback(lambda _: sent.append(up.loop.time()))
         while (resp := self._head_in(up, checked)) is None:
             checked = len(up.buffer)
             wait = timeout
             if not up.buffer:
                 deadline = 0.0  # nothing begun (or only 1xx heads, relayed and gone)
+                if sent:
+                    wait = sent[0] + timeout - up.loop.time()
             elif deadline == 0.0:
                 deadline = up.loop.time() + timeout
             else:
@@ -433,6 +442,12 @@ class Forwarder:
                 _raise_upload_error(upload)
                 raise _upstream_lost(exc, mid_body=False) from exc
             except TimeoutError as exc:
+                _raise_upload_error(upload)
+                if not up.buffer and (
+                    (upload is not None and not upload.done())
+                    or (sent and sent[0] + timeout > up.loop.time())
+                ):
+                    continue  # the wait began when the upload ended, or has not yet
                 raise UpstreamTimeout(f"no response from upstream within {timeout:g} s") from exc
             if not more:
                 _raise_upload_error(upload)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import ssl
 import struct
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.proxy_process import EGRESS, running_proxy
+from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
 from tests.rawserver import RawServer, plain_and_tls, read_head
 from tests.upstream import Upstream
 
@@ -438,3 +439,91 @@ def test_out_of_descriptors_for_a_certificate(
             failed = p.wait_for_log("cannot make a certificate")
             assert failed["fields"] == {"error": "Too many open files", "host": "new.test"}
         assert not p.logs("internal error")
+
+
+def _upload_socket(p: ProxyProcess, upstream: Upstream, scheme: str) -> tuple[socket.socket, str]:
+    """A connection through `p` to the upstream's /upload (a TLS tunnel for https), and
+    the request target to use on it."""
+    raw = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    if scheme == "http":
+        return raw, f"http://127.0.0.1:{upstream.http_port}/upload"
+    raw.sendall(f"CONNECT 127.0.0.1:{upstream.https_port} HTTP/1.1\r\n\r\n".encode())
+    assert read_head(raw).startswith(b"HTTP/1.1 200 ")
+    ctx = ssl.create_default_context(cafile=str(p.ca_path))
+    return ctx.wrap_socket(raw, server_hostname="127.0.0.1"), "/upload"
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_slow_steady_upload_is_not_held_to_the_response_timeout(
+    tmp_path: Path, upstream: Upstream, scheme: str
+) -> None:
+    """The wait for the answer begins once the request is all sent: an upload taking
+    longer than --response-timeout, never idle, was a 504 "no response from upstream"
+    while its bytes still flowed. A client that stops mid-body is said to have."""
+    with running_proxy(
+        tmp_path / "state",
+        "--response-timeout",
+        "1",
+        "--idle-timeout",
+        "2",
+        upstream_ca=upstream.ca_pem_path,
+    ) as p:
+        c, target = _upload_socket(p, upstream, scheme)
+        with c:
+            c.sendall(f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode())
+            c.sendall(b"Content-Length: 6000\r\n\r\n")
+            for _ in range(6):  # 2.4 s in all, a piece every 0.4 s
+                time.sleep(0.4)
+                c.sendall(b"x" * 1000)
+            head = read_head(c)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            assert b'"length": 6000' in head, head
+        c, target = _upload_socket(p, upstream, scheme)
+        with c:
+            c.sendall(f"POST {target}?stalled HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode())
+            c.sendall(b"Content-Length: 6000\r\n\r\n" + b"x" * 1000)
+            line = p.wait_for_log(
+                "inbound response",
+                lambda ln: "stalled" in str(ln["fields"].get("url", "")),
+            )
+        assert line["fields"]["error"] == "client sent nothing for 2 s mid-body", line
+        with _Mute() as mute:
+            c, _ = _upload_socket(p, upstream, "http")
+            with c:
+                target = f"http://127.0.0.1:{mute.port}/"
+                c.sendall(
+                    f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n".encode()
+                )
+                for _ in range(3):
+                    time.sleep(0.4)
+                    c.sendall(b"x" * 1000)
+                sent = time.monotonic()
+                head = read_head(c)
+                waited = time.monotonic() - sent
+            assert head.startswith(b"HTTP/1.1 504 "), head
+            # The timeout counts from the upload's end; it had fired 1 s after the head.
+            assert waited >= 0.9, waited
+
+
+class _Mute(RawServer):
+    """Reads a request with its Content-Length body, then never answers."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def __enter__(self) -> _Mute:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        data = read_head(sock)
+        found = re.search(rb"(?i)content-length: *(\d+)", data)
+        assert found is not None, data
+        length = int(found[1])
+        got = len(data.partition(b"\r\n\r\n")[2])
+        while got < length and (chunk := sock.recv(65536)):
+            got += len(chunk)
+        while sock.recv(65536):
+            pass  # silent until the proxy gives up
