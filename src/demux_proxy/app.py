@@ -73,7 +73,8 @@ def run(config: Config) -> None:
     destinations = DestinationPolicy(
         allow_private=config.allow_private, deny=config.deny, allow_dest=config.allow_dest
     )
-    refusal = start_refusal(config.listen_host, config.admin, policy, config.ca_cert, config.ca_key)
+    listen = (config.listen_host, config.listen_port)
+    refusal = start_refusal(listen, config.admin, policy, config.ca_cert, config.ca_key)
     if refusal is not None:
         raise ConfigError(refusal)
     events = log.setup(config.log_level, config.log_format)

@@ -359,7 +359,7 @@ def public_listen_refusal(listen_host: str, policy: ClientPolicy) -> str | None:
 
 
 def start_refusal(
-    listen_host: str,
+    listen: tuple[str, int],
     admin: tuple[str, int] | None,
     policy: ClientPolicy,
     ca_cert: Path | None,
@@ -368,10 +368,14 @@ def start_refusal(
     """Why `start` must refuse these settings taken together, each fine on its own, or
     None (`start` and `config` both ask, so they say it in the same words): an open
     listener; an admin endpoint beyond loopback, which asks for the proxy's credentials,
-    without any; half a CA."""
-    refusal = public_listen_refusal(listen_host, policy)
+    without any; an admin endpoint on the proxy's own port; half a CA."""
+    refusal = public_listen_refusal(listen[0], policy)
     if refusal is not None:
         return refusal
+    if admin is not None and _same_port(listen, admin):
+        # With --workers > 1 every listener has SO_REUSEPORT, and the kernel would share
+        # the clients out between the proxy and the admin endpoint.
+        return f"--admin {admin[0]}:{admin[1]} is the --listen address: give it a port of its own"
     if admin is not None and not policy.auth_required and not is_loopback(admin[0]):
         return (
             f"--admin {admin[0]}:{admin[1]} is not loopback: "
@@ -383,6 +387,19 @@ def start_refusal(
 
 
 # --- helpers ----------------------------------------------------------------------------
+
+
+def _same_port(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether listening on both would take one port twice: the same port, not 0 (any
+    free one), on the same address or where either is the wildcard."""
+    if a[1] == 0 or a[1] != b[1]:
+        return False
+    one, other = _ip(a[0]), _ip(b[0])
+    return one == other or one.is_unspecified or other.is_unspecified
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
 
 
 def _add(

@@ -374,7 +374,7 @@ def _start_refusal(options: Mapping[str, Any]) -> str | None:
     )
     admin = options["admin"]
     return start_refusal(
-        parse_listen(options["listen"])[0],
+        parse_listen(options["listen"]),
         parse_listen(admin, option="--admin") if admin else None,
         policy,
         options["ca_cert"],

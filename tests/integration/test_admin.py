@@ -144,6 +144,29 @@ def test_admin_on_a_public_address_needs_auth(tmp_path: Path) -> None:
     assert "--admin" in out.stderr and "--auth" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("listen", "admin"),
+    [("127.0.0.1:{port}", "127.0.0.1:{port}"), ("127.0.0.1:{port}", "0.0.0.0:{port}")],
+)
+def test_admin_on_the_proxys_own_port_is_refused(tmp_path: Path, listen: str, admin: str) -> None:
+    """With --workers 2 every listener has SO_REUSEPORT: both were bound, and the kernel
+    shared the clients out between the proxy and the admin endpoint (proxied requests
+    got the admin's 404, /healthz the proxy's 400)."""
+    with socket.socket() as s:  # a free port, released: nothing should bind it here
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    listen, admin = listen.format(port=port), admin.format(port=port)
+    args = ["--state-dir", str(tmp_path), "--egress", "127.0.0.2", "--listen", listen]
+    args += ["--admin", admin, "--auth", "u:p", "--workers", "2"]
+    for command in ("start", "config"):
+        out = subprocess.run(
+            proxy_command([command, *args]), capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode == 2, (command, out.returncode, out.stderr)
+        assert f"--admin {admin} is the --listen address" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
