@@ -17,6 +17,7 @@ import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from demux_proxy.errors import ConfigError, HostNotReady
 
@@ -81,12 +82,26 @@ def parse_addresses(values: Iterable[str]) -> list[str]:
 
     Each value may hold several addresses separated by commas (or whitespace); empty items are
     ignored and IPv6 may be bracketed.  Order of first appearance is kept, because it is the
-    rotation order.  Raises ConfigError for anything that is not an IP address.
+    rotation order.  Raises ConfigError for anything that is not an IP address one can
+    send from (not 0.0.0.0, ::, multicast or 255.255.255.255).
     """
     seen: dict[str, None] = {}  # dict as an ordered set
     for item in _split(values):
-        seen.setdefault(str(_parse_one(item)), None)
+        ip = _parse_one(item)
+        # The kernel lets a socket bind these, but nothing leaves from them: it picks the
+        # source itself, and logs and metrics would name an address never used.
+        if ip.is_unspecified or ip.is_multicast or ip == _BROADCAST:
+            kind = (
+                "the unspecified address"
+                if ip.is_unspecified
+                else "a broadcast or multicast address"
+            )
+            raise ConfigError(f"cannot use egress address {ip}: {kind}, not a source address")
+        seen.setdefault(str(ip), None)
     return list(seen)
+
+
+_BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
 
 
 def _usable(ip: IPAddress, *, explicit: bool) -> bool:

@@ -188,6 +188,14 @@ def test_addresses_lists_given_egress_with_interface() -> None:
     assert rows == [["127.0.0.7", "lo"], ["127.0.0.8", "lo"]]
 
 
+def test_an_egress_address_nothing_leaves_from_is_exit_2() -> None:
+    for command in ("addresses", "start"):
+        out = _run(command, "--egress", "127.0.0.2,0.0.0.0")
+        assert out.returncode == 2, (command, out.returncode, out.stderr)
+        assert "cannot use egress address 0.0.0.0: the unspecified address" in out.stderr
+        assert "Traceback" not in out.stderr
+
+
 def test_addresses_of_an_interface() -> None:
     out = _run("addresses", "--egress-interface", "lo")
     assert out.returncode == 0, out.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,6 +52,14 @@ def test_parse_rejects_non_addresses(bad: str) -> None:
     with pytest.raises(ConfigError, match="not an IP address") as info:
         parse_addresses(["127.0.0.2", bad])
     assert repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255"])
+def test_parse_rejects_addresses_nothing_leaves_from(bad: str) -> None:
+    """bind() takes them, so they passed; the kernel then picked the source itself, and
+    the log named an address never used (the upstream saw 127.0.0.1 for "0.0.0.0")."""
+    with pytest.raises(ConfigError, match=f"cannot use egress address {re.escape(bad)}: "):
+        parse_addresses(["127.0.0.2", bad])
 
 
 # --- Egress ----------------------------------------------------------------------------------
