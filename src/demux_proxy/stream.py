@@ -178,10 +178,12 @@ class Stream(asyncio.Protocol):
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
         if self._source is not None:
-            self._source._sink_gone(StreamClosed(str(exc) if exc else "connection closed"))
+            self._source._sink_gone(StreamClosed(_said(exc) if exc else "connection closed"))
         watcher = self.watcher
         if watcher is not None:
-            watcher._peer_lost = PeerGone(f"client connection lost: {exc or 'closed'}")
+            watcher._peer_lost = PeerGone(
+                f"client connection lost: {_said(exc) if exc else 'closed'}"
+            )
             watcher._wake()
 
     def pause_writing(self) -> None:
@@ -215,7 +217,7 @@ class Stream(asyncio.Protocol):
             if self._exc is not None:
                 if isinstance(self._exc, TLSTruncated):
                     raise TLSTruncated(str(self._exc))
-                raise StreamClosed(str(self._exc) or type(self._exc).__name__) from self._exc
+                raise StreamClosed(_said(self._exc)) from self._exc
             if self.eof:
                 return False
             waiter = self._arm_waiter()
@@ -625,3 +627,11 @@ class Stream(asyncio.Protocol):
             self._exc = exc
             self.transport.abort()
         self._flush_tls()
+
+
+def _said(exc: BaseException) -> str:
+    """An error as a log line says it: an OSError by its words alone ("Connection reset
+    by peer", as the splice path says it too, not "[Errno 104] Connection reset...")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
