@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -23,6 +25,8 @@ from typing import Any
 
 import psutil
 import requests
+
+from tests.rawserver import read_head
 
 EGRESS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 
@@ -127,6 +131,17 @@ def requests_session(proxy: ProxyProcess, proxy_url: str | None = None) -> reque
     s.proxies = {"http": url, "https": url}
     s.verify = str(proxy.ca_path)
     return s
+
+
+@contextmanager
+def tls_tunnel(proxy: ProxyProcess, port: int) -> Iterator[ssl.SSLSocket]:
+    """TLS through CONNECT 127.0.0.1:`port`, verified against the proxy's CA."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+        raw.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
+        assert read_head(raw).startswith(b"HTTP/1.1 200 ")
+        ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as c:
+            yield c
 
 
 def stop(proc: subprocess.Popen[str]) -> None:

@@ -24,7 +24,13 @@ from typing import Any
 
 import pytest
 
-from tests.proxy_process import EGRESS, ProxyProcess, requests_session, running_proxy
+from tests.proxy_process import (
+    EGRESS,
+    ProxyProcess,
+    requests_session,
+    running_proxy,
+    tls_tunnel,
+)
 from tests.rawserver import RawServer, plain_and_tls, read_head
 from tests.upstream import Upstream, expected_bytes, expected_sha256, iter_expected_bytes
 
@@ -968,7 +974,7 @@ def test_a_204_goes_on_without_a_content_length(
                 c = stack.enter_context(socket.create_connection(("127.0.0.1", proxy.port)))
                 target = f"http://127.0.0.1:{port}/"
             else:
-                c = stack.enter_context(_tls_tunnel(proxy, port))
+                c = stack.enter_context(tls_tunnel(proxy, port))
                 target = "/"
             c.settimeout(10)
             for _ in range(2):
@@ -977,17 +983,6 @@ def test_a_204_goes_on_without_a_content_length(
                 assert head.startswith(b"HTTP/1.1 204 "), head
                 assert b"x-kept: 1" in head.lower(), head
                 assert b"content-length" not in head.lower(), head
-
-
-@contextmanager
-def _tls_tunnel(proxy: ProxyProcess, port: int) -> Iterator[ssl.SSLSocket]:
-    """TLS through CONNECT 127.0.0.1:`port`, verified against the proxy's CA."""
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
-        raw.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
-        assert read_head(raw).startswith(b"HTTP/1.1 200 ")
-        ctx = ssl.create_default_context(cafile=str(proxy.ca_path))
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as c:
-            yield c
 
 
 def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream) -> None:
@@ -1002,7 +997,7 @@ def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream
             c.sendall(f"OPTIONS http://{target}/?q HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
             assert read_head(c).startswith(b"HTTP/1.1 204 ")
         assert plain.seen == ["OPTIONS * HTTP/1.1", "OPTIONS /?q HTTP/1.1"]
-        with _tls_tunnel(proxy, tls.port) as c:
+        with tls_tunnel(proxy, tls.port) as c:
             c.sendall(b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert read_head(c).startswith(b"HTTP/1.1 204 ")
             c.sendall(b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -1018,7 +1013,7 @@ def test_tunnel_targets_lose_their_fragment_and_keep_their_scheme(
     text: a 400, and nothing reaches the server."""
     with plain_and_tls(_RequestLines, upstream.ca) as servers:
         plain, tls = servers["http"], servers["https"]
-        with _tls_tunnel(proxy, tls.port) as c:
+        with tls_tunnel(proxy, tls.port) as c:
             for target in ("/a?b#frag", f"https://127.0.0.1:{tls.port}/c#d"):
                 c.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
                 assert read_head(c).startswith(b"HTTP/1.1 204 ")

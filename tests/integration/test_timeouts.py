@@ -11,12 +11,14 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.proxy_process import EGRESS, ProxyProcess, running_proxy
+from tests.proxy_process import EGRESS, ProxyProcess, running_proxy, tls_tunnel
 from tests.rawserver import RawServer, plain_and_tls, read_head
 from tests.upstream import Upstream
 
@@ -441,16 +443,18 @@ def test_out_of_descriptors_for_a_certificate(
         assert not p.logs("internal error")
 
 
-def _upload_socket(p: ProxyProcess, upstream: Upstream, scheme: str) -> tuple[socket.socket, str]:
+@contextmanager
+def _upload_client(
+    p: ProxyProcess, upstream: Upstream, scheme: str
+) -> Iterator[tuple[socket.socket, str]]:
     """A connection through `p` to the upstream's /upload (a TLS tunnel for https), and
     the request target to use on it."""
-    raw = socket.create_connection(("127.0.0.1", p.port), timeout=10)
-    if scheme == "http":
-        return raw, f"http://127.0.0.1:{upstream.http_port}/upload"
-    raw.sendall(f"CONNECT 127.0.0.1:{upstream.https_port} HTTP/1.1\r\n\r\n".encode())
-    assert read_head(raw).startswith(b"HTTP/1.1 200 ")
-    ctx = ssl.create_default_context(cafile=str(p.ca_path))
-    return ctx.wrap_socket(raw, server_hostname="127.0.0.1"), "/upload"
+    if scheme == "https":
+        with tls_tunnel(p, upstream.https_port) as c:
+            yield c, "/upload"
+        return
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as c:
+        yield c, f"http://127.0.0.1:{upstream.http_port}/upload"
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -468,8 +472,7 @@ def test_a_slow_steady_upload_is_not_held_to_the_response_timeout(
         "2",
         upstream_ca=upstream.ca_pem_path,
     ) as p:
-        c, target = _upload_socket(p, upstream, scheme)
-        with c:
+        with _upload_client(p, upstream, scheme) as (c, target):
             c.sendall(f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode())
             c.sendall(b"Content-Length: 6000\r\n\r\n")
             for _ in range(6):  # 2.4 s in all, a piece every 0.4 s
@@ -478,8 +481,7 @@ def test_a_slow_steady_upload_is_not_held_to_the_response_timeout(
             head = read_head(c)
             assert head.startswith(b"HTTP/1.1 200 "), head
             assert b'"length": 6000' in head, head
-        c, target = _upload_socket(p, upstream, scheme)
-        with c:
+        with _upload_client(p, upstream, scheme) as (c, target):
             c.sendall(f"POST {target}?stalled HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode())
             c.sendall(b"Content-Length: 6000\r\n\r\n" + b"x" * 1000)
             line = p.wait_for_log(
@@ -488,8 +490,7 @@ def test_a_slow_steady_upload_is_not_held_to_the_response_timeout(
             )
         assert line["fields"]["error"] == "client sent nothing for 2 s mid-body", line
         with _Mute() as mute:
-            c, _ = _upload_socket(p, upstream, "http")
-            with c:
+            with _upload_client(p, upstream, "http") as (c, _):
                 target = f"http://127.0.0.1:{mute.port}/"
                 c.sendall(
                     f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 3000\r\n\r\n".encode()

@@ -19,8 +19,8 @@ import pytest
 import websockets.asyncio.client
 import websockets.sync.client
 
-from tests.proxy_process import AIOHTTP_CLEANUP_CLOSED, EGRESS, ProxyProcess
-from tests.rawserver import RawServer
+from tests.proxy_process import AIOHTTP_CLEANUP_CLOSED, EGRESS, ProxyProcess, tls_tunnel
+from tests.rawserver import RawServer, read_head
 from tests.upstream import Upstream
 
 SCHEMES = ["ws", "wss"]
@@ -265,22 +265,14 @@ class _TlsLastWord(RawServer):
         self.client_ended.set()
 
 
-def _tls_switch(proxy: ProxyProcess, port: int) -> tuple[ssl.SSLSocket, bytes]:
-    """A TLS tunnel to `port` switched to WebSocket; what followed the 101 head."""
-    raw = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
-    raw.sendall(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
-    assert raw.recv(4096).startswith(b"HTTP/1.1 200 ")
-    c = _ctx(proxy).wrap_socket(raw, server_hostname="127.0.0.1")
+def _switched(c: ssl.SSLSocket) -> bytes:
+    """Ask for WebSocket on `c` (a TLS tunnel); what followed the 101 head."""
     c.sendall(
         b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
     )
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        chunk = c.recv(4096)
-        assert chunk, answer
-        answer += chunk
+    answer = read_head(c)
     assert answer.startswith(b"HTTP/1.1 101 "), answer
-    return c, answer.partition(b"\r\n\r\n")[2]
+    return answer.partition(b"\r\n\r\n")[2]
 
 
 def _tls_upstream(upstream: Upstream, *, ends_first: bool) -> _TlsLastWord:
@@ -297,8 +289,8 @@ def test_over_tls_an_upstream_that_ends_after_the_switch_ends_the_clients_side(
     --idle-timeout (120 s here: the read below timed out)."""
     server = _tls_upstream(upstream, ends_first=True)
     try:
-        c, rest = _tls_switch(proxy, server.port)
-        with c:
+        with tls_tunnel(proxy, server.port) as c:
+            rest = _switched(c)
             while chunk := c.recv(4096):
                 rest += chunk
         assert rest == b"LAST-WORD"
@@ -314,11 +306,11 @@ def test_over_tls_a_client_that_ends_after_the_switch_ends_the_upstreams_side(
     waiting out --idle-timeout for an end it never hears."""
     server = _tls_upstream(upstream, ends_first=False)
     try:
-        c, _ = _tls_switch(proxy, server.port)
-        c.sendall(b"CLIENT-CLOSE")
-        with contextlib.suppress(OSError):
-            c.unwrap()  # close_notify; the proxy's answers it, or the socket closes
-        c.close()
+        with tls_tunnel(proxy, server.port) as c:
+            _switched(c)
+            c.sendall(b"CLIENT-CLOSE")
+            with contextlib.suppress(OSError):
+                c.unwrap()  # close_notify; the proxy's answers it, or the socket closes
         assert server.client_ended.wait(10), "the server never heard the client's end"
         assert server.heard == b"CLIENT-CLOSE"
     finally:
