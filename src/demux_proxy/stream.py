@@ -485,14 +485,7 @@ class Stream(asyncio.Protocol):
         if self.closed or transport.is_closing():
             return False
         if self._sslobj is not None:
-            if not self._tls_ready:
-                return False
-            try:
-                self._sslobj.unwrap()  # queues close_notify; reading still decrypts
-            except ssl.SSLError:
-                pass  # the peer's close_notify has not come: it may yet, with more data
-            self._flush_tls()
-            return True
+            return self._close_notify(still_reading=True)
         if not transport.can_write_eof():
             return False
         transport.write_eof()
@@ -533,15 +526,19 @@ class Stream(asyncio.Protocol):
         self._close_notify()
         self.transport.close()
 
-    def _close_notify(self) -> None:
-        """Send TLS's close_notify, once, where we run TLS towards the peer."""
-        if self._sslobj is not None and self._tls_ready:
-            try:
-                self._sslobj.unwrap()
-            except ssl.SSLError:
-                pass  # close_notify is queued in the BIO whether or not the peer answered
-            self._flush_tls()
-            self._tls_ready = False
+    def _close_notify(self, *, still_reading: bool = False) -> bool:
+        """Send TLS's close_notify where we run TLS towards the peer (OpenSSL sends it
+        once); whether it was sent. `still_reading`: a half-close, after which what the
+        peer sends is still decrypted; otherwise no record is read any more."""
+        if self._sslobj is None or not self._tls_ready:
+            return False
+        try:
+            self._sslobj.unwrap()
+        except ssl.SSLError:
+            pass  # close_notify is queued in the BIO whether or not the peer answered
+        self._flush_tls()
+        self._tls_ready = still_reading
+        return True
 
     def abort(self) -> None:
         """Reset: the signal a client gets for a response we cannot finish.
