@@ -31,7 +31,8 @@ async def switch(
     """
     if not req.upgrade:
         raise UpstreamError("upstream switched protocols without being asked")
-    headers: Headers = end_to_end(resp.headers, resp.connection, drop_length=False)
+    # No Content-Length in a 1xx (RFC 9110 8.6): the bytes after it are not a body.
+    headers: Headers = end_to_end(resp.headers, resp.connection, drop_length=True)
     headers.append((b"Connection", b"upgrade"))
     headers.append((b"Upgrade", get(resp.headers, b"upgrade") or b""))
     client.write(writer.response_head(101, resp.reason, headers))

@@ -140,13 +140,16 @@ def test_websockets_sync_client_echo(proxy: ProxyProcess, upstream: Upstream, sc
     _assert_went_through_proxy(proxy, tag)
 
 
-def _switch(sock: socket.socket) -> bytes:
-    """Read a request head and answer 101; what came after the head."""
+def _switch(sock: socket.socket, extra: bytes = b"") -> bytes:
+    """Read a request head and answer 101 (with `extra` header lines); what came after
+    the head."""
     data = b""
     while b"\r\n\r\n" not in data:
         data += sock.recv(4096)
     sock.sendall(
-        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+        + extra
+        + b"\r\n"
     )
     return data.partition(b"\r\n\r\n")[2]
 
@@ -196,6 +199,41 @@ def test_a_101_before_the_request_body_ends_loses_no_byte(proxy: ProxyProcess) -
                 more += chunk
         assert server.done.wait(10)
         assert server.after_head == b"1234567890CLIENT-AFTER-UPGRADE"
+    finally:
+        server.close()
+
+
+class _LengthySwitch(RawServer):
+    """Answers 101 with a Content-Length (RFC 9110 8.6: a server MUST NOT), then echoes."""
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        _switch(sock, b"Content-Length: 0\r\n")
+        while chunk := sock.recv(4096):
+            sock.sendall(chunk)
+
+
+def test_a_101s_content_length_is_not_passed_on(proxy: ProxyProcess) -> None:
+    """A client that believed it would read the new protocol as a 0-byte body."""
+    server = _LengthySwitch(None)
+    try:
+        authority = f"127.0.0.1:{server.port}"
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+            c.sendall(
+                f"GET http://{authority}/ws HTTP/1.1\r\nHost: {authority}\r\n"
+                "Connection: upgrade\r\nUpgrade: websocket\r\n\r\n".encode()
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += c.recv(4096)
+            head, _, rest = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            assert b"content-length" not in head.lower(), head
+            c.sendall(b"ECHO-ME")
+            while len(rest) < 7:
+                chunk = c.recv(4096)
+                assert chunk, rest
+                rest += chunk
+        assert rest == b"ECHO-ME"
     finally:
         server.close()
 
