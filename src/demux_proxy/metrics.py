@@ -21,13 +21,50 @@ from demux_proxy.egress import Egress
 _BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+_PREFIX: Final = "demux-proxy-metrics-"
+
+
 def enable() -> str:
-    """Switch prometheus-client to multiprocess mode in a fresh private directory."""
+    """Switch prometheus-client to multiprocess mode in a fresh private directory, named
+    after this process (removed at exit; see `_sweep` for a process that had no exit)."""
     import tempfile  # only with --admin
 
-    path = tempfile.mkdtemp(prefix="demux-proxy-metrics-")
+    _sweep(tempfile.gettempdir())
+    path = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     return path
+
+
+def _sweep(tmp: str) -> None:
+    """Remove the directories earlier proxies of this user left when they were killed
+    (SIGKILL, the OOM killer: a service restarted in a loop would fill the temporary
+    directory): ours by name, owner and a process id that no longer runs."""
+    import shutil
+    import stat
+
+    uid = os.getuid()
+    with os.scandir(tmp) as entries:
+        for entry in entries:
+            pid = entry.name[len(_PREFIX) :].partition("-")[0]
+            if not entry.name.startswith(_PREFIX) or not pid.isdigit():
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or _running(int(pid)):
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive
+    return True
 
 
 def process_gone(pid: int) -> None:

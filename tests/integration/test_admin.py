@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import socket
 import subprocess
@@ -195,3 +196,22 @@ def test_status_page_renders_in_chromium(
         check=True,
     )
     assert shot.stat().st_size > 5_000
+
+
+def test_a_killed_proxys_metrics_directory_goes_at_the_next_start(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer) leaves the metrics directory behind: the next start
+    removes it, and keeps one whose process still runs."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    alive = tmp / f"demux-proxy-metrics-{os.getpid()}-kept"
+    alive.mkdir()
+    env = {"TMPDIR": str(tmp)}
+    with running_proxy(tmp_path / "state", "--admin", "127.0.0.1:0", env=env) as p:
+        (killed,) = set(tmp.iterdir()) - {alive}
+        p.proc.kill()
+        p.proc.wait(timeout=10)
+    assert killed.is_dir()
+    with running_proxy(tmp_path / "state", "--admin", "127.0.0.1:0", env=env):
+        left = set(tmp.iterdir())
+        assert killed not in left and alive in left and len(left) == 2, left
+    assert set(tmp.iterdir()) == {alive}  # a clean stop removes its own
