@@ -22,6 +22,7 @@ HOT_PATH = [
     "src/demux_proxy/http1/writer.py",
     "src/demux_proxy/dispatch.py",
     "src/demux_proxy/exchange.py",
+    "src/demux_proxy/intercept.py",
     "src/demux_proxy/limits.py",
     "src/demux_proxy/log.py",
     "src/demux_proxy/metrics.py",

@@ -2,8 +2,8 @@
 
 Path of a connection: `_on_connect` starts one task per client, `_serve` reads heads in
 a loop (keep-alive, pipelining: the next head is read only after the previous answer),
-CONNECT switches to `_tunnel` (TLS with a leaf for the requested name, or plain HTTP in
-the tunnel), and each request goes to `Forwarder.forward`.
+CONNECT switches to `_tunnel` (TLS with a leaf for the requested name: intercept.py; or
+plain HTTP in the tunnel), and each request goes to `Forwarder.forward`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 import ssl
-from typing import Any, Final
+from typing import Final
 
 from demux_proxy import log
 from demux_proxy.auth import ClientPolicy, challenge_response, session_of
@@ -24,6 +24,7 @@ from demux_proxy.exchange import Forwarder, error_kind
 from demux_proxy.http1 import writer
 from demux_proxy.http1.headers import Headers, get, replace
 from demux_proxy.http1.parser import RequestHead, find_head_end, parse_request_head
+from demux_proxy.intercept import Interceptor
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.route import (
     Tunnel,
@@ -34,12 +35,9 @@ from demux_proxy.route import (
     tls_name,
 )
 from demux_proxy.stream import Stream
-from demux_proxy.tls import NO_APPLICATION_PROTOCOL, first_record_size, offered_alpn
 
 _internal: Final = logging.getLogger(log.LOGGER_NAME)
-_UNFINISHED: Final = "not finished within {:g} s (--handshake-timeout)"
 _TLS_HANDSHAKE: Final = 0x16  # first byte of a TLS record carrying a ClientHello
-_HTTP1_ALPN: Final = frozenset({b"http/1.1", b"http/1.0"})
 # How long a connection we end may still take the client's bytes (Stream.linger_close).
 LINGER_S: Final = 2.0
 _MAX_FORWARDS_METHODS: Final = frozenset({b"TRACE", b"OPTIONS"})
@@ -105,7 +103,7 @@ class ProxyServer:
         self._events = events
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: set[Stream] = set()  # waiting for a next request: closed at shutdown
-        self._sni: dict[int, str] = {}  # id(SSLObject) -> server name, during handshakes
+        self._intercept = Interceptor(ca, events, config.handshake_timeout_s, self._shed_if_short)
         self._closing = False
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -510,95 +508,6 @@ class ProxyServer:
             # Plain HTTP inside the tunnel (ws:// through CONNECT): proxied the same way.
             await self._serve(stream, Tunnel("http", host, port, host, session, pin))
             return
-        deadline = stream.loop.time() + cfg.handshake_timeout_s  # for all of the handshake
-        if not await self._whole_first_record(stream, host, deadline):
-            return
-        offered = offered_alpn(stream.buffer)
-        if offered is not None and not _HTTP1_ALPN.intersection(offered):
-            # An h2-only client (gRPC, prior knowledge): OpenSSL would finish the
-            # handshake with no protocol, and the client read our HTTP/1.1 as garbage.
-            stream.write(NO_APPLICATION_PROTOCOL)
-            stream.close()
-            self._handshake_failed(
-                stream,
-                host,
-                "the client offers "
-                + ", ".join(repr(p.decode("latin-1")) for p in offered[:4])
-                + " only (ALPN): this proxy speaks HTTP/1.1",
-            )
-            return
-        context = await self._leaf(host)
-        if context is None:
-            return
-        context.sni_callback = self._on_sni
-        try:
-            async with asyncio.timeout_at(deadline):
-                await stream.start_tls_server(context)
-        except ssl.SSLError as exc:
-            self._handshake_failed(stream, host, exc.reason or str(exc))
-            return
-        except TimeoutError:  # a ClientHello begun and never finished: said, as above
-            self._handshake_failed(stream, host, _UNFINISHED.format(cfg.handshake_timeout_s))
-            return
-        finally:
-            sni = self._sni.pop(id(stream.ssl_object), None)
-        name = tls_name(sni or host)
-        await self._serve(stream, Tunnel("https", host, port, name, session, pin))
-
-    async def _whole_first_record(self, stream: Stream, host: str, deadline: float) -> bool:
-        """Wait for the rest of the client's first TLS record (its ClientHello, which a
-        post-quantum key share makes larger than one TCP segment), so that what it offers
-        is judged whole. False, said, when it closes or `deadline` passes first."""
-        want = first_record_size(stream.buffer)
-        if len(stream.buffer) >= want:
-            return True  # most handshakes: no wait, no timer
-        try:
-            async with asyncio.timeout_at(deadline):
-                while len(stream.buffer) < want:
-                    if not await stream.fill():
-                        return False  # closed mid-ClientHello: nothing to answer
-                    want = first_record_size(stream.buffer)
-        except TimeoutError:
-            self._handshake_failed(
-                stream, host, _UNFINISHED.format(self._config.handshake_timeout_s)
-            )
-            return False
-        return True
-
-    def _handshake_failed(self, stream: Stream, host: str, error: str) -> None:
-        self._events.warning(
-            "TLS handshake with client failed", client=stream.peer[0], host=host, error=error
-        )
-
-    async def _leaf(self, host: str) -> ssl.SSLContext | None:
-        """The CONNECT host's leaf context; None, said, when it cannot be made (its memory
-        file needs a descriptor: idle upstreams give some back, and it is tried again)."""
-        for attempt in range(2):
-            try:
-                return self._ca.server_context(host)
-            except OSError as exc:
-                shed = self._shed_if_short(exc)
-                if attempt or not shed:
-                    self._events.error("cannot make a certificate", host=host, error=exc.strerror)
-                    return None
-            await asyncio.sleep(0)  # the loop closes the dropped sockets at the end of its turn
-        return None  # not reached: the second attempt returns
-
-    def _on_sni(self, sslobj: Any, server_name: str | None, context: ssl.SSLContext) -> None:
-        """Serve a leaf for the name the client asked for (SNI), else the CONNECT host's.
-
-        The name is remembered for the upstream side too: it is what we verify there.
-        """
-        if not server_name:
-            return
-        try:
-            leaf = self._ca.server_context(server_name)
-        except ValueError:
-            return  # not a host name we can mint for: the CONNECT host's leaf stays
-        except OSError as exc:  # out of descriptors: the CONNECT host's leaf stays
-            self._shed_if_short(exc)  # for the next one: no waiting in a handshake
-            self._events.error("cannot make a certificate", host=server_name, error=exc.strerror)
-            return
-        leaf.sni_callback = self._on_sni
-        sslobj.context = leaf
-        self._sni[id(sslobj)] = server_name
+        name = await self._intercept.handshake(stream, host)
+        if name is not None:
+            await self._serve(stream, Tunnel("https", host, port, tls_name(name), session, pin))
