@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from typing import Final
 
 from demux_proxy.errors import ConfigError, Forbidden, LoopDetected
 
@@ -49,6 +50,9 @@ def _parse(address: str) -> tuple[IPAddress, ipaddress.IPv4Address | None, str]:
     return ip, None, ""
 
 
+_UNSPECIFIED: Final = "the unspecified address"
+
+
 def _judge(ip: IPAddress) -> str | None:
     """Why one address, taken as itself, is refused by default, or None."""
     if ip.is_loopback:
@@ -56,7 +60,7 @@ def _judge(ip: IPAddress) -> str | None:
     if ip.is_link_local:
         return "a link-local address (where cloud metadata services live)"
     if ip.is_unspecified:
-        return "the unspecified address"
+        return _UNSPECIFIED
     if ip.is_multicast:
         return "a multicast address"
     if isinstance(ip, ipaddress.IPv6Address):
@@ -205,6 +209,11 @@ class DestinationPolicy:
         # Rules and the loop check see both forms: an IPv4 CIDR catches the IPv4 address a
         # NAT64 or 6to4 address delivers to, an IPv6 CIDR still matches the IPv6 form.
         forms: tuple[IPAddress, ...] = (ip,) if inner is None else (ip, inner)
+        if ip.is_unspecified:
+            # A connect to 0.0.0.0 or :: reaches this host (Linux takes it as the bound
+            # source address or loopback): past --deny and the loop check, whatever
+            # they say of loopback. Nothing legitimate names it: refused whatever the options.
+            return f"{_UNSPECIFIED}, which reaches this host itself: never a destination"
         if port == self._self_port and any(str(a) in self._self or a.is_loopback for a in forms):
             raise LoopDetected(f"{host}:{port} is this proxy itself: refusing to loop")
         for net in self._deny_nets:

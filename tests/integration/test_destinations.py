@@ -29,6 +29,19 @@ def test_request_to_the_proxy_itself_is_508(proxy: ProxyProcess) -> None:
     assert r.headers["Content-Type"].startswith("text/plain")
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "0", "[::]"])
+def test_the_unspecified_address_is_refused_even_with_allow_private(
+    proxy: ProxyProcess, host: str
+) -> None:
+    """Linux connects 0.0.0.0 to this host: it passed --deny 127.0.0.0/8 and the loop
+    check (the proxy connected to itself)."""
+    r = _get(proxy, f"http://{host}:{proxy.port}/")
+    assert r.status_code == 403 and "never a destination" in r.text, r.text
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
+        c.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+        assert c.recv(4096).startswith(b"HTTP/1.1 403 ")
+
+
 def test_deny_and_allow_dest(tmp_path: Path, upstream: Upstream) -> None:
     with running_proxy(
         tmp_path / "deny", "--deny", "localhost", upstream_ca=upstream.ca_pem_path

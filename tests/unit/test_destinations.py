@@ -122,9 +122,19 @@ def test_public_ipv4_behind_ipv6_stays_allowed(address: str) -> None:
 )
 def test_unspecified_and_loopback_ipv6_keep_their_own_messages(address: str, message: str) -> None:
     assert refusal(address) == message
-    assert DestinationPolicy().refusal("x", address, 80) == (
-        f"{message}; start the proxy with --allow-private to allow it"
-    )
+    why = DestinationPolicy().refusal("x", address, 80)
+    assert why is not None and why.startswith(message)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "::ffff:0.0.0.0"])
+def test_the_unspecified_address_is_refused_whatever_the_options(address: str) -> None:
+    """A connect to it reaches this host: it got past --deny 127.0.0.0/8 and the loop
+    check with --allow-private."""
+    p = DestinationPolicy(allow_private=True, deny=["127.0.0.0/8", "::1"], allow_dest=["::/0"])
+    p.set_self({"127.0.0.1"}, 8080)
+    for port in (80, 8080):
+        why = p.refusal("0", address, port)
+        assert why is not None and "never a destination" in why
 
 
 def test_deny_catches_the_ipv4_inside_and_the_ipv6_form() -> None:
