@@ -99,6 +99,8 @@ def _host(raw: bytes) -> str:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not host or _BAD_HOST.search(host):
+        if "@" in host:  # userinfo (CONNECT user:password@host): not echoed, nor logged
+            raise ProtocolError("userinfo in request target: not allowed")
         raise ProtocolError(f"invalid host in request target: {host[:64]!r}")
     return host
 

@@ -154,6 +154,13 @@ def test_connect_authority() -> None:
             parse_authority(bad)
 
 
+def test_a_connect_targets_userinfo_is_refused_unrepeated() -> None:
+    """The 400 and its log line echoed `user:s3cret@127.0.0.1`."""
+    with pytest.raises(ProtocolError) as info:
+        parse_authority(b"user:s3cret@127.0.0.1:443")
+    assert info.value.status == 400 and "s3cret" not in str(info.value)
+
+
 @pytest.mark.parametrize(
     "target",
     [
