@@ -57,6 +57,12 @@ class ProtocolError(ProxyError):
     status = 400
 
 
+class BodyCut(ProtocolError):
+    """The client's connection ended before the body it announced did. Answered 400 (a
+    client that only half-closed reads it), and counted as the client's going away
+    (metrics kind `client_lost`): most often it gave up (a timeout, Ctrl-C)."""
+
+
 class Forbidden(ProxyError):
     """The destination is refused by policy (private, loopback, link-local...)."""
 

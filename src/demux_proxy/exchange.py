@@ -21,6 +21,7 @@ from demux_proxy import log
 from demux_proxy.config import Config
 from demux_proxy.dispatch import Dispatcher
 from demux_proxy.errors import (
+    BodyCut,
     EgressFailure,
     EgressTimeout,
     EgressUnreachable,
@@ -71,6 +72,7 @@ _KIND: Final[dict[type[ProxyError], str]] = {
     EgressTimeout: "egress",
     EgressUnreachable: "egress",
     ProtocolError: "bad_request",
+    BodyCut: "client_lost",
     Forbidden: "forbidden",
     LoopDetected: "loop",
     UpstreamError: "upstream",

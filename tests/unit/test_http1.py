@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from demux_proxy.errors import ProtocolError, ProxyError, UpstreamError
+from demux_proxy.errors import BodyCut, ProtocolError, ProxyError, UpstreamError
 from demux_proxy.http1 import writer
 from demux_proxy.http1.framing import (
     ChunkedDecoder,
@@ -246,6 +246,21 @@ def test_truncated_length_body_raises_on_eof() -> None:
     assert d.read(buf) == b"hel"
     with pytest.raises(UpstreamError):
         d.eof()
+
+
+def test_a_clients_body_cut_short_is_a_400_counted_as_the_client_gone() -> None:
+    """A client that gives up mid-upload (curl --max-time): metrics said bad_request."""
+    from demux_proxy.exchange import error_kind
+
+    d = LengthDecoder(5, upstream=False)
+    assert d.read(bytearray(b"hel")) == b"hel"
+    with pytest.raises(BodyCut) as info:
+        d.eof()
+    assert info.value.status == 400 and error_kind(info.value) == "client_lost"
+    chunked = ChunkedDecoder(upstream=False)
+    chunked.read(bytearray(b"5\r\nhel"))
+    with pytest.raises(BodyCut):
+        chunked.eof()
 
 
 CHUNKED = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: yes\r\n\r\n"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from demux_proxy.errors import ProtocolError, UpstreamError
+from demux_proxy.errors import BodyCut, ProtocolError, UpstreamError
 from demux_proxy.http1.headers import Headers
 
 # A chunk-size line is hex digits, optional extensions; 16 KiB bounds extensions like
@@ -45,6 +45,9 @@ class BodyDecoder:
         self._error: type[ProtocolError] | type[UpstreamError] = (
             UpstreamError if upstream else ProtocolError
         )
+        self._cut: type[ProtocolError] | type[UpstreamError] = (
+            UpstreamError if upstream else BodyCut
+        )
 
     def read(self, buf: bytearray) -> bytes | None:
         raise NotImplementedError
@@ -60,7 +63,7 @@ class BodyDecoder:
 
     def eof(self) -> None:
         if not self.done:
-            raise self._error("connection closed before the end of the body")
+            raise self._cut("connection closed before the end of the body")
 
 
 class NoBody(BodyDecoder):
