@@ -19,7 +19,7 @@ import orjson
 from demux_proxy import __version__, log
 from demux_proxy.auth import ClientPolicy
 from demux_proxy.egress import Egress
-from demux_proxy.errors import ProtocolError
+from demux_proxy.errors import Forbidden, ProtocolError
 from demux_proxy.http1 import writer
 from demux_proxy.http1.headers import Headers
 from demux_proxy.http1.parser import find_head_end, parse_request_head
@@ -143,10 +143,12 @@ class AdminServer:
             req = parse_request_head(head)
             # /healthz says "ok" and nothing else: open, for load balancers' checks.
             public = req.target.split(b"?", 1)[0] == b"/healthz"
+            if not public and not self._client_allowed(writer_):
+                raise Forbidden("this client's address is outside --allow-client")
             allowed = public or not self._require_auth or await self._authorized(req.headers)
             writer_.write(self._answer(req.method, req.target, allowed))
             await writer_.drain()
-        except ProtocolError as exc:
+        except (ProtocolError, Forbidden) as exc:
             writer_.write(writer.plain_response(exc.status, exc.reason, close=True))
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass  # a client that says nothing complete gets nothing
@@ -154,6 +156,11 @@ class AdminServer:
             pass
         finally:
             writer_.close()
+
+    def _client_allowed(self, writer_: asyncio.StreamWriter) -> bool:
+        """--allow-client holds here as on the proxy's port (for all but /healthz)."""
+        peer = writer_.get_extra_info("peername")
+        return bool(peer) and self._policy.client_allowed(peer[0])
 
     def _answer(self, method: bytes, target: bytes, allowed: bool) -> bytes:
         if method not in (b"GET", b"HEAD"):

@@ -215,3 +215,26 @@ def test_a_killed_proxys_metrics_directory_goes_at_the_next_start(tmp_path: Path
         left = set(tmp.iterdir())
         assert killed not in left and alive in left and len(left) == 2, left
     assert set(tmp.iterdir()) == {alive}  # a clean stop removes its own
+
+
+def _admin_get(admin: str, path: str, source: str) -> bytes:
+    host, _, port = admin.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0)) as c:
+        c.sendall(f"GET {path} HTTP/1.1\r\nHost: {admin}\r\n\r\n".encode())
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_allow_client_holds_on_the_admin_listener(tmp_path: Path) -> None:
+    """--allow-client kept other networks off the proxy's port, not off /status.json."""
+    with running_proxy(
+        tmp_path / "state", "--allow-client", "127.0.0.1/32", "--admin", "127.0.0.1:0"
+    ) as p:
+        admin = p.wait_for_log("Starting Proxy")["fields"]["admin"]
+        assert _admin_get(admin, "/status.json", "127.0.0.1").startswith(b"HTTP/1.1 200 ")
+        refused = _admin_get(admin, "/status.json", "127.0.0.9")
+        assert refused.startswith(b"HTTP/1.1 403 ") and b"--allow-client" in refused, refused
+        assert _admin_get(admin, "/metrics", "127.0.0.9").startswith(b"HTTP/1.1 403 ")
+        assert _admin_get(admin, "/healthz", "127.0.0.9").startswith(b"HTTP/1.1 200 ")
