@@ -69,15 +69,29 @@ def _make_private(path: Path, mode: int, what: str) -> None:
 
     A careless copy can leave the CA key 0644, and a pre-existing state dir may be 0755;
     that key signs certificates every client trusts. Ours, we fix (and say so); someone
-    else's, we may not touch, so we refuse to start.
+    else's, we may not touch, so we refuse to start. Owned by another user (root aside,
+    who may share a key with a service's group), it is refused whatever its mode: its
+    owner could replace the CA key. Through a symlink (a key kept on another volume), the
+    target is judged, never changed: a chmod through a link planted in the state dir
+    could tighten any file of ours.
     """
     old, uid = _file_mode(path, what)
+    me = os.getuid()
+    if uid not in (me, 0):
+        raise ConfigError(
+            f"{what} {path} is owned by uid {uid}, not by this user (uid {me}) or root: its "
+            "owner could replace the CA key; chown it, or choose another --state-dir"
+        )
     if not old & 0o077:
         return
-    if uid != os.getuid():
+    if uid != me or path.is_symlink():
+        where = path.resolve()
         raise ConfigError(
-            f"{what} {path} is mode {old:04o}, open to other users, and owned by uid {uid}, "
-            f"not us: run `chmod {mode:o} {path}` as its owner"
+            f"{what} {path} is mode {old:04o}, open to other users"
+            + (f" (through a symlink to {where})" if path.is_symlink() else "")
+            + (f", and owned by uid {uid}, not us" if uid != me else "")
+            + f": run `chmod {mode:o} {where}`"
+            + (" as its owner" if uid != me else "")
         )
     try:
         os.chmod(path, mode)
