@@ -246,6 +246,7 @@ async def connect(
                         f"cannot bind egress address {egress.address}: {exc.strerror}"
                     ) from exc
                 left = len(allowed) - index
+                handed = False  # to uvloop: see _let_go
                 try:
                     if left > 1:
                         share = (deadline - loop.time()) / left
@@ -262,6 +263,7 @@ async def connect(
                             continue
                     else:
                         await loop.sock_connect(sock, (address, port))
+                    handed = True
                     _, stream = await loop.create_connection(
                         lambda: Stream(native_tls=tls is not None),
                         sock=sock,
@@ -270,21 +272,21 @@ async def connect(
                         ssl_handshake_timeout=timeout_s if tls is not None else None,
                     )
                 except ssl.SSLCertVerificationError as exc:
-                    sock.close()
+                    _let_go(sock, handed)
                     raise UpstreamError(
                         f"upstream certificate of {server_hostname} not trusted: "
                         f"{exc.verify_message}"
                     ) from exc
                 except ssl.SSLError as exc:
-                    sock.close()
+                    _let_go(sock, handed)
                     raise UpstreamError(f"TLS with {server_hostname} failed: {exc}") from exc
                 except UnicodeError as exc:  # the ssl module's IDNA check of the name
-                    sock.close()
+                    _let_go(sock, handed)
                     raise UpstreamError(
                         f"cannot verify {server_hostname[:80]!r}: not a valid host name"
                     ) from exc
                 except OSError as exc:
-                    sock.close()
+                    _let_go(sock, handed)
                     if exc.errno in _LOCAL_SHORTAGE_ERRNOS:  # ENOBUFS...: ours, as above
                         raise Unavailable(
                             f"cannot open a connection: {exc.strerror}", retry_after_s=1
@@ -300,6 +302,9 @@ async def connect(
                     last = failure(describe_connect_error(exc, egress.address, address, port))
                     last.__cause__ = exc
                     continue
+                except BaseException:  # cancelled: the timeout, or the client gone
+                    _let_go(sock, handed)
+                    raise
                 return UpstreamConnection(stream=stream, key=key, egress=egress, remote=address)
     except TimeoutError as exc:
         raise EgressTimeout(
@@ -307,6 +312,18 @@ async def connect(
         ) from exc
     assert last is not None
     raise last
+
+
+def _let_go(sock: socket.socket, handed: bool) -> None:
+    """Give up a socket whose connection failed. Once handed to uvloop's
+    create_connection, the descriptor is its transport's, which closes it on any
+    failure (at once, or a loop turn later when cancelled): closing it again here, or
+    the socket object's finalizer doing so, would close whatever connection took the
+    number meanwhile (a retry from another address got EBADF)."""
+    if handed:
+        sock.detach()
+    else:
+        sock.close()
 
 
 def _bound_socket(egress: Egress) -> socket.socket:
