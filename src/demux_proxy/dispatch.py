@@ -215,10 +215,10 @@ class Dispatcher:
             rest_s=round(seconds, 3),
         )
 
-    def cool_pair(self, egress: Egress, host: str, exc: EgressFailure) -> None:
-        """A connect to `host` timed out, or had no route: cool this (address, host) pair
-        down with backoff, as a cooling status would, and leave the address to every
-        other host."""
+    def cool_pair(self, egress: Egress, host: str, exc: UpstreamError) -> None:
+        """A connect to `host` timed out, or had no route, or a fresh connection was reset
+        before any answer: cool this (address, host) pair down with backoff, as a cooling
+        status would, and leave the address to every other host."""
         now = self._clock().time()
         seconds = self.scheduler.cooldowns.cool(egress.address, host, now, None)
         self._events.warning(

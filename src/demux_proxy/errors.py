@@ -91,6 +91,13 @@ class UpstreamError(ProxyError):
     status = 502
 
 
+class UpstreamReset(UpstreamError):
+    """The upstream ended a connection (reset or closed) before any byte of its answer.
+    On a connection just opened from an address, that is how many sites refuse an
+    address they have banned: the (address, host) pair cools, and an idempotent request
+    without a body goes again from another address."""
+
+
 class UpstreamTimeout(UpstreamError):
     """The upstream did not connect or answer in time."""
 
@@ -107,6 +114,12 @@ class EgressUnreachable(EgressFailure):
     EHOSTUNREACH). It may be the address (a missing source route), but it may as well be
     the destination a client named: as a timeout does, it cools the (address, host) pair,
     so that no client can take an address away from every other by naming one."""
+
+
+class EgressRefused(EgressUnreachable):
+    """The host reset a connection from this egress address before a request was sent
+    (mid TLS handshake): how many sites refuse an address they have banned. The pair
+    cools, as for no route, and the request goes from another address."""
 
 
 class EgressTimeout(EgressFailure, UpstreamTimeout):

@@ -23,6 +23,7 @@ from demux_proxy.dispatch import Dispatcher
 from demux_proxy.errors import (
     BodyCut,
     EgressFailure,
+    EgressRefused,
     EgressTimeout,
     EgressUnreachable,
     Forbidden,
@@ -38,6 +39,7 @@ from demux_proxy.errors import (
     TLSTruncated,
     Unavailable,
     UpstreamError,
+    UpstreamReset,
     UpstreamTimeout,
 )
 from demux_proxy.http1 import writer
@@ -69,6 +71,7 @@ from demux_proxy.upstream import UpstreamConnection
 # Error kinds for metrics: a fixed, small set of label values.
 _KIND: Final[dict[type[ProxyError], str]] = {
     EgressFailure: "egress",
+    EgressRefused: "egress",
     EgressTimeout: "egress",
     EgressUnreachable: "egress",
     ProtocolError: "bad_request",
@@ -76,6 +79,7 @@ _KIND: Final[dict[type[ProxyError], str]] = {
     Forbidden: "forbidden",
     LoopDetected: "loop",
     UpstreamError: "upstream",
+    UpstreamReset: "upstream",
     UpstreamTimeout: "upstream_timeout",
 }
 
@@ -297,7 +301,7 @@ class Forwarder:
         try:
             resp = self._head_in(up)  # usually there with the first byte: no coroutine
             if resp is None:
-                resp = await self._read_head(up, upload, client)
+                resp = await self._read_head(up, upload, client, True)
             interim = 0
             while 100 <= resp.status < 200 and resp.status != 101:
                 # Interim responses (100 Continue, 103) go to 1.1 clients (RFC 9110 15.2),
@@ -312,7 +316,7 @@ class Forwarder:
                     headers = end_to_end(resp.headers, resp.connection, drop_length=True)
                     client.write(writer.response_head(resp.status, resp.reason, headers))
                     await client.drain(self._config.idle_timeout_s)
-                resp = await self._read_head(up, upload, client)
+                resp = await self._read_head(up, upload, client, False)
             out.status = resp.status
             if resp.status == 101:
                 await switch(
@@ -334,6 +338,14 @@ class Forwarder:
         except BaseException as exc:
             conn.drop()  # mid-message: no TLS shutdown that reads on for the rest
             if upload is None:
+                if isinstance(exc, UpstreamReset) and conn.requests == 1:
+                    # A fresh connection refused by the host: this address, most likely
+                    # (a ban by reset), and one request in N would fail for good.
+                    self._dispatch.cool_pair(conn.egress, route.host, exc)
+                    if may_retry and self._dispatch.another_address_free(
+                        route.host, conn.egress.address
+                    ):
+                        return _RETRY
                 raise
             failed = exc  # the upload is reaped below, outside the except block
         if failed is not None or resp is None:
@@ -402,10 +414,11 @@ class Forwarder:
         return parse_response_head(head)
 
     async def _read_head(
-        self, up: Stream, upload: asyncio.Task[None] | None, client: Stream
+        self, up: Stream, upload: asyncio.Task[None] | None, client: Stream, first: bool
     ) -> ResponseHead:
         """The next response head from `up`. A client that resets meanwhile ends the
-        wait (PeerGone): its upstream connection is not held to --response-timeout."""
+        wait (PeerGone): its upstream connection is not held to --response-timeout. The
+        `first` head's connection ending before any byte of it is an UpstreamReset."""
         timeout = self._config.response_timeout_s
         # Once a head has begun, all of it must arrive within the timeout: an upstream
         # sending a byte at a time would otherwise hold the request for 64 KiB of them.
@@ -442,7 +455,10 @@ class Forwarder:
                 raise  # the client's loss, not the upstream's: the exchange ends
             except StreamClosed as exc:
                 _raise_upload_error(upload)
-                raise _upstream_lost(exc, mid_body=False) from exc
+                lost = _upstream_lost(exc, mid_body=False)
+                if first and not up.buffer:
+                    raise UpstreamReset(lost.reason) from exc
+                raise lost from exc
             except TimeoutError as exc:
                 _raise_upload_error(upload)
                 if not up.buffer and (
@@ -453,7 +469,8 @@ class Forwarder:
                 raise UpstreamTimeout(f"no response from upstream within {timeout:g} s") from exc
             if not more:
                 _raise_upload_error(upload)
-                raise UpstreamError("upstream closed the connection without a response")
+                why = "upstream closed the connection without a response"
+                raise UpstreamReset(why) if first and not up.buffer else UpstreamError(why)
         return resp
 
     async def _relay_response(

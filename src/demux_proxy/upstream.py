@@ -22,6 +22,7 @@ from typing import Final
 from demux_proxy.egress import Egress
 from demux_proxy.errors import (
     EgressFailure,
+    EgressRefused,
     EgressTimeout,
     EgressUnreachable,
     Forbidden,
@@ -297,6 +298,8 @@ async def connect(
                         if exc.errno in _EGRESS_ERRNOS
                         else EgressUnreachable
                         if exc.errno in _UNREACHABLE_ERRNOS
+                        else EgressRefused
+                        if exc.errno == errno.ECONNRESET
                         else UpstreamError
                     )
                     last = failure(describe_connect_error(exc, egress.address, address, port))

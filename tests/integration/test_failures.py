@@ -825,3 +825,61 @@ def test_upstream_silent_mid_body_is_cut_after_the_idle_timeout(
         assert "mid-body" in line["fields"]["error"], line
         assert line["fields"]["bytes"] == StallingUpstream.SENT, line
         _assert_serving(p, upstream)
+
+
+BANNED = EGRESS[1]
+
+
+class BanByReset(RawServer):
+    """Resets every connection from BANNED, as sites do to an address they banned:
+    `when` "request" after its head (after TLS, under TLS), "handshake" before TLS."""
+
+    when = "request"
+
+    def _serve(self, conn: socket.socket) -> None:
+        if self.when == "handshake" and conn.getpeername()[0] == BANNED:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+            conn.close()
+            return
+        super()._serve(conn)
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        while head := read_head(sock):
+            peer = raw.getpeername()[0]
+            if peer == BANNED:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+                return
+            self.seen.append(peer)
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(peer), peer.encode())
+            )
+            del head
+
+
+@pytest.mark.parametrize(
+    ("scheme", "when"), [("http", "request"), ("https", "request"), ("https", "handshake")]
+)
+def test_an_address_refused_by_reset_cools_and_its_requests_go_elsewhere(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str, when: str
+) -> None:
+    """Every request the round robin gave the banned address was a 502, for good: a reset
+    on a fresh connection was neither retried nor cooled."""
+    with plain_and_tls(BanByReset, upstream.ca) as servers:
+        server = servers[scheme]
+        server.when = when
+        url = f"{scheme}://127.0.0.1:{server.port}/"
+        with requests_session(proxy) as s:
+            answers = [s.get(url, timeout=SOCK_TIMEOUT) for _ in range(2 * len(EGRESS))]
+            assert [r.status_code for r in answers] == [200] * len(answers)
+            assert BANNED not in {r.text for r in answers}
+            assert set(server.seen) == set(EGRESS) - {BANNED}
+            if when == "handshake":  # no byte of the request was sent: any may go again
+                posts = [s.post(url, data=b"x", timeout=SOCK_TIMEOUT) for _ in range(8)]
+                assert [r.status_code for r in posts] == [200] * len(posts)
+    # The retry's socket took the failed one's descriptor number, which was closed a
+    # second time under it (EBADF, an internal error and a reset client).
+    assert not proxy.logs("internal error")
+    cooling = [
+        ln for ln in proxy.logs("egress address cooling") if ln["fields"]["interface"] == BANNED
+    ]
+    assert cooling and "reset" in cooling[-1]["fields"]["error"], cooling
