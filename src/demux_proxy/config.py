@@ -51,9 +51,10 @@ class Config:
     handshake_timeout_s: float = 10.0
     # SIGTERM: requests in flight get this long to finish before they are cut.
     shutdown_grace_s: float = 30.0
-    # Idle upstream connections kept per (egress, scheme, host, port) and for how long;
-    # below common server keep-alive timeouts (nginx 75 s, Apache 5 s... so stale ones are
-    # detected by the EOF they send, and a request on one that died is retried once).
+    # Idle upstream connections kept per (egress, scheme, host, port) and for how long:
+    # below nginx's 75 s; a server that says a shorter one in Keep-Alive (Apache, Node:
+    # 5 s) has its connections retired a second before it (exchange, pool.Pooled). One
+    # that died anyway is detected by its EOF, and an idempotent request retried once.
     pool_max_idle_per_key: int = 16
     pool_idle_s: float = 30.0
     max_head_bytes: int = DEFAULT_MAX_HEAD_BYTES

@@ -49,7 +49,7 @@ from demux_proxy.http1.framing import (
     request_decoder,
     response_decoder,
 )
-from demux_proxy.http1.headers import end_to_end, forwarded_trailers, replace
+from demux_proxy.http1.headers import end_to_end, forwarded_trailers, keep_alive_timeout, replace
 from demux_proxy.http1.parser import (
     RequestHead,
     ResponseHead,
@@ -361,6 +361,11 @@ class Forwarder:
             keep = reusable = False
         if reusable and conn.usable():
             conn.stream.resume()  # a large body may have left reading paused
+            server_idle_s = keep_alive_timeout(resp.headers)
+            if server_idle_s is not None:
+                # Retired before the server closes it: reused at the last moment, it
+                # would meet the close (a 502 for a POST, which is never replayed).
+                conn.max_idle_s = server_idle_s - 1.0 if server_idle_s >= 2 else server_idle_s / 2
             self._pool.checkin(conn)
         else:
             conn.close()

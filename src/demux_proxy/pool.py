@@ -29,6 +29,9 @@ PoolKey = tuple[str, str, str, int, str]  # (egress address, scheme, host, port,
 class Pooled(Protocol):
     key: PoolKey
     idle_since: float
+    # How long its server keeps it idle, as its Keep-Alive field says (less a margin
+    # for the race with the server's own close): the pool's `idle_s` where shorter.
+    max_idle_s: float
 
     def usable(self) -> bool: ...
     def close(self) -> None: ...
@@ -62,13 +65,18 @@ class Pool(Generic[C]):
         conns = self._idle.get(key)
         if not conns:
             return None
-        deadline = self._clock() - self._idle_s
+        now = self._clock()
+        deadline = now - self._idle_s
         # An emptied deque stays under its key for the next checkin (one connection
         # going back and forth is the common case); prune() drops empty ones.
         while conns:
             conn = conns.pop()
             del self._lru[conn]
-            if conn.idle_since >= deadline and conn.usable():
+            if (
+                conn.idle_since >= deadline
+                and now - conn.idle_since < conn.max_idle_s
+                and conn.usable()
+            ):
                 self.reused += 1
                 return conn
             conn.close()
@@ -110,12 +118,18 @@ class Pool(Generic[C]):
         return n
 
     def prune(self) -> int:
-        """Close connections idle longer than `idle_s` or closed by their server."""
-        deadline = self._clock() - self._idle_s
+        """Close connections idle longer than `idle_s` (or their own `max_idle_s`) or
+        closed by their server."""
+        now = self._clock()
+        deadline = now - self._idle_s
         closed = 0
         for key in list(self._idle):
             conns = self._idle[key]
-            keep = deque(c for c in conns if c.idle_since >= deadline and c.usable())
+            keep = deque(
+                c
+                for c in conns
+                if c.idle_since >= deadline and now - c.idle_since < c.max_idle_s and c.usable()
+            )
             if len(keep) < len(conns):
                 for c in conns:
                     if c not in keep:

@@ -65,6 +65,7 @@ class UpstreamConnection:
     egress: Egress
     remote: str  # the address actually dialled
     idle_since: float = 0.0
+    max_idle_s: float = float("inf")  # from the server's Keep-Alive field (pool.Pooled)
     requests: int = 0
     id: int = field(default_factory=lambda: next(_ids))
 

@@ -230,3 +230,47 @@ def test_bytes_that_come_after_a_large_copied_body_are_never_anothers_answer(
             with requests_session(proxy) as other:
                 r = other.get(base + "/next", timeout=20)
             assert r.content == b"mine", r.content
+
+
+class KeepAliveFor(RawServer):
+    """Says `Keep-Alive: timeout=3` and closes a connection idle that long, as Apache
+    does (5 s by default); records which connection each request came on."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.lock = threading.Lock()
+        self.connections: list[int] = []  # one entry per request: its connection's number
+        self._next = 0
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        with self.lock:
+            self._next += 1
+            number = self._next
+        sock.settimeout(3)
+        try:
+            while read_head(sock):
+                with self.lock:
+                    self.connections.append(number)
+                sock.sendall(
+                    b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=3, max=100\r\n"
+                    b"Content-Length: 2\r\n\r\nok"
+                )
+        except TimeoutError:
+            pass  # idle for the timeout it announced: closed
+
+
+def test_a_connection_is_not_reused_past_the_servers_keep_alive_timeout(
+    tmp_path: Path,
+) -> None:
+    """Kept for the pool's 30 s, a connection was reused at the moment its server closed
+    it: a POST then met the close, a 502 (never replayed). Retired a second early."""
+    server = KeepAliveFor()
+    try:
+        with running_proxy(tmp_path / "state", "--workers", "1") as proxy:
+            for wait in (0.0, 1.0, 2.5):  # 1.0 s idle: reused; 2.5 s: past 3 - 1 s
+                time.sleep(wait)
+                answer = _ask(proxy, _request("POST", server.port, "/order"))
+                assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert server.connections == [1, 1, 2], server.connections
+    finally:
+        server.close()

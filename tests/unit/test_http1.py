@@ -15,7 +15,12 @@ from demux_proxy.http1.framing import (
     request_decoder,
     response_decoder,
 )
-from demux_proxy.http1.headers import connection_tokens, end_to_end, replace
+from demux_proxy.http1.headers import (
+    connection_tokens,
+    end_to_end,
+    keep_alive_timeout,
+    replace,
+)
 from demux_proxy.http1.parser import (
     find_head_end,
     parse_request_head,
@@ -535,3 +540,21 @@ def test_a_partial_head_is_scanned_from_where_the_last_call_stopped() -> None:
         find_head_end(first + b"\nHost: a\n", 1000, request=True, checked=len(first))
     with pytest.raises(UpstreamError, match="bare LF"):
         find_head_end(b"HTTP/1.1 200 OK\r\nA: b\n", 1000, request=False, checked=10)
+
+
+@pytest.mark.parametrize(
+    ("fields", "seconds"),
+    [
+        ([(b"Keep-Alive", b"timeout=5, max=100")], 5.0),
+        ([(b"keep-alive", b"max=10,Timeout = 15")], 15.0),
+        ([(b"Keep-Alive", b'timeout="2"')], 2.0),
+        ([(b"Keep-Alive", b"max=100")], None),
+        ([(b"Keep-Alive", b"timeout=-1")], None),
+        ([(b"Keep-Alive", b"timeout=1.5")], None),
+        ([(b"Keep-Alive", b"timeout=" + b"9" * 50)], None),
+        ([(b"Connection", b"timeout=5")], None),
+        ([], None),
+    ],
+)
+def test_keep_alive_timeout(fields: list[tuple[bytes, bytes]], seconds: float | None) -> None:
+    assert keep_alive_timeout(fields) == seconds

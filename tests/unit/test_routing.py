@@ -270,6 +270,7 @@ class FakeConn:
     def __init__(self, key: PoolKey, alive: bool = True) -> None:
         self.key = key
         self.idle_since = 0.0
+        self.max_idle_s = float("inf")
         self.alive = alive
         self.closed = False
         self.dropped = False  # closed at once, to bound descriptors
@@ -547,6 +548,29 @@ def test_pool_bounds_idle_connections_in_all_least_recently_used_first() -> None
     assert conns[3].closed and not conns[2].closed
     assert pool.checkout(keys[3]) is None and pool.checkout(keys[1]) is None
     assert sorted(pool.idle_by_egress().values()) == [3]
+
+
+def test_a_connection_leaves_the_pool_before_its_servers_keep_alive_timeout() -> None:
+    """Keep-Alive: timeout=5 (Apache, Node): kept the pool's 30 s, the connection met
+    the server's close when reused, and a POST on it was a 502."""
+    now = [0.0]
+    pool: Pool[FakeConn] = Pool(max_idle_per_key=4, idle_s=30, clock=lambda: now[0])
+    short, plain = FakeConn(KEY), FakeConn(("127.0.0.3", "http", "b.test", 80, "b.test"))
+    short.max_idle_s = 4.0
+    pool.checkin(short)
+    pool.checkin(plain)
+    now[0] = 3.9
+    assert pool.checkout(KEY) is short
+    pool.checkin(short)
+    now[0] = 7.85
+    assert pool.prune() == 0
+    now[0] = 7.9
+    assert pool.prune() == 1 and short.closed and not plain.closed
+    other = FakeConn(KEY)
+    other.max_idle_s = 4.0
+    pool.checkin(other)
+    now[0] = 12.0
+    assert pool.checkout(KEY) is None and other.closed
 
 
 def test_pool_shed_closes_the_oldest_quarter_and_prune_keeps_the_order() -> None:

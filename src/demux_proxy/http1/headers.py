@@ -88,6 +88,22 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return tokens
 
 
+def keep_alive_timeout(headers: Headers) -> float | None:
+    """The `timeout=N` of a Keep-Alive field (RFC 2068 19.7.1, as Apache, Node and
+    others send it): how many seconds the server keeps the connection idle. None when
+    there is none, or none that reads as a number of seconds."""
+    for name, value in headers:
+        if len(name) != _CONNECTION_LEN or name.lower() != b"keep-alive":  # both 10 long
+            continue
+        for param in value.split(b","):
+            key, _, number = param.partition(b"=")
+            if key.strip().lower() == b"timeout":
+                number = number.strip().strip(b'"')
+                if number.isdigit() and len(number) <= 6:
+                    return float(number)
+    return None
+
+
 def end_to_end(headers: Headers, tokens: frozenset[bytes], *, drop_length: bool) -> Headers:
     """The fields a proxy forwards: everything but hop-by-hop ones and those Connection
     names (except Content-Length and Host, which no Connection token removes).
