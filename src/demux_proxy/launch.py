@@ -7,8 +7,8 @@ to a new interpreter through an anonymous in-memory file and execs it: the same 
 (systemd, signals and the benchmark harness see one process), the same stdout and stderr,
 and about 2 MB less resident memory in the serving process and in every worker forked
 from it (docs/performance.md). The original command line stays visible in `ps` after
-`--`. Where the exec cannot happen (no memfd, no interpreter path), `start` serves in
-its own process, as before.
+`--`, its --auth passwords masked. Where the exec cannot happen (no memfd, no
+interpreter path), `start` serves in its own process, as before.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
-from typing import NoReturn
+from typing import Final, NoReturn
 
 from demux_proxy.config import Config
 from demux_proxy.errors import ConfigError, ServeError
@@ -47,9 +47,34 @@ def _exec_fresh(config: Config) -> None:
         os.set_inheritable(fd, True)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execv(sys.executable, [sys.executable, "-m", MODULE, str(fd), "--", *sys.argv])
+        shown = masked(sys.argv)
+        os.execv(sys.executable, [sys.executable, "-m", MODULE, str(fd), "--", *shown])
     except OSError:
         os.close(fd)
+
+
+_SECRET_OPTIONS: Final = ("--auth",)
+MASK: Final = "***"
+
+
+def masked(argv: list[str]) -> list[str]:
+    """The command line as `ps` shows it from here on: --auth's passwords masked (every
+    local user may read /proc/PID/cmdline; the Config, passwords included, travels in
+    the memfd, which only this user can open)."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            shown.append(MASK)
+            hide_next = False
+        elif arg in _SECRET_OPTIONS:
+            shown.append(arg)
+            hide_next = True
+        elif arg.startswith(tuple(f"{o}=" for o in _SECRET_OPTIONS)):
+            shown.append(arg.partition("=")[0] + "=" + MASK)
+        else:
+            shown.append(arg)
+    return shown
 
 
 def _run(config: Config) -> None:

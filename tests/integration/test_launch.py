@@ -56,6 +56,23 @@ def test_start_serves_from_a_lean_interpreter(
         assert r.json()["peer"] in EGRESS
 
 
+def test_auth_passwords_are_masked_in_the_command_line_ps_shows(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Every local user may read /proc/PID/cmdline: `--auth u:p@ss` stood there."""
+    assert launch.masked(["x", "--auth", "a:1", "--auth=b:2", "--auth-file", "f"]) == [
+        "x", "--auth", "***", "--auth=***", "--auth-file", "f"
+    ]  # fmt: skip
+    with running_proxy(
+        tmp_path, "--auth", "u:s3cret-1", "--auth=v:s3cret-2", upstream_ca=upstream.ca_pem_path
+    ) as proxy:
+        with open(f"/proc/{proxy.proc.pid}/cmdline", "rb") as f:
+            argv = f.read()
+        assert b"s3cret" not in argv and b"--auth\0***" in argv, argv
+        with requests_session(proxy, f"http://v:s3cret-2@127.0.0.1:{proxy.port}") as s:
+            assert s.get(upstream.http_url("/ip"), timeout=10).status_code == 200
+
+
 def test_an_error_at_start_still_reads_as_before(tmp_path: Path) -> None:
     """Errors found after the exec (here: a CA file that is not one) keep their shape."""
     bad = tmp_path / "ca.pem"
