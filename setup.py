@@ -20,6 +20,7 @@ HOT_PATH = [
     "src/demux_proxy/http1/headers.py",
     "src/demux_proxy/http1/parser.py",
     "src/demux_proxy/http1/writer.py",
+    "src/demux_proxy/bodies.py",
     "src/demux_proxy/dispatch.py",
     "src/demux_proxy/exchange.py",
     "src/demux_proxy/intercept.py",

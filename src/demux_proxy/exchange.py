@@ -3,9 +3,9 @@
 The per-request path. `Forwarder.forward` is called by the server for every request
 head it parsed, plain or inside an intercepted tunnel, and returns whether the client
 connection can carry another request. It retries from another address where that is
-safe, relays the response (1xx, re-framing, splice(2) for plain bodies; a 101 goes on
-in `relay.switch`),
-returns the connection to the pool and logs the "inbound response" line.
+safe, relays the response (1xx, re-framing; the bodies move in `bodies`, a 101 goes
+on in `relay.switch`), returns the connection to the pool and logs the "inbound
+response" line.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from itertools import count
 from typing import Final
 
 from demux_proxy import log
+from demux_proxy.bodies import raise_upload_error, reap, relay_body, upload_body, upstream_lost
 from demux_proxy.config import Config
 from demux_proxy.dispatch import Dispatcher
 from demux_proxy.errors import (
@@ -32,11 +33,7 @@ from demux_proxy.errors import (
     PeerGone,
     ProtocolError,
     ProxyError,
-    SinkClosed,
-    SinkStalled,
-    SpliceUnavailable,
     StreamClosed,
-    TLSTruncated,
     Unavailable,
     UpstreamError,
     UpstreamReset,
@@ -49,7 +46,7 @@ from demux_proxy.http1.framing import (
     request_decoder,
     response_decoder,
 )
-from demux_proxy.http1.headers import end_to_end, forwarded_trailers, keep_alive_timeout, replace
+from demux_proxy.http1.headers import end_to_end, keep_alive_timeout, replace
 from demux_proxy.http1.parser import (
     RequestHead,
     ResponseHead,
@@ -297,7 +294,9 @@ class Forwarder:
         upload = None
         failed: BaseException | None = None
         if not body.done:
-            upload = asyncio.create_task(self._upload(client, up, body, req.chunked, out))
+            idle = self._config.idle_timeout_s
+            sending = upload_body(client, up, body, req.chunked, out, idle, self._events)
+            upload = asyncio.create_task(sending)
         try:
             resp = self._head_in(up)  # usually there with the first byte: no coroutine
             if resp is None:
@@ -350,14 +349,14 @@ class Forwarder:
             failed = exc  # the upload is reaped below, outside the except block
         if failed is not None or resp is None:
             assert upload is not None and failed is not None
-            await _reap(upload)
+            await reap(upload)
             raise failed
         reusable = resp.keep_alive and out.request_done
         if upload is not None and not out.request_done:
             # The server answered before reading the whole body (e.g. 413): neither
             # connection is at a message boundary any more. The upload may have ended
             # already, failed (the server closed): reaped either way, its error retrieved.
-            await _reap(upload)
+            await reap(upload)
             keep = reusable = False
         if reusable and conn.usable():
             conn.stream.resume()  # a large body may have left reading paused
@@ -370,43 +369,6 @@ class Forwarder:
         else:
             conn.close()
         return keep and out.request_done
-
-    async def _upload(
-        self, client: Stream, up: Stream, body: BodyDecoder, chunked: bool, out: Outcome
-    ) -> None:
-        """Stream the request body upstream; a slow upstream stops us reading the client."""
-        buf = client.buffer
-        idle = self._config.idle_timeout_s
-        try:
-            while True:
-                data = body.read(buf)
-                if data:
-                    out.bytes_up += len(data)
-                    try:
-                        if chunked:
-                            up.writelines(writer.chunk(data))
-                        else:
-                            up.write(data)
-                        await up.drain(idle)
-                    except StreamClosed as exc:  # every one here is the upstream's
-                        raise _upload_refused(exc, idle) from exc
-                elif body.done:
-                    break
-                else:
-                    try:  # Content-Length, and no TLS: the kernel moves the rest
-                        moved = await self._splice(client, up, body, idle)
-                    except SinkClosed as exc:  # the upstream's; the rest are the client's
-                        raise _upload_refused(exc, idle) from exc
-                    finally:
-                        out.bytes_up += client.spliced  # counted also on failure
-                    if not moved and not await client.fill(idle):
-                        body.eof()
-            if chunked:
-                up.write(writer.last_chunk(forwarded_trailers(body.trailers)))
-            out.request_done = True
-        except BaseException:
-            up.abort()  # an incomplete request must never reach a server as complete
-            raise
 
     def _head_in(self, up: Stream, checked: int = 0) -> ResponseHead | None:
         """The response head, if `up.buffer` holds all of it (taken off the buffer);
@@ -459,13 +421,13 @@ class Forwarder:
             except PeerGone:
                 raise  # the client's loss, not the upstream's: the exchange ends
             except StreamClosed as exc:
-                _raise_upload_error(upload)
-                lost = _upstream_lost(exc, mid_body=False)
+                raise_upload_error(upload)
+                lost = upstream_lost(exc, mid_body=False)
                 if first and not up.buffer:
                     raise UpstreamReset(lost.reason) from exc
                 raise lost from exc
             except TimeoutError as exc:
-                _raise_upload_error(upload)
+                raise_upload_error(upload)
                 if not up.buffer and (
                     (upload is not None and not upload.done())
                     or (sent and sent[0] + timeout > up.loop.time())
@@ -473,7 +435,7 @@ class Forwarder:
                     continue  # the wait began when the upload ended, or has not yet
                 raise UpstreamTimeout(f"no response from upstream within {timeout:g} s") from exc
             if not more:
-                _raise_upload_error(upload)
+                raise_upload_error(upload)
                 why = "upstream closed the connection without a response"
                 raise UpstreamReset(why) if first and not up.buffer else UpstreamError(why)
         return resp
@@ -522,131 +484,11 @@ class Forwarder:
             headers.append((b"Connection", b"keep-alive"))
         head = writer.response_head(resp.status, resp.reason, headers)
         try:
-            await self._pump_body(client, up, decoder, to_chunked, out, head)
+            idle = self._config.idle_timeout_s
+            await relay_body(client, up, decoder, to_chunked, out, head, idle, self._events)
         except UpstreamError:
-            _raise_upload_error(upload)  # our failed upload aborted the upstream: say so
+            raise_upload_error(upload)  # our failed upload aborted the upstream: say so
             raise
         if isinstance(decoder, CloseDelimitedDecoder):
             up.close()
         return keep
-
-    async def _pump_body(
-        self,
-        client: Stream,
-        up: Stream,
-        decoder: BodyDecoder,
-        to_chunked: bool,
-        out: Outcome,
-        head: bytes,
-    ) -> None:
-        """Relay the body; what is already buffered goes out with the head in one write.
-
-        Writes are gathered and flushed only before waiting (for the upstream or for the
-        client to drain): a small response costs one send() however it was framed.
-        """
-        buf = up.buffer
-        idle = self._config.idle_timeout_s
-        parts: list[bytes] = [head]
-        while True:
-            data = decoder.read(buf)
-            if data:
-                out.bytes_down += len(data)
-                if to_chunked:
-                    parts += writer.chunk(data)
-                else:
-                    parts.append(data)
-                continue
-            if decoder.done:
-                break
-            # From the first write on, a failure can only be signalled by an abort; before
-            # it, the client still gets a clean 502 (out.response_started decides).
-            out.response_started = True
-            client.writelines(parts)
-            parts = []
-            if not to_chunked:
-                # Nothing to decode, no TLS either side: the kernel moves the rest.
-                try:
-                    moved = await self._splice(up, client, decoder, idle)
-                except SinkClosed:
-                    raise  # the client went away: not the upstream's fault
-                except StreamClosed as exc:
-                    raise _upstream_lost(exc, mid_body=True) from exc
-                except TimeoutError as exc:
-                    raise UpstreamTimeout(f"upstream sent nothing for {idle:g} s mid-body") from exc
-                finally:
-                    out.bytes_down += up.spliced  # the log counts what went, also on failure
-                if moved:
-                    continue
-            looked = len(buf)  # what the decoder saw: bytes arriving during the drain count
-            await client.drain(self._config.idle_timeout_s)
-            try:
-                more = await up.fill(idle, have=looked)
-            except StreamClosed as exc:
-                raise _upstream_lost(exc, mid_body=True) from exc
-            except TimeoutError as exc:
-                raise UpstreamTimeout(f"upstream sent nothing for {idle:g} s mid-body") from exc
-            if not more:
-                decoder.eof()
-        if to_chunked:
-            parts.append(writer.last_chunk(forwarded_trailers(decoder.trailers)))
-        out.response_started = True
-        client.writelines(parts)
-        if client.must_drain:
-            await client.drain(self._config.idle_timeout_s)
-
-    async def _splice(
-        self, source: Stream, target: Stream, body: BodyDecoder, idle_s: float
-    ) -> bool:
-        """Splice the rest of `body` from `source` to `target` where its framing needs no
-        decoding and both are plain sockets, and tell `body` what passed: False, with
-        nothing moved, where the bytes must be copied instead. A body the peer cut short
-        raises as `body.eof()` does; `source.spliced` counts the bytes moved either way."""
-        source.spliced = 0
-        length = body.verbatim()
-        if length is None or not source.can_splice_to(target):
-            return False
-        try:
-            await source.splice(target, length, idle_s)
-        except SpliceUnavailable as exc:
-            self._events.warning("splice unavailable, copying instead", error=str(exc))
-            return False
-        body.consumed(source.spliced)
-        if not body.done:
-            body.eof()  # the peer closed: complete only for a body delimited by the close
-        return True
-
-
-async def _reap(task: asyncio.Task[None]) -> None:
-    """Cancel and wait: no task outlives the exchange, no exception goes unretrieved."""
-    if not task.done():
-        task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    except Exception:
-        pass  # already surfaced through the exchange's own error path
-
-
-def _raise_upload_error(upload: asyncio.Task[None] | None) -> None:
-    """If the upstream went away because our upload failed, report the upload's error."""
-    if upload is not None and upload.done() and not upload.cancelled():
-        exc = upload.exception()
-        if exc is not None:
-            raise exc
-
-
-def _upload_refused(exc: StreamClosed, idle_s: float) -> UpstreamError:
-    """What the client is told when the upstream stopped taking the request's body: it
-    went away (a server refusing the upload by a reset), or took nothing for `idle_s`."""
-    if isinstance(exc, SinkStalled):
-        return UpstreamTimeout(f"upstream took nothing for {idle_s:g} s")
-    return UpstreamError(f"upstream ended the connection during the upload: {exc}")
-
-
-def _upstream_lost(exc: StreamClosed, *, mid_body: bool) -> UpstreamError:
-    """What the client is told when the upstream connection ended under a read."""
-    where = "mid-body" if mid_body else "without a response"
-    if isinstance(exc, TLSTruncated):  # a FIN with no close_notify: a close, not a reset
-        return UpstreamError(f"upstream closed the connection {where} (no TLS close_notify)")
-    return UpstreamError(f"upstream reset the connection{' mid-body' if mid_body else ''}: {exc}")
