@@ -46,7 +46,7 @@ from demux_proxy.http1.framing import (
     request_decoder,
     response_decoder,
 )
-from demux_proxy.http1.headers import end_to_end, keep_alive_timeout, replace
+from demux_proxy.http1.headers import end_to_end, replace
 from demux_proxy.http1.parser import (
     RequestHead,
     ResponseHead,
@@ -360,7 +360,7 @@ class Forwarder:
             keep = reusable = False
         if reusable and conn.usable():
             conn.stream.resume()  # a large body may have left reading paused
-            server_idle_s = keep_alive_timeout(resp.headers)
+            server_idle_s = resp.idle_s
             if server_idle_s is not None:
                 # Retired before the server closes it: reused at the last moment, it
                 # would meet the close (a 502 for a POST, which is never replayed).

@@ -18,7 +18,6 @@ from demux_proxy.http1.framing import (
 from demux_proxy.http1.headers import (
     connection_tokens,
     end_to_end,
-    keep_alive_timeout,
     replace,
 )
 from demux_proxy.http1.parser import (
@@ -557,4 +556,5 @@ def test_a_partial_head_is_scanned_from_where_the_last_call_stopped() -> None:
     ],
 )
 def test_keep_alive_timeout(fields: list[tuple[bytes, bytes]], seconds: float | None) -> None:
-    assert keep_alive_timeout(fields) == seconds
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields)
+    assert parse_response_head(head + b"Content-Length: 0\r\n\r\n").idle_s == seconds

@@ -88,19 +88,32 @@ def connection_tokens(headers: Headers) -> frozenset[bytes]:
     return tokens
 
 
-def keep_alive_timeout(headers: Headers) -> float | None:
-    """The `timeout=N` of a Keep-Alive field (RFC 2068 19.7.1, as Apache, Node and
-    others send it): how many seconds the server keeps the connection idle. None when
-    there is none, or none that reads as a number of seconds."""
+def response_connection(headers: Headers) -> tuple[frozenset[bytes], float | None]:
+    """`connection_tokens`, and the `timeout=N` of a Keep-Alive field (RFC 2068 19.7.1,
+    as Apache, Node and others send it: how many seconds the server keeps the connection
+    idle; None without one that reads as whole seconds), in one pass: the field names
+    are both 10 bytes long, the one length lowered."""
+    tokens = _NO_TOKENS
+    idle_s: float | None = None
     for name, value in headers:
-        if len(name) != _CONNECTION_LEN or name.lower() != b"keep-alive":  # both 10 long
+        size = len(name)
+        if size != _CONNECTION_LEN and size != _PROXY_CONNECTION_LEN:
             continue
-        for param in value.split(b","):
-            key, _, number = param.partition(b"=")
-            if key.strip().lower() == b"timeout":
-                number = number.strip().strip(b'"')
-                if number.isdigit() and len(number) <= 6:
-                    return float(number)
+        lname = name.lower()
+        if lname == b"connection" or lname == b"proxy-connection":
+            tokens = tokens | _tokens(value) if tokens else _tokens(value)
+        elif lname == b"keep-alive":
+            idle_s = _keep_alive_timeout(value)
+    return tokens, idle_s
+
+
+def _keep_alive_timeout(value: bytes) -> float | None:
+    for param in value.split(b","):
+        key, _, number = param.partition(b"=")
+        if key.strip().lower() == b"timeout":
+            number = number.strip().strip(b'"')
+            if number.isdigit() and len(number) <= 6:
+                return float(number)
     return None
 
 

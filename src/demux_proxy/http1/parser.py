@@ -16,7 +16,13 @@ from typing import Final
 import httptools
 
 from demux_proxy.errors import ProtocolError, UpstreamError
-from demux_proxy.http1.headers import Headers, connection_tokens, replace, websocket_upgrade
+from demux_proxy.http1.headers import (
+    Headers,
+    connection_tokens,
+    replace,
+    response_connection,
+    websocket_upgrade,
+)
 
 # Like h11 (16 KiB) we bound the head; 64 KiB matches what the hardening issue names and
 # sits between nginx's default (8 KiB x 4 buffers) and Node's 16 KiB per field.
@@ -92,6 +98,7 @@ class ResponseHead:
     keep_alive: bool
     codings: list[bytes]  # transfer codings other than chunked (gzip...), passed on
     connection: frozenset[bytes]  # Connection tokens: fields the forwarder must drop
+    idle_s: float | None  # Keep-Alive: timeout=N, how long the server keeps it idle
 
     def __init__(
         self,
@@ -104,6 +111,7 @@ class ResponseHead:
         keep_alive: bool,
         codings: list[bytes],
         connection: frozenset[bytes],
+        idle_s: float | None,
     ) -> None:
         # Written out: see RequestHead.
         self.status = status
@@ -115,6 +123,7 @@ class ResponseHead:
         self.keep_alive = keep_alive
         self.codings = codings
         self.connection = connection
+        self.idle_s = idle_s
 
 
 class _Collector:
@@ -391,7 +400,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
     length, chunked, codings, has_te = _length(c.headers, upstream=True)
     if codings and b"identity" in codings:  # no coding at all (dropped since RFC 7230)
         codings = [coding for coding in codings if coding != b"identity"]
-    tokens = connection_tokens(c.headers)
+    tokens, idle_s = response_connection(c.headers)
     keep_alive = _keep_alive(version, tokens)
     if has_te and version == b"1.0":
         keep_alive = False  # RFC 9112 6.1, as for a request: never reuse this connection
@@ -405,6 +414,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
         keep_alive,
         codings,
         tokens,
+        idle_s,
     )
 
 
