@@ -77,6 +77,10 @@ class UpstreamConnection:
             not s.closed
             and not s.eof
             and not s.buffer
+            # Reset: the transport is closing from then on, but connection_lost (which
+            # sets `closed`) comes a loop turn later; the next request's write would fail
+            # there, taken for the client's loss.
+            and not s.transport.is_closing()
             and not (s.may_hold_unread and s.unread_in_kernel())
         )
 

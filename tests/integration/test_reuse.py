@@ -11,9 +11,11 @@ the second on the connection the first left in the pool (one worker: one pool).
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -274,3 +276,39 @@ def test_a_connection_is_not_reused_past_the_servers_keep_alive_timeout(
         assert server.connections == [1, 1, 2], server.connections
     finally:
         server.close()
+
+
+class ResetAfterAnswer(RawServer):
+    """A whole keep-alive 200, then a reset: the connection dies idle in the pool."""
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        if read_head(sock):
+            sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+# Over https, this server's answer is lost to its reset (a 502 on the fresh connection
+# itself, even with the reset 20 ms later): left for the next session (CHANGELOG.md).
+@pytest.mark.parametrize("scheme", ["http"])
+def test_a_pooled_connection_reset_while_idle_is_not_the_clients_loss(
+    tmp_path: Path, upstream: Upstream, scheme: str
+) -> None:
+    """Checked out between the reset and its connection_lost, the connection failed the
+    next request's write: logged "client connection lost", the client reset (a reviewer:
+    80 in 300 over https, with 15 clients at once)."""
+    with (
+        plain_and_tls(ResetAfterAnswer, upstream.ca) as servers,
+        running_proxy(
+            tmp_path / "state", "--workers", "1", egress=[PIN], upstream_ca=upstream.ca_pem_path
+        ) as proxy,
+    ):
+        url = f"{scheme}://127.0.0.1:{servers[scheme].port}/"
+
+        def client(_: int) -> list[int]:
+            with requests_session(proxy) as s:
+                return [s.get(url, timeout=20).status_code for _ in range(4)]
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            statuses = [code for codes in pool.map(client, range(24)) for code in codes]
+        assert statuses == [200] * len(statuses), statuses.count(200)
+        assert not [ln for ln in proxy.logs("inbound response") if ln["fields"].get("error")]
