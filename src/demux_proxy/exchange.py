@@ -167,7 +167,12 @@ class Forwarder:
                     failed = out.egress
                     if failed is None:
                         raise
-                    if isinstance(exc, (EgressTimeout, EgressUnreachable)):
+                    if isinstance(exc, EgressRefused):
+                        # As for a reset after the request (`_respond`): never the last
+                        # address free for the host.
+                        if self._dispatch.another_address_free(route.host, failed.address):
+                            self._dispatch.cool_pair(failed, route.host, exc)
+                    elif isinstance(exc, (EgressTimeout, EgressUnreachable)):
                         self._dispatch.cool_pair(failed, route.host, exc)
                     else:
                         self._dispatch.rest(failed, exc)
@@ -337,13 +342,17 @@ class Forwarder:
         except BaseException as exc:
             conn.drop()  # mid-message: no TLS shutdown that reads on for the rest
             if upload is None:
-                if isinstance(exc, UpstreamReset) and conn.requests == 1:
+                if (
+                    isinstance(exc, UpstreamReset)
+                    and conn.requests == 1
+                    and self._dispatch.another_address_free(route.host, conn.egress.address)
+                ):
                     # A fresh connection refused by the host: this address, most likely
-                    # (a ban by reset), and one request in N would fail for good.
+                    # (a ban by reset), and one request in N would fail for good. Never
+                    # the last address free for the host: a host that resets every
+                    # address is failing, and its clients get the 502, not a queue.
                     self._dispatch.cool_pair(conn.egress, route.host, exc)
-                    if may_retry and self._dispatch.another_address_free(
-                        route.host, conn.egress.address
-                    ):
+                    if may_retry:
                         return _RETRY
                 raise
             failed = exc  # the upload is reaped below, outside the except block
