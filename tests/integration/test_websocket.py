@@ -203,6 +203,19 @@ def test_a_101_before_the_request_body_ends_loses_no_byte(proxy: ProxyProcess) -
         server.close()
 
 
+def _ask_to_switch(c: socket.socket, authority: str) -> bytes:
+    """Ask for WebSocket on `c` (plain HTTP through the proxy); the answer's head and
+    whatever came with it."""
+    c.sendall(
+        f"GET http://{authority}/ws HTTP/1.1\r\nHost: {authority}\r\n"
+        "Connection: upgrade\r\nUpgrade: websocket\r\n\r\n".encode()
+    )
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += c.recv(4096)
+    return answer
+
+
 class _LengthySwitch(RawServer):
     """Answers 101 with a Content-Length (RFC 9110 8.6: a server MUST NOT), then echoes."""
 
@@ -218,13 +231,7 @@ def test_a_101s_content_length_is_not_passed_on(proxy: ProxyProcess) -> None:
     try:
         authority = f"127.0.0.1:{server.port}"
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
-            c.sendall(
-                f"GET http://{authority}/ws HTTP/1.1\r\nHost: {authority}\r\n"
-                "Connection: upgrade\r\nUpgrade: websocket\r\n\r\n".encode()
-            )
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += c.recv(4096)
+            answer = _ask_to_switch(c, authority)
             head, _, rest = answer.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 101 "), head
             assert b"content-length" not in head.lower(), head
@@ -262,13 +269,7 @@ def test_a_half_close_after_the_switch_lets_the_other_side_finish(proxy: ProxyPr
     try:
         authority = f"127.0.0.1:{server.port}"
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as c:
-            c.sendall(
-                f"GET http://{authority}/ws HTTP/1.1\r\nHost: {authority}\r\n"
-                "Connection: upgrade\r\nUpgrade: websocket\r\n\r\n".encode()
-            )
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += c.recv(4096)
+            answer = _ask_to_switch(c, authority)
             assert answer.startswith(b"HTTP/1.1 101 "), answer
             c.sendall(b"CLIENT-CLOSE")
             c.shutdown(socket.SHUT_WR)
