@@ -149,6 +149,12 @@ class Dispatcher:
             raise NoEgressLeft(f"no egress address left to try for {host}")
         return None
 
+    def connected(self, address: str, route: Route) -> None:
+        """A new connection from `address` is ready for the request admitted before it
+        was opened: the request's budget counts from now (`Scheduler.sent_late`)."""
+        if self.scheduler.rules:
+            self.scheduler.sent_late(address, route.host, self._clock().time())
+
     async def acquire(
         self,
         client: Stream,

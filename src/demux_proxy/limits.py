@@ -30,6 +30,7 @@ __all__ = [
     "parse_retry_after",
     "refilled",
     "session_egress",
+    "spent_late",
     "taken",
 ]
 
@@ -148,6 +149,14 @@ def taken(tokens: float) -> float | None:
     return max(0.0, tokens - 1.0) if tokens >= 1.0 - BUCKET_EPS else None
 
 
+def spent_late(tokens: float, burst: int) -> float:
+    """A bucket's tokens once the token it gave a while ago is spent only now (the request
+    waited for a new connection): what it would hold had it given the token now. The
+    refill since then is kept but for what the cap would have cut: with a burst of 1,
+    the next token comes 1/rate after the request left, not after it was admitted."""
+    return min(tokens, burst - 1.0)
+
+
 def bucket_wait_s(tokens: float, rate_per_s: float) -> float:
     """Seconds until a bucket holding `tokens` has one to give."""
     missing = 1.0 - tokens
@@ -180,6 +189,11 @@ class TokenBucket:
     def wait_s(self, now: float) -> float:
         self._refill(now)
         return bucket_wait_s(self._tokens, self.rate_per_s)
+
+    def spend_late(self, now: float) -> None:
+        """The token taken earlier is spent only at `now` (see `spent_late`)."""
+        self._refill(now)
+        self._tokens = spent_late(self._tokens, self.burst)
 
 
 def parse_retry_after(value: bytes | str | None, now_epoch: float) -> float | None:

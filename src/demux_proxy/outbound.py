@@ -118,6 +118,7 @@ class Outbound:
         conn = self._pool.checkout(key)
         if conn is None:
             conn = await self._dial(egress, route)
+            self._dispatch.connected(egress.address, route)
         else:
             self._metrics.upstream_connection(egress.address, reused=True)
         fields: dict[str, object] = {  # keys in sorted order (emit's in_order)
@@ -151,6 +152,7 @@ class Outbound:
             if stale:
                 conn.close()
                 conn = await self._dial(egress, route)
+                self._dispatch.connected(egress.address, route)
                 conn.stream.write(head)
         conn.requests += 1
         return conn, egress

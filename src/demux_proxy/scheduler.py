@@ -31,6 +31,7 @@ from demux_proxy.limits import (
     TokenBucket,
     bucket_wait_s,
     refilled,
+    spent_late,
     taken,
 )
 
@@ -116,6 +117,7 @@ class SharedCursor:
 class Bucket(Protocol):
     def take(self, now: float) -> bool: ...
     def wait_s(self, now: float) -> float: ...
+    def spend_late(self, now: float) -> None: ...
 
 
 class SharedBuckets:
@@ -157,6 +159,11 @@ class SharedBuckets:
         with self._lock:
             return bucket_wait_s(self._tokens(slot, now, rate_per_s, burst), rate_per_s)
 
+    def spend_late(self, slot: int, now: float, rate_per_s: float, burst: int) -> None:
+        with self._lock:
+            tokens = self._tokens(slot, now, rate_per_s, burst)
+            self._state[2 * slot] = spent_late(tokens, burst)
+
     def release_if_stuck(self, wait_s: float) -> bool:
         return release_if_stuck(self._lock, wait_s)
 
@@ -177,6 +184,9 @@ class _SharedBucket:
 
     def wait_s(self, now: float) -> float:
         return self._store.wait_s(self._slot, now, self._rate, self._burst)
+
+    def spend_late(self, now: float) -> None:
+        self._store.spend_late(self._slot, now, self._rate, self._burst)
 
 
 class Strategy(Protocol):
@@ -270,6 +280,14 @@ class Scheduler:
                 )
             self._buckets[key] = bucket
         return bucket
+
+    def sent_late(self, address: str, host: str, now: float) -> None:
+        """A request admitted earlier from `address` to `host` leaves only now (it waited
+        for a new connection): its budget token counts from now, so that two requests
+        reach the host no closer than 1/RATE apart however long the connect took."""
+        rule = self.rules.match(host) if self.rules else None
+        if rule is not None:
+            self._bucket(address, rule, now).spend_late(now)
 
     def pick(self, family: int | None = None) -> Egress | None:
         """The next address by strategy alone, no host, budget or cooldown considered."""

@@ -93,6 +93,26 @@ def test_bucket_starts_full_and_refills() -> None:
     assert [bucket.take(110.0) for _ in range(4)] == [True, True, True, False]  # capped
 
 
+def test_a_token_spent_late_counts_from_when_the_request_left() -> None:
+    """Admitted at 0, the request waited 0.1 s for a connection: at 2/s the next one
+    leaves 0.5 s after it (0.6), not after its admission (0.5), which an exact limiter
+    at the site answered with a 429. A burst keeps what the cap would not have cut."""
+    bucket = TokenBucket(2.0, 1, now=0.0)
+    assert bucket.take(0.0)
+    bucket.spend_late(0.1)
+    assert not bucket.take(0.55)
+    assert bucket.wait_s(0.55) == pytest.approx(0.05)
+    assert bucket.take(0.6)
+    burst = TokenBucket(2.0, 3, now=0.0)
+    assert burst.take(0.0)  # 2 left
+    burst.spend_late(1.0)  # refilled to the cap (3) meanwhile: as if taken at 1.0
+    assert [burst.take(1.0) for _ in range(3)] == [True, True, False]
+    partial = TokenBucket(2.0, 3, now=0.0)
+    assert [partial.take(0.0) for _ in range(3)] == [True] * 3
+    partial.spend_late(0.25)  # 0.5 refilled, under the cap: nothing is taken back
+    assert partial.wait_s(0.25) == pytest.approx(0.25)
+
+
 def test_bucket_wait_is_exact() -> None:
     bucket = TokenBucket(1 / 3, 1, now=0.0)
     now = 0.0

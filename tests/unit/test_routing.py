@@ -373,6 +373,9 @@ def test_shared_buckets_hold_one_budget_across_processes() -> None:
     # 127.0.0.3's bucket is its own; and after 60 s the shared one has a token again.
     assert isinstance(workers[0].acquire("a.test", 100.0, exclude=[], only="127.0.0.3"), Egress)
     assert isinstance(workers[0].acquire("a.test", 161.0, exclude=[], only="127.0.0.2"), Egress)
+    # Sent only at 162 (a new connection): the shared bucket's next token is 60 s after.
+    workers[0].sent_late("127.0.0.2", "a.test", 162.0)
+    assert workers[0].acquire("a.test", 221.5, exclude=[], only="127.0.0.2") == pytest.approx(0.5)
 
 
 def test_random_is_uniform_over_the_addresses_that_may_send() -> None:
