@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import re
 import socket
 import ssl
 import struct
@@ -844,16 +845,24 @@ class BanByReset(RawServer):
         super()._serve(conn)
 
     def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
-        while head := read_head(sock):
-            peer = raw.getpeername()[0]
-            if peer == BANNED:
-                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
-                return
-            self.seen.append(peer)
-            sock.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(peer), peer.encode())
-            )
-            del head
+        head = read_head(sock)
+        if not head:
+            return
+        length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        body = head.partition(b"\r\n\r\n")[2]
+        while length and len(body) < int(length.group(1)):  # all read: a close, not a reset
+            body += sock.recv(4096)
+        peer = raw.getpeername()[0]
+        if peer == BANNED:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+            return
+        self.seen.append(peer)
+        # Closed after each answer: every request meets a fresh connection, where a ban
+        # shows (and no pooled connection holds this server's thread at the end).
+        sock.sendall(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(peer), peer.encode())
+        )
 
 
 @pytest.mark.parametrize(
