@@ -3,6 +3,7 @@ purpose: malformed responses, resets mid-body. Subclasses implement `_respond`."
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -22,12 +23,18 @@ class RawServer:
         self.seen: list[str] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
         self._acceptor = threading.Thread(target=self._accept, name="raw-server", daemon=True)
         self._acceptor.start()
 
     def close(self) -> None:
         self._stop.set()
         self._acceptor.join(10)
+        # A connection the proxy keeps pooled holds its thread in recv() for the socket
+        # timeout: ended here, the thread sees the end at once (5 s a test otherwise).
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(10)
         self.listener.close()
@@ -40,6 +47,7 @@ class RawServer:
                 continue
             except OSError:
                 return
+            self._conns.append(conn)
             t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             self._threads.append(t)
             t.start()
@@ -50,6 +58,7 @@ class RawServer:
             try:
                 if self.tls is not None:
                     with self.tls.wrap_socket(conn, server_side=True) as tls:
+                        self._conns.append(tls)  # `conn` is detached now: closed through it
                         # wrap_socket detached `conn`: options (SO_LINGER 0 for a reset)
                         # go through the TLS socket, which has the descriptor now.
                         self._respond(tls, tls)
