@@ -45,9 +45,6 @@ class BodyDecoder:
         self._error: type[ProtocolError] | type[UpstreamError] = (
             UpstreamError if upstream else ProtocolError
         )
-        self._cut: type[ProtocolError] | type[UpstreamError] = (
-            UpstreamError if upstream else BodyCut
-        )
 
     def read(self, buf: bytearray) -> bytes | None:
         raise NotImplementedError
@@ -63,7 +60,9 @@ class BodyDecoder:
 
     def eof(self) -> None:
         if not self.done:
-            raise self._cut("connection closed before the end of the body")
+            # The client's connection ending is a BodyCut (counted as its loss).
+            cut = UpstreamError if self._error is UpstreamError else BodyCut
+            raise cut("connection closed before the end of the body")
 
 
 class NoBody(BodyDecoder):
