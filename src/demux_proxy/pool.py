@@ -39,6 +39,14 @@ class Pooled(Protocol):
 
 
 C = TypeVar("C", bound=Pooled)
+
+
+def _alive(conn: Pooled, now: float, deadline: float) -> bool:
+    """Whether an idle connection may serve again: idle since `deadline` or later (the
+    pool's `idle_s`), within its server's own idle limit, and healthy."""
+    return conn.idle_since >= deadline and now - conn.idle_since < conn.max_idle_s and conn.usable()
+
+
 SHED_AT_LEAST: Final = 4
 
 
@@ -72,11 +80,7 @@ class Pool(Generic[C]):
         while conns:
             conn = conns.pop()
             del self._lru[conn]
-            if (
-                conn.idle_since >= deadline
-                and now - conn.idle_since < conn.max_idle_s
-                and conn.usable()
-            ):
+            if _alive(conn, now, deadline):
                 self.reused += 1
                 return conn
             conn.close()
@@ -125,11 +129,7 @@ class Pool(Generic[C]):
         closed = 0
         for key in list(self._idle):
             conns = self._idle[key]
-            keep = deque(
-                c
-                for c in conns
-                if c.idle_since >= deadline and now - c.idle_since < c.max_idle_s and c.usable()
-            )
+            keep = deque(c for c in conns if _alive(c, now, deadline))
             if len(keep) < len(conns):
                 for c in conns:
                     if c not in keep:
