@@ -72,7 +72,9 @@ class Dispatcher:
         # FIFO for budget per host, and apart per host and address for the requests
         # bound to one (pinned, or a sticky session): those wait for their own address,
         # and must not hold up the rest, which any address may serve.
-        self._queues: dict[tuple[str, str | None], _HostQueue] = {}
+        # Per port too: a port whose every address cools (a connect timeout) must not
+        # hold up the host's other ports.
+        self._queues: dict[tuple[str, int, str | None], _HostQueue] = {}
         self.retries = config.retries
         self._cooling_statuses = frozenset({429, 503, *config.ban_status})
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,9 +148,11 @@ class Dispatcher:
         and `acquire` queues. Not a coroutine: most requests need no wait, and a coroutine
         call costs about as much as the choice itself."""
         host = route.host
-        if (host, only) in self._queues:  # others wait: no overtaking them
+        if (host, route.port, only) in self._queues:  # others wait: no overtaking them
             return None
-        got = self.scheduler.acquire(host, _budget_now(), exclude=exclude, only=only, family=family)
+        got = self.scheduler.acquire(
+            host, _budget_now(), exclude=exclude, only=only, family=family, port=route.port
+        )
         if isinstance(got, Egress):
             return got
         if got is None:
@@ -177,7 +181,7 @@ class Dispatcher:
         instead of to an answer nobody reads."""
         scheduler, host = self.scheduler, route.host
         loop = self._clock()
-        key = (host, only)
+        key = (host, route.port, only)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _HostQueue()
@@ -195,7 +199,12 @@ class Dispatcher:
                             "the queue"
                         )
                     got = scheduler.acquire(
-                        host, _budget_now(), exclude=exclude, only=only, family=family
+                        host,
+                        _budget_now(),
+                        exclude=exclude,
+                        only=only,
+                        family=family,
+                        port=route.port,
                     )
                     if isinstance(got, Egress):
                         return got, round((loop.time() - queued) * 1000, 1)
@@ -227,17 +236,18 @@ class Dispatcher:
             rest_s=round(seconds, 3),
         )
 
-    def cool_pair(self, egress: Egress, host: str, exc: UpstreamError) -> None:
-        """A connect to `host` timed out, or had no route, or a fresh connection was reset
-        before any answer: cool this (address, host) pair down with backoff, as a cooling
-        status would, and leave the address to every other host."""
+    def cool_pair(self, egress: Egress, route: Route, exc: UpstreamError) -> None:
+        """A connect to the host's port timed out, or had no route, or a fresh connection
+        was reset before any answer: cool this (address, host, port) down with backoff, as
+        a cooling status would, and leave the address to every other host and port."""
         now = _budget_now()
-        seconds = self.scheduler.cooldowns.cool(egress.address, host, now, None)
+        seconds = self.scheduler.cooldowns.cool(egress.address, route.host, now, None, route.port)
         self._events.warning(
             "egress address cooling",
             interface=egress.address,
             device=egress.interface,
-            host=host,
+            host=route.host,
+            port=route.port,
             error=exc.reason,
             cooldown_s=round(seconds, 3),
         )
@@ -254,23 +264,26 @@ class Dispatcher:
         return [e.address for e in scheduler.egress if e.family == family]
 
     def learn(
-        self, address: str, host: str, resp: ResponseHead, only: str | None
+        self, address: str, route: Route, resp: ResponseHead, only: str | None
     ) -> tuple[int | None, float | None]:
-        """Cool (address, host) down on 429/503/--ban-status: (the Retry-After to relay,
-        the cooldown applied), both None for other statuses."""
-        cooldowns = self.scheduler.cooldowns
+        """Cool (address, host) down on 429/503/--ban-status, on every port (the site's
+        limit is per client address): (the Retry-After to relay, the cooldown applied),
+        both None for other statuses."""
+        cooldowns, host = self.scheduler.cooldowns, route.host
         if resp.status not in self._cooling_statuses:
             if resp.status < 400:
-                cooldowns.ok(address, host)
+                cooldowns.ok(address, host, route.port)
             return None, None
         self._metrics.cooled(address, resp.status)
         now = _budget_now()
         told = parse_retry_after(get(resp.headers, b"retry-after"), time.time())
         applied = cooldowns.cool(address, host, now, told)
-        soonest = cooldowns.soonest(self._peers(address, only), host, now)
+        soonest = cooldowns.soonest(self._peers(address, only), host, now, route.port)
         return max(1, math.ceil(soonest)), applied
 
-    def another_address_free(self, host: str, address: str) -> bool:
+    def another_address_free(self, route: Route, address: str) -> bool:
         now = _budget_now()
         others = [a for a in self._peers(address, None) if a != address]
-        return bool(others) and self.scheduler.cooldowns.soonest(others, host, now) == 0
+        return bool(others) and not self.scheduler.cooldowns.soonest(
+            others, route.host, now, route.port
+        )

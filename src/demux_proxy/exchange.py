@@ -170,10 +170,10 @@ class Forwarder:
                     if isinstance(exc, EgressRefused):
                         # As for a reset after the request (`_respond`): never the last
                         # address free for the host.
-                        if self._dispatch.another_address_free(route.host, failed.address):
-                            self._dispatch.cool_pair(failed, route.host, exc)
+                        if self._dispatch.another_address_free(route, failed.address):
+                            self._dispatch.cool_pair(failed, route, exc)
                     elif isinstance(exc, (EgressTimeout, EgressUnreachable)):
-                        self._dispatch.cool_pair(failed, route.host, exc)
+                        self._dispatch.cool_pair(failed, route, exc)
                     else:
                         self._dispatch.rest(failed, exc)
                     if len(tried) >= self._dispatch.retries or only is not None:
@@ -327,14 +327,14 @@ class Forwarder:
                     client, conn.stream, req, resp, out, upload, self._config.idle_timeout_s
                 )
                 return False  # the connection ended with the new protocol
-            retry_after, cooled = self._dispatch.learn(conn.egress.address, route.host, resp, only)
+            retry_after, cooled = self._dispatch.learn(conn.egress.address, route, resp, only)
             if cooled is not None:  # kept across a retry: the log says what happened
                 out.cooldown_s = cooled
             if (
                 retry_after is not None
                 and may_retry
                 and upload is None
-                and self._dispatch.another_address_free(route.host, conn.egress.address)
+                and self._dispatch.another_address_free(route, conn.egress.address)
             ):
                 conn.drop()  # its body is unread: the connection is not reusable
                 return _RETRY
@@ -345,13 +345,13 @@ class Forwarder:
                 if (
                     isinstance(exc, UpstreamReset)
                     and conn.requests == 1
-                    and self._dispatch.another_address_free(route.host, conn.egress.address)
+                    and self._dispatch.another_address_free(route, conn.egress.address)
                 ):
                     # A fresh connection refused by the host: this address, most likely
                     # (a ban by reset), and one request in N would fail for good. Never
                     # the last address free for the host: a host that resets every
                     # address is failing, and its clients get the 502, not a queue.
-                    self._dispatch.cool_pair(conn.egress, route.host, exc)
+                    self._dispatch.cool_pair(conn.egress, route, exc)
                     if may_retry:
                         return _RETRY
                 raise

@@ -224,7 +224,13 @@ class _Cool:
 
 
 class Cooldowns:
-    """(egress address, host) pairs the server told to back off (429/503/ban status).
+    """(egress address, host) pairs the server told to back off (429/503/ban status), and
+    (egress address, host, port) triples a connect to that port failed on.
+
+    A cooling status speaks for the site (its limit is per client address, whatever the
+    port): it cools the pair for every port (`port` 0). A network fault (timeout, no
+    route, reset before any answer) speaks for one port: a firewalled 8443 leaves 443 to
+    the address. An address is cooling for (host, port) when either is.
 
     Strikes outlive the cooldown by `max_s` so that backoff keeps growing while a server
     keeps refusing; `prune` forgets a pair after that (or once expired with no strikes).
@@ -244,11 +250,14 @@ class Cooldowns:
         self.max_s = max_s
         self._rng = rng if rng is not None else random.Random()
         self._max_entries = max_entries
-        self._pairs: dict[tuple[str, str], _Cool] = {}  # insertion order = last update
+        # insertion order = last update
+        self._pairs: dict[tuple[str, str, int], _Cool] = {}
 
-    def cool(self, egress: str, host: str, now: float, retry_after_s: float | None) -> float:
+    def cool(
+        self, egress: str, host: str, now: float, retry_after_s: float | None, port: int = 0
+    ) -> float:
         """Start (or extend) a cooldown; returns the seconds the pair now stays cooling."""
-        key = (egress, _norm(host))
+        key = (egress, _norm(host), port)
         old = self._pairs.pop(key, None)
         strikes = (old.strikes if old is not None else 0) + 1
         if retry_after_s is not None:
@@ -264,39 +273,47 @@ class Cooldowns:
 
     def cooling_by_egress(self, now: float) -> dict[str, int]:
         """How many hosts each address is cooling for now (for metrics and /status)."""
-        counts: dict[str, int] = {}
-        for (egress, _), cool in self._pairs.items():
+        hosts: dict[str, set[str]] = {}
+        for (egress, host, _), cool in self._pairs.items():
             if cool.until > now:
-                counts[egress] = counts.get(egress, 0) + 1
-        return counts
+                hosts.setdefault(egress, set()).add(host)
+        return {egress: len(names) for egress, names in hosts.items()}
 
-    def ok(self, egress: str, host: str) -> None:
-        """A success resets the strikes (a cooldown the server asked for still runs out)."""
+    def ok(self, egress: str, host: str, port: int = 0) -> None:
+        """A success resets the strikes, the host's and its port's (a cooldown the server
+        asked for still runs out)."""
         if not self._pairs:
             return  # the common case, asked on every response
-        key = (egress, _norm(host))
-        old = self._pairs.get(key)
-        if old is not None:
-            self._pairs[key] = _Cool(old.until, 0)
+        pairs, name = self._pairs, _norm(host)
+        for key in ((egress, name, 0), (egress, name, port)) if port else ((egress, name, 0),):
+            old = pairs.get(key)
+            if old is not None:
+                pairs[key] = _Cool(old.until, 0)
 
-    def remaining(self, egress: str, host: str, now: float) -> float:
+    def remaining(self, egress: str, host: str, now: float, port: int = 0) -> float:
         if not self._pairs:
             return 0.0  # the common case, asked per address on every request
-        entry = self._pairs.get((egress, _norm(host)))
-        return 0.0 if entry is None else max(entry.until - now, 0.0)
+        pairs, name = self._pairs, _norm(host)
+        entry = pairs.get((egress, name, 0))
+        until = 0.0 if entry is None else entry.until
+        if port:
+            entry = pairs.get((egress, name, port))
+            if entry is not None and entry.until > until:
+                until = entry.until
+        return max(until - now, 0.0)
 
     def __bool__(self) -> bool:
         """Whether any (address, host) pair is remembered: cooling, or with strikes."""
         return bool(self._pairs)
 
-    def cooling(self, egress: str, host: str, now: float) -> bool:
+    def cooling(self, egress: str, host: str, now: float, port: int = 0) -> bool:
         if not self._pairs:
             return False  # the common case, asked for each address a request may take
-        return self.remaining(egress, host, now) > 0.0
+        return self.remaining(egress, host, now, port) > 0.0
 
-    def soonest(self, egresses: Iterable[str], host: str, now: float) -> float:
+    def soonest(self, egresses: Iterable[str], host: str, now: float, port: int = 0) -> float:
         """The smallest remaining cooldown over `egresses` (0 if any is free or none given)."""
-        return min((self.remaining(e, host, now) for e in egresses), default=0.0)
+        return min((self.remaining(e, host, now, port) for e in egresses), default=0.0)
 
     def prune(self, now: float) -> None:
         self._pairs = {

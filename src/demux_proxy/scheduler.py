@@ -305,10 +305,12 @@ class Scheduler:
         exclude: Sequence[str] = (),
         only: str | None = None,
         family: int | None = None,
+        port: int = 0,
     ) -> Egress | float | None:
-        """An address that may send to `host` now (its budget token taken), else the
-        seconds until one may, else None when no address could ever (all excluded, or
-        none of `family`, the one address family the host has when egress is mixed)."""
+        """An address that may send to `host` (on `port`) now (its budget token taken),
+        else the seconds until one may, else None when no address could ever (all
+        excluded, or none of `family`, the one address family the host has when egress
+        is mixed)."""
         egress = self.egress
         rule = self.rules.match(host) if self.rules else None
         cooldowns = self.cooldowns
@@ -340,7 +342,7 @@ class Scheduler:
             if not possible(i) or i in lost:
                 return False
             address = egress[i].address
-            if cooldowns.cooling(address, host, now) or self.health.cooling(address, "", now):
+            if cooldowns.cooling(address, host, now, port) or self.health.cooling(address, "", now):
                 return False
             return rule is None or self._bucket(address, rule, now).wait_s(now) == 0
 
@@ -353,7 +355,7 @@ class Scheduler:
             lost.append(i)
         waits = [
             max(
-                cooldowns.remaining(e.address, host, now),
+                cooldowns.remaining(e.address, host, now, port),
                 self.health.remaining(e.address, "", now),
                 self._bucket(e.address, rule, now).wait_s(now) if rule is not None else 0.0,
             )

@@ -892,3 +892,31 @@ def test_an_address_refused_by_reset_cools_and_its_requests_go_elsewhere(
         ln for ln in proxy.logs("egress address cooling") if ln["fields"]["interface"] == BANNED
     ]
     assert cooling and "reset" in cooling[-1]["fields"]["error"], cooling
+
+
+def test_a_port_that_refuses_an_address_leaves_the_hosts_other_ports_to_it(
+    proxy: ProxyProcess, upstream: Upstream
+) -> None:
+    """A reset on one port (a firewalled 8443, a ban by one service) cooled the address
+    for the whole host: every other port of that host lost it as well. A network fault
+    speaks for its port alone (a cooling status, for the site, cools every port)."""
+    with plain_and_tls(BanByReset, upstream.ca) as servers:
+        server = servers["http"]
+        server.when = "request"
+        with requests_session(proxy) as s:
+            refusing = f"http://127.0.0.1:{server.port}/"
+            answers = [s.get(refusing, timeout=SOCK_TIMEOUT) for _ in range(2 * len(EGRESS))]
+            assert [r.status_code for r in answers] == [200] * len(answers)
+            # The same host, another port, within the cooldown (0.5 s at least): the
+            # banned address is in the rotation there.
+            peers = [
+                s.get(upstream.http_url("/ip"), timeout=SOCK_TIMEOUT).json()["peer"]
+                for _ in range(2 * len(EGRESS))
+            ]
+            assert set(peers) == set(EGRESS), peers
+            again = [s.get(refusing, timeout=SOCK_TIMEOUT) for _ in range(len(EGRESS))]
+            assert BANNED not in {r.text for r in again}  # still cooling on its own port
+    cooling = [
+        ln for ln in proxy.logs("egress address cooling") if ln["fields"]["interface"] == BANNED
+    ]
+    assert cooling and cooling[-1]["fields"]["port"] == server.port, cooling

@@ -166,6 +166,27 @@ def test_cooldown_honours_retry_after() -> None:
     assert repr(cd) == "<Cooldowns 1 cooling>"
 
 
+def test_a_port_cools_apart_from_its_host() -> None:
+    """A network fault cools (address, host, port); a cooling status (port 0) the host's
+    every port. Each port sees both; a success resets both strikes."""
+    cd = Cooldowns(base_s=1.0, max_s=100.0, rng=random.Random(5))
+    cd.cool("e", "h", 0.0, 30.0, 8443)
+    assert cd.cooling("e", "h", 1.0, 8443) and not cd.cooling("e", "h", 1.0, 443)
+    assert not cd.cooling("e", "h", 1.0)  # the host as such is not cooling
+    assert cd.soonest(["e"], "h", 1.0, 443) == 0.0
+    assert cd.soonest(["e"], "h", 1.0, 8443) == pytest.approx(29.0)
+    cd.cool("e", "h", 0.0, 60.0)  # a 429: every port
+    assert cd.remaining("e", "h", 1.0, 443) == pytest.approx(59.0)
+    assert cd.remaining("e", "h", 1.0, 8443) == pytest.approx(59.0)  # the longer of two
+    assert cd.cooling_by_egress(1.0) == {"e": 1}  # one host, however many ports
+    for t in range(1, 6):
+        cd.cool("e", "h", t * 200.0, None, 8443)
+        cd.cool("e", "h", t * 200.0, None)
+    cd.ok("e", "h", 8443)
+    assert cd.cool("e", "h", 2000.0, None, 8443) <= 1.0
+    assert cd.cool("e", "h", 2000.0, None) <= 1.0
+
+
 def test_backoff_grows_caps_and_jitters() -> None:
     cd = Cooldowns(base_s=1.0, max_s=16.0, rng=random.Random(7))
     for strike in range(1, 10):
