@@ -30,7 +30,7 @@ from demux_proxy.config import Config
 from demux_proxy.egress import resolve_egress
 from demux_proxy.errors import ConfigError, HostNotReady
 from demux_proxy.exchange import Forwarder
-from demux_proxy.limits import Cooldowns, RateRules, parse_host_rate
+from demux_proxy.limits import PROBE_LEASE_S, Cooldowns, RateRules, parse_host_rate
 from demux_proxy.policy import DestinationPolicy
 from demux_proxy.pool import Pool
 from demux_proxy.route import bracketed
@@ -218,7 +218,7 @@ async def serve(
         strategy=config.strategy,
         cursor=cursor,
         rules=RateRules([parse_host_rate(r) for r in config.host_rate]),
-        cooldowns=Cooldowns(),
+        cooldowns=Cooldowns(probe_s=PROBE_LEASE_S),
         workers=config.workers,
         buckets=buckets,
     )

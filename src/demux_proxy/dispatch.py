@@ -273,6 +273,8 @@ class Dispatcher:
         if resp.status not in self._cooling_statuses:
             if resp.status < 400:
                 cooldowns.ok(address, host, route.port)
+            else:  # answered, and not refused: a probe's end
+                cooldowns.settled(address, host, route.port)
             return None, None
         self._metrics.cooled(address, resp.status)
         now = _budget_now()

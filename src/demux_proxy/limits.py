@@ -35,6 +35,10 @@ __all__ = [
 ]
 
 RETRY_AFTER_CAP_S: Final = 3600.0
+# A probe's answer is awaited this long before another request may probe; meanwhile a
+# queue looks again every PROBE_POLL_S (the answer wakes nobody: it is looked for).
+PROBE_LEASE_S: Final = 5.0
+PROBE_POLL_S: Final = 0.05
 _UNITS: Final = {"s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0, "hour": 3600.0}
 _RATE: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)/([a-z]+)")
 _NAME: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")
@@ -221,6 +225,13 @@ def parse_retry_after(value: bytes | str | None, now_epoch: float) -> float | No
 class _Cool:
     until: float
     strikes: int
+    probe: float = 0.0  # until when the one request sent since the cooldown ended is out
+
+
+def _keys(egress: str, host: str, port: int) -> tuple[tuple[str, str, int], ...]:
+    """The entries that hold for (host, port): the host's, for every port, and the port's."""
+    name = _norm(host)
+    return ((egress, name, 0), (egress, name, port)) if port else ((egress, name, 0),)
 
 
 class Cooldowns:
@@ -234,6 +245,10 @@ class Cooldowns:
 
     Strikes outlive the cooldown by `max_s` so that backoff keeps growing while a server
     keeps refusing; `prune` forgets a pair after that (or once expired with no strikes).
+
+    With `probe_s`, a cooldown that ends lets one request through (`sent`), the probe:
+    until its answer (`ok`, `cool`, `settled`) or `probe_s`, the pair still cools, so
+    that the requests queued for it do not all meet the server's refusal together.
     """
 
     def __init__(
@@ -243,6 +258,7 @@ class Cooldowns:
         max_s: float = 300.0,
         rng: random.Random | None = None,
         max_entries: int = 100_000,
+        probe_s: float | None = None,
     ) -> None:
         if not (0 < base_s <= max_s) or max_entries < 1:
             raise ValueError("Cooldowns needs 0 < base_s <= max_s and max_entries >= 1")
@@ -250,6 +266,7 @@ class Cooldowns:
         self.max_s = max_s
         self._rng = rng if rng is not None else random.Random()
         self._max_entries = max_entries
+        self._probe_s = probe_s
         # insertion order = last update
         self._pairs: dict[tuple[str, str, int], _Cool] = {}
 
@@ -284,23 +301,49 @@ class Cooldowns:
         asked for still runs out)."""
         if not self._pairs:
             return  # the common case, asked on every response
-        pairs, name = self._pairs, _norm(host)
-        for key in ((egress, name, 0), (egress, name, port)) if port else ((egress, name, 0),):
+        pairs = self._pairs
+        for key in _keys(egress, host, port):
             old = pairs.get(key)
             if old is not None:
                 pairs[key] = _Cool(old.until, 0)
 
     def remaining(self, egress: str, host: str, now: float, port: int = 0) -> float:
+        """Seconds until the address may send to (host, port); while a probe is out, a
+        short while to look again."""
         if not self._pairs:
             return 0.0  # the common case, asked per address on every request
-        pairs, name = self._pairs, _norm(host)
-        entry = pairs.get((egress, name, 0))
-        until = 0.0 if entry is None else entry.until
-        if port:
-            entry = pairs.get((egress, name, port))
-            if entry is not None and entry.until > until:
-                until = entry.until
-        return max(until - now, 0.0)
+        pairs = self._pairs
+        wait = 0.0
+        for key in _keys(egress, host, port):
+            entry = pairs.get(key)
+            if entry is not None:
+                if entry.until - now > wait:
+                    wait = entry.until - now
+                elif entry.probe > now and wait < PROBE_POLL_S:
+                    wait = min(entry.probe - now, PROBE_POLL_S)
+        return wait
+
+    def sent(self, egress: str, host: str, now: float, port: int = 0) -> None:
+        """A request leaves from `egress` for (host, port): if a cooldown of the pair has
+        ended with no success since, it is the probe (see the class)."""
+        if self._probe_s is None or not self._pairs:
+            return
+        pairs = self._pairs
+        for key in _keys(egress, host, port):
+            old = pairs.get(key)
+            if old is not None and old.strikes and old.until <= now and old.probe <= now:
+                pairs[key] = _Cool(old.until, old.strikes, now + self._probe_s)
+
+    def settled(self, egress: str, host: str, port: int = 0) -> None:
+        """The probe was answered, neither a success nor a refusal (a 404): the pair is
+        free again, its strikes kept."""
+        if not self._pairs:
+            return
+        pairs = self._pairs
+        for key in _keys(egress, host, port):
+            old = pairs.get(key)
+            if old is not None and old.probe:
+                pairs[key] = _Cool(old.until, old.strikes)
 
     def __bool__(self) -> bool:
         """Whether any (address, host) pair is remembered: cooling, or with strikes."""

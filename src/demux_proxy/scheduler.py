@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 from demux_proxy.egress import Egress
 from demux_proxy.limits import (
+    PROBE_LEASE_S,
     Cooldowns,
     HostRate,
     RateRules,
@@ -258,7 +259,7 @@ class Scheduler:
         else:
             self._strategy = RoundRobinStrategy(cursor)
         self.rules = rules if rules is not None else RateRules(())
-        self.cooldowns = cooldowns if cooldowns is not None else Cooldowns()
+        self.cooldowns = cooldowns if cooldowns is not None else Cooldowns(probe_s=PROBE_LEASE_S)
         self._workers = max(1, workers)
         self._shared = buckets
         self._buckets: dict[tuple[str, str], Bucket] = {}
@@ -351,6 +352,8 @@ class Scheduler:
             # The look and the take are two steps under a shared bucket's lock: the take
             # decides. (One step would not do: least-busy looks at every address.)
             if rule is None or self._bucket(egress[i].address, rule, now).take(now):
+                if cooldowns:  # the first request after a cooldown is its probe
+                    cooldowns.sent(egress[i].address, host, now, port)
                 return egress[i]
             lost.append(i)
         waits = [

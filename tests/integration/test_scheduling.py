@@ -202,6 +202,31 @@ def test_queued_requests_all_get_what_is_left_of_the_wait(tmp_path: Path, limite
     ]
 
 
+def test_one_request_probes_an_ended_cooldown_before_the_queue_follows(
+    tmp_path: Path, limited: Limited
+) -> None:
+    """When a cooldown ended, every request queued for it went at once, and a server
+    still refusing the address answered each of them 429: one probes, the rest follow
+    its success."""
+    limited.rate = 1000.0
+    limited.banned = {"127.0.0.2"}
+    limited.retry_after = 1
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(tmp_path / "state", "--workers", "1", egress=["127.0.0.2"]) as p:
+        assert _get(p, url).status_code == 429  # cools 1 s
+        # The ban lifts halfway through the second cooldown, which the probe meets.
+        lift = threading.Timer(1.5, limited.banned.clear)
+        lift.start()
+        try:
+            with ThreadPoolExecutor(6) as pool:
+                codes = sorted(pool.map(lambda _: _get(p, url).status_code, range(6)))
+        finally:
+            lift.cancel()
+    assert codes == [200] * 5 + [429], codes  # the probe's client gets its 429
+    assert limited.refused["127.0.0.2"] == 2, limited.refused  # not 7
+    assert limited.ok["127.0.0.2"] == 5
+
+
 @pytest.mark.parametrize("how", ["close", "reset"])
 def test_a_client_gone_while_queued_gives_up_its_place(
     tmp_path: Path, limited: Limited, how: str

@@ -601,3 +601,33 @@ def test_pool_shed_closes_the_oldest_quarter_and_prune_keeps_the_order() -> None
     assert big.shed() == 10 and len(big) == 30  # a quarter
     big.close_all()
     assert len(big) == 0
+
+
+def test_the_first_request_after_a_cooldown_is_its_one_probe() -> None:
+    """A cooldown that ended let every queued request through at once, to meet the
+    server's refusal together: one goes, the rest wait for its answer."""
+    s = Scheduler(V4[:1])
+    address = V4[0].address
+    s.cooldowns.cool(address, "a.test", 0.0, 10.0)
+    assert s.acquire("a.test", 5.0) == pytest.approx(5.0)
+    probe = s.acquire("a.test", 10.0)
+    assert isinstance(probe, Egress)
+    held = s.acquire("a.test", 10.01)  # a short look again, not the 5 s lease
+    assert isinstance(held, float) and 0 < held <= 0.05, held
+    assert isinstance(s.acquire("other.test", 10.01), Egress)  # only that host waits
+    s.cooldowns.cool(address, "a.test", 10.02, 10.0)  # refused again: 10 s more
+    assert s.acquire("a.test", 10.03) == pytest.approx(9.99)
+    assert isinstance(s.acquire("a.test", 20.02), Egress)  # the next probe
+    s.cooldowns.ok(address, "a.test")  # answered: everyone goes
+    assert all(isinstance(s.acquire("a.test", 20.03), Egress) for _ in range(3))
+    # An answer that is neither (a 404) ends the probe too; its strikes are kept.
+    s.cooldowns.cool(address, "b.test", 30.0, 1.0)
+    assert isinstance(s.acquire("b.test", 31.0), Egress)
+    assert isinstance(s.acquire("b.test", 31.0), float)
+    s.cooldowns.settled(address, "b.test")
+    assert isinstance(s.acquire("b.test", 31.0), Egress)
+    assert s.cooldowns.cool(address, "b.test", 40.0, None) >= 1.0  # second strike: 1-2 s
+    # A probe never answered (its client gone, its connection lost) holds 5 s at most.
+    assert isinstance(s.acquire("b.test", 43.0), Egress)
+    assert isinstance(s.acquire("b.test", 47.9), float)
+    assert isinstance(s.acquire("b.test", 48.1), Egress)
