@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import random
+import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -41,11 +42,20 @@ if TYPE_CHECKING:  # only --workers N > 1 imports multiprocessing
     from multiprocessing.synchronize import Lock
 
 STRATEGIES: Final = ("round-robin", "random", "least-busy")
+# One rotation position per lane: requests any address may serve, and those a host's
+# one address family confines (mixed egress). With one position, IPv4 and IPv6 requests
+# in turn each moved it back past the same addresses: the second of each family never
+# sent.
+LANES: Final = 3
+
+
+def lane_of(family: int | None) -> int:
+    return 0 if family is None else 1 if family == socket.AF_INET else 2
 
 
 class Cursor(Protocol):
-    def take(self, n: int, accept: Callable[[int], bool]) -> int | None:
-        """The first index i (from the current position, modulo n) with accept(i), moving
+    def take(self, n: int, accept: Callable[[int], bool], lane: int = 0) -> int | None:
+        """The first index i (from the lane's position, modulo n) with accept(i), moving
         the position past it; None when no index in one full turn is accepted."""
 
 
@@ -61,7 +71,7 @@ def _any(i: int) -> bool:
     return True
 
 
-def _first(n: int, accept: Callable[[int], bool]) -> int | None:
+def _first(n: int, accept: Callable[[int], bool], lane: int = 0) -> int | None:
     """The one index a request bound to an address may take: the rotation's position
     is not the bound request's to move (the next unbound one would skip an address)."""
     return _scan(0, n, accept)
@@ -69,12 +79,12 @@ def _first(n: int, accept: Callable[[int], bool]) -> int | None:
 
 class LocalCursor:
     def __init__(self) -> None:
-        self.position = 0
+        self.positions = [0] * LANES
 
-    def take(self, n: int, accept: Callable[[int], bool]) -> int | None:
-        i = _scan(self.position, n, accept)
+    def take(self, n: int, accept: Callable[[int], bool], lane: int = 0) -> int | None:
+        i = _scan(self.positions[lane], n, accept)
         if i is not None:
-            self.position = (i + 1) % n
+            self.positions[lane] = (i + 1) % n
         return i
 
 
@@ -101,14 +111,15 @@ class SharedCursor:
     """
 
     def __init__(self, context: BaseContext) -> None:
-        self._value = context.RawValue("Q", 0)
+        self._positions = context.RawArray("Q", LANES)
         self._lock = context.Lock()
 
-    def take(self, n: int, accept: Callable[[int], bool]) -> int | None:
+    def take(self, n: int, accept: Callable[[int], bool], lane: int = 0) -> int | None:
+        positions = self._positions
         with self._lock:
-            i = _scan(self._value.value % n, n, accept)
+            i = _scan(positions[lane] % n, n, accept)
             if i is not None:
-                self._value.value = (i + 1) % n
+                positions[lane] = (i + 1) % n
             return i
 
     def release_if_stuck(self, wait_s: float) -> bool:
@@ -191,22 +202,22 @@ class _SharedBucket:
 
 
 class Strategy(Protocol):
-    def choose(self, n: int, accept: Callable[[int], bool]) -> int | None: ...
+    def choose(self, n: int, accept: Callable[[int], bool], lane: int = 0) -> int | None: ...
 
 
 class RoundRobinStrategy:
     def __init__(self, cursor: Cursor) -> None:
         self._cursor = cursor
 
-    def choose(self, n: int, accept: Callable[[int], bool]) -> int | None:
-        return self._cursor.take(n, accept)
+    def choose(self, n: int, accept: Callable[[int], bool], lane: int = 0) -> int | None:
+        return self._cursor.take(n, accept, lane)
 
 
 class RandomStrategy:
     def __init__(self, rng: random.Random | None = None) -> None:
         self._rng = rng or random.Random()
 
-    def choose(self, n: int, accept: Callable[[int], bool]) -> int | None:
+    def choose(self, n: int, accept: Callable[[int], bool], lane: int = 0) -> int | None:
         if accept is _any:
             return self._rng.randrange(n)
         # Uniform over those accepted: a walk from a random start would favour the
@@ -222,13 +233,13 @@ class LeastBusyStrategy:
         self._in_flight = in_flight
         self._cursor = cursor
 
-    def choose(self, n: int, accept: Callable[[int], bool]) -> int | None:
+    def choose(self, n: int, accept: Callable[[int], bool], lane: int = 0) -> int | None:
         allowed = [i for i in range(n) if accept(i)]
         if not allowed:
             return None
         fewest = min(self._in_flight(i) for i in allowed)
         best = {i for i in allowed if self._in_flight(i) == fewest}
-        return self._cursor.take(n, best.__contains__)
+        return self._cursor.take(n, best.__contains__, lane)
 
 
 class Scheduler:
@@ -294,7 +305,7 @@ class Scheduler:
         """The next address by strategy alone, no host, budget or cooldown considered."""
         egress = self.egress
         i = self._strategy.choose(
-            len(egress), lambda j: family is None or egress[j].family == family
+            len(egress), lambda j: family is None or egress[j].family == family, lane_of(family)
         )
         return None if i is None else egress[i]
 
@@ -348,7 +359,8 @@ class Scheduler:
             return rule is None or self._bucket(address, rule, now).wait_s(now) == 0
 
         choose = self._strategy.choose if only is None else _first
-        while (i := choose(len(egress), ready)) is not None:
+        lane = lane_of(family)
+        while (i := choose(len(egress), ready, lane)) is not None:
             # The look and the take are two steps under a shared bucket's lock: the take
             # decides. (One step would not do: least-busy looks at every address.)
             if rule is None or self._bucket(egress[i].address, rule, now).take(now):

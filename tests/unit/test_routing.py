@@ -255,7 +255,9 @@ def test_a_request_bound_to_one_address_leaves_the_rotation_where_it_was(strateg
 def test_family_pick_skips_to_the_next_of_that_family() -> None:
     rr = Scheduler([V4[0], V6, V4[1]])
     assert rr.pick(socket.AF_INET6) == V6
-    assert rr.pick() == V4[1]  # the counter moved past the address taken
+    assert rr.pick() == V4[0]  # a lane of its own: the family's pick did not move it
+    assert rr.pick(socket.AF_INET) == V4[0]
+    assert rr.pick(socket.AF_INET) == V4[1]
     assert rr.pick(socket.AF_INET6) == V6
     assert Scheduler(V4).pick(socket.AF_INET6) is None
     assert "3 addresses" in repr(rr)
@@ -409,7 +411,7 @@ def test_a_token_another_worker_takes_meanwhile_is_not_given_twice() -> None:
     class RacedCursor:
         """The other worker takes its pick's token right after this one looked."""
 
-        def take(self, n: int, accept: Callable[[int], bool]) -> int | None:
+        def take(self, n: int, accept: Callable[[int], bool], lane: int = 0) -> int | None:
             i = next((j for j in range(n) if accept(j)), None)
             if i is not None:
                 assert isinstance(other.acquire("a.test", 100.0, only=V4[i].address), Egress)
@@ -631,3 +633,34 @@ def test_the_first_request_after_a_cooldown_is_its_one_probe() -> None:
     assert isinstance(s.acquire("b.test", 43.0), Egress)
     assert isinstance(s.acquire("b.test", 47.9), float)
     assert isinstance(s.acquire("b.test", 48.1), Egress)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_each_family_rotates_over_its_own_addresses(shared: bool) -> None:
+    """IPv4-only and IPv6-only hosts in turn: one rotation position, moved by both,
+    went back past the same addresses, and the second of each family never sent."""
+    import multiprocessing
+
+    from demux_proxy.scheduler import LocalCursor, SharedCursor
+
+    mixed = [
+        Egress("192.0.2.1", "eth0", socket.AF_INET),
+        Egress("192.0.2.2", "eth0", socket.AF_INET),
+        Egress("2001:db8::1", "eth0", socket.AF_INET6),
+        Egress("2001:db8::2", "eth0", socket.AF_INET6),
+    ]
+    cursor = SharedCursor(multiprocessing.get_context("fork")) if shared else LocalCursor()
+    s = Scheduler(mixed, cursor=cursor)
+    sent: Counter[str] = Counter()
+    either: Counter[str] = Counter()
+    for _ in range(10):
+        for host, family in (("v4.test", socket.AF_INET), ("v6.test", socket.AF_INET6)):
+            got = s.acquire(host, 0.0, family=family)
+            assert isinstance(got, Egress) and got.family == family
+            sent[got.address] += 1
+        both = s.acquire("both.test", 0.0)  # either family: the third lane
+        assert isinstance(both, Egress)
+        either[both.address] += 1
+    assert sent == dict.fromkeys(sent, 5) and len(sent) == 4, sent
+    assert sorted(either.values()) == [2, 2, 3, 3], either
+    assert [s.pick(socket.AF_INET6).address for _ in range(2)] == ["2001:db8::1", "2001:db8::2"]
