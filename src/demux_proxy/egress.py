@@ -118,13 +118,50 @@ def _usable(ip: IPAddress, *, explicit: bool) -> bool:
     return explicit or not (ip.is_loopback or ip.is_link_local)
 
 
+# Linux's IPv6 address flags (include/uapi/linux/if_addr.h) that make an address no
+# source for new connections: still in duplicate address detection (bind() fails with
+# EADDRNOTAVAIL), found duplicate, or deprecated (its preferred lifetime ended: RFC 4862
+# keeps it for connections that exist, not for new ones).
+_IFA_F_DADFAILED: Final = 0x08
+_IFA_F_DEPRECATED: Final = 0x20
+_IFA_F_TENTATIVE: Final = 0x40
+_NOT_A_SOURCE: Final = _IFA_F_DADFAILED | _IFA_F_DEPRECATED | _IFA_F_TENTATIVE
+_IF_INET6: Final = "/proc/net/if_inet6"
+
+
+def not_a_source(table: str) -> set[tuple[str, str]]:
+    """(address, interface) of the IPv6 addresses in a /proc/net/if_inet6 `table` that
+    are tentative, duplicate or deprecated: psutil lists them like any other."""
+    found = set()
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) != 6:
+            continue
+        hex_address, _, _, _, flags, name = fields
+        try:
+            if int(flags, 16) & _NOT_A_SOURCE:
+                found.add((str(ipaddress.IPv6Address(int(hex_address, 16))), name))
+        except ValueError:
+            continue
+    return found
+
+
+def _ipv6_not_a_source() -> set[tuple[str, str]]:
+    try:
+        with open(_IF_INET6, encoding="ascii") as table:
+            return not_a_source(table.read())
+    except OSError:  # not Linux, or no IPv6: nothing to leave out
+        return set()
+
+
 def discover(interfaces: Sequence[str] = (), *, skipped: list[str] | None = None) -> list[Egress]:
     """Return the usable egress addresses of the host's interfaces.
 
     "Up" is psutil's ``isup``, i.e. RUNNING (administratively up *and* with carrier): an
     interface without link cannot carry traffic, so its addresses are not worth rotating to.
 
-    With no ``interfaces``: every interface that is up, non-loopback IPv4 and global IPv6.
+    With no ``interfaces``: every interface that is up, non-loopback IPv4 and global IPv6
+    (not while tentative, nor duplicate or deprecated: `not_a_source`).
     With ``interfaces``: only those, including loopback addresses; an unknown or down interface
     is a ConfigError because the user asked for it by name, unless a ``skipped`` list is given
     (re-discovery: the interface's addresses drop out, its name goes in the list).  Interfaces
@@ -152,6 +189,7 @@ def discover(interfaces: Sequence[str] = (), *, skipped: list[str] | None = None
     else:
         names = sorted(name for name, st in stats.items() if st.isup)
 
+    unready = _ipv6_not_a_source()
     found: dict[str, Egress] = {}  # keyed by address: one address on two interfaces counts once
     for name in names:
         for snic in addrs.get(name, []):
@@ -160,6 +198,8 @@ def discover(interfaces: Sequence[str] = (), *, skipped: list[str] | None = None
             ip = _unscoped(snic.address)
             if ip is None or not _usable(ip, explicit=explicit):
                 continue
+            if ip.version == 6 and (str(ip), name) in unready:
+                continue  # re-discovery takes it once detection ends
             found.setdefault(str(ip), Egress(str(ip), name, _family(ip)))
     return list(found.values())
 

@@ -34,12 +34,15 @@ DUMMY_ADDRS = [
     ("198.51.100.7/24", []),
     ("2a00:1450::10/64", ["nodad"]),
     ("2001:db8::10/64", ["nodad"]),  # documentation space: not is_global, must be skipped
+    ("2a00:1450::11/64", ["nodad", "preferred_lft", "0"]),  # deprecated: skipped
 ]
+# On a veth pair whose duplicate address detection takes 100 probes: tentative all test.
+TENTATIVE = "2a00:1450::12"
 EXPECTED_DUMMY = ["192.0.2.10", "192.0.2.11", "198.51.100.7", "2a00:1450::10"]
 
 # Runs inside the namespace: performs the requested calls and prints one JSON object.
 PROBE = """
-import json, sys
+import ipaddress, json, sys
 from demux_proxy.egress import check_bindable, discover, resolve_egress
 from demux_proxy.errors import ConfigError
 
@@ -47,6 +50,13 @@ def rows(egresses):
     return [[e.address, e.interface, int(e.family)] for e in egresses]
 
 out = {"discover": rows(discover()), "dummy0": rows(discover(["dummy0"])), "bind": {}}
+out["dad0"] = rows(discover(["dad0"]))
+with open("/proc/net/if_inet6") as table:
+    out["tentative"] = [
+        str(ipaddress.IPv6Address(int(f[0], 16)))
+        for f in map(str.split, table)
+        if f[5] == "dad0" and int(f[4], 16) & 0x40
+    ]
 for addr in sys.argv[1:]:
     try:
         check_bindable(addr)
@@ -92,7 +102,14 @@ def netns() -> Iterator[str]:
         for cidr, flags in DUMMY_ADDRS:
             ns_ip(name, "addr", "add", cidr, "dev", "dummy0", *flags)
         ns_ip(name, "addr", "add", "203.0.113.9/24", "dev", "down0")
-        for link in ["dummy0", *extra_up]:
+        ns_ip(name, "link", "add", "dad0", "type", "veth", "peer", "name", "dad0p")
+        subprocess.run(
+            ["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.dad0.dad_transmits=100"],
+            check=True,
+            timeout=10,
+        )
+        ns_ip(name, "addr", "add", f"{TENTATIVE}/64", "dev", "dad0")
+        for link in ["dummy0", "dad0", "dad0p", *extra_up]:
             ns_ip(name, "link", "set", link, "up")
         ns_ip(name, "link", "set", "lo", "up")
         yield name
@@ -128,6 +145,15 @@ def test_discover_finds_exactly_dummy_addresses(probe: dict[str, Any]) -> None:
     assert sorted(found) == sorted(EXPECTED_DUMMY)
     assert found[0] == "192.0.2.10"  # first primary address, as assigned
     assert {iface for _, iface, _ in probe["discover"]} == {"dummy0"}
+
+
+def test_tentative_and_deprecated_ipv6_is_no_egress(probe: dict[str, Any]) -> None:
+    """psutil lists an address in duplicate address detection (bind fails: every request
+    from it a retry) and a deprecated one (not for new connections) like any other."""
+    assert TENTATIVE in probe["tentative"]  # the kernel still says so
+    found = [a for a, _, _ in probe["discover"]]
+    assert TENTATIVE not in found and "2a00:1450::11" not in found, found
+    assert TENTATIVE not in [a for a, _, _ in probe["dad0"]], probe["dad0"]
 
 
 def test_discover_families(probe: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from demux_proxy.egress import (
     Egress,
     check_bindable,
     discover,
+    not_a_source,
     interface_of,
     parse_addresses,
     resolve_egress,
@@ -255,3 +256,21 @@ def test_resolve_empty_result(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_egress([], [])
     with pytest.raises(ConfigError, match=r"no usable egress address: interface.*'eth0'"):
         resolve_egress([], ["eth0"])
+
+
+def test_not_a_source_reads_the_kernels_ipv6_flags() -> None:
+    table = (
+        "2a001450000000000000000000000010 02 40 00 80 eth0\n"  # permanent: a source
+        "2a001450000000000000000000000011 02 40 00 a0 eth0\n"  # deprecated
+        "2a001450000000000000000000000012 03 40 00 c0 eth1\n"  # tentative
+        "2a001450000000000000000000000013 03 40 00 48 eth1\n"  # DAD failed
+        "2a001450000000000000000000000014 03 40 00 04 eth1\n"  # optimistic: usable
+        "not a line\n"
+        "zz001450000000000000000000000015 03 40 00 40 eth1\n"
+    )
+    assert not_a_source(table) == {
+        ("2a00:1450::11", "eth0"),
+        ("2a00:1450::12", "eth1"),
+        ("2a00:1450::13", "eth1"),
+    }
+    assert not_a_source("") == set()
