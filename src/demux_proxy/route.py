@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from dataclasses import dataclass, field
@@ -92,16 +93,26 @@ def tls_name(host: str) -> str:
 
 
 def _host(raw: bytes) -> str:
+    """A target's host, lower-case; an IPv6 literal canonical, and an IPv4-mapped one as
+    its IPv4 (what the kernel connects to), so that budgets, cooldowns, the pool and the
+    logs know one destination by one name ("fd00:6:0::2" is "fd00:6::2")."""
     try:
         host = raw.decode("ascii").lower()
     except UnicodeDecodeError:
         raise ProtocolError("non-ASCII host in request target") from None
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
     if not host or _BAD_HOST.search(host):
         if "@" in host:  # userinfo (CONNECT user:password@host): not echoed, nor logged
             raise ProtocolError("userinfo in request target: not allowed")
         raise ProtocolError(f"invalid host in request target: {host[:64]!r}")
+    if bracketed or ":" in host:  # brackets hold an IPv6 address, nothing else (RFC 3986)
+        try:
+            ip = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ProtocolError(f"invalid IPv6 address in request target: {host[:64]!r}") from None
+        host = str(ip.ipv4_mapped or ip)
     return host
 
 
@@ -110,6 +121,9 @@ def parse_authority(target: bytes) -> tuple[str, int]:
     host, sep, port = target.rpartition(b":")
     if not sep or not port.isdigit():
         raise ProtocolError("CONNECT target must be host:port")
+    if b":" in host and not (host.startswith(b"[") and host.endswith(b"]")):
+        # "fd00::2:8080" may be fd00::2 port 8080 or fd00::2:8080 with no port.
+        raise ProtocolError("CONNECT target: an IPv6 address goes in brackets, [address]:port")
     # 1-65535: port 0 is reserved (RFC 6335 6), nothing listens there. Leading zeros are
     # allowed (RFC 3986 3.2.3), and int() of over 4300 digits would raise ValueError.
     digits = port.lstrip(b"0")

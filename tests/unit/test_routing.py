@@ -154,6 +154,30 @@ def test_connect_authority() -> None:
             parse_authority(bad)
 
 
+def test_an_ip_literal_is_known_by_one_name() -> None:
+    """fd00:6:0::2 and fd00:6::2 were two hosts to budgets, cooldowns and the pool, and
+    ::ffff:192.0.2.100 (sent over IPv4) escaped the --host-rate of 192.0.2.100."""
+    assert parse_authority(b"[FD00:6:0::2]:443") == ("fd00:6::2", 443)
+    assert parse_authority(b"[::ffff:192.0.2.100]:443") == ("192.0.2.100", 443)
+    r = route_for(b"http://[::ffff:192.0.2.100]:8080/x", None)
+    assert (r.host, r.host_header, r.url) == (
+        "192.0.2.100",
+        b"192.0.2.100:8080",
+        "http://192.0.2.100:8080/x",
+    )
+    assert route_for(b"https://[2001:DB8:0::1]/", None).host == "2001:db8::1"
+    assert route_for(b"https://[2001:DB8:0::1]/", None).tls_name == "2001:db8::1"
+
+
+def test_a_connect_target_brackets_an_ipv6_address_and_nothing_else() -> None:
+    """CONNECT fd00:6::2:8080 was read as fd00:6::2 port 8080 (it may as well be no port);
+    [both.test]:8080 and [[fd00:6::2]]:8080 were answered 200, the second then 502."""
+    for bad in (b"fd00:6::2:8080", b"[both.test]:8080", b"[[fd00:6::2]]:8080", b"[1.2.3.4]:80"):
+        with pytest.raises(ProtocolError) as info:
+            parse_authority(bad)
+        assert info.value.status == 400, bad
+
+
 def test_a_connect_targets_userinfo_is_refused_unrepeated() -> None:
     """The 400 and its log line echoed `user:s3cret@127.0.0.1`."""
     with pytest.raises(ProtocolError) as info:
