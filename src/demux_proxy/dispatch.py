@@ -16,8 +16,9 @@ from typing import Final
 from demux_proxy import log
 from demux_proxy.auth import session_of
 from demux_proxy.config import Config
-from demux_proxy.egress import Egress
+from demux_proxy.egress import Egress, parse_addresses
 from demux_proxy.errors import (
+    ConfigError,
     EgressFailure,
     NoEgressLeft,
     PeerGone,
@@ -135,10 +136,17 @@ class Dispatcher:
         return next((e.family for e in self.scheduler.egress if e.address == address), None)
 
     def pin(self, value: bytes) -> str:
-        """The egress address an X-Demux-Egress value names; 400 if it names none."""
+        """The egress address an X-Demux-Egress value names, however it is spelt (as
+        --egress takes it: "[FD00::1]" is fd00::1); 400 if it names none."""
         address = value.decode("latin-1").strip()
         if address not in self.scheduler.in_flight:
-            raise ProtocolError(f"X-Demux-Egress {address!r} is not an egress address")
+            try:
+                spelt = parse_addresses([address])
+            except ConfigError:
+                spelt = []
+            if len(spelt) != 1 or spelt[0] not in self.scheduler.in_flight:
+                raise ProtocolError(f"X-Demux-Egress {address!r} is not an egress address")
+            address = spelt[0]
         return address
 
     def acquire_now(

@@ -88,6 +88,8 @@ def parse_addresses(values: Iterable[str]) -> list[str]:
     seen: dict[str, None] = {}  # dict as an ordered set
     for item in _split(values):
         ip = _parse_one(item)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an AF_INET6 socket bound to it reaches IPv4 alone
         # The kernel lets a socket bind these, but nothing leaves from them: it picks the
         # source itself, and logs and metrics would name an address never used.
         if ip.is_unspecified or ip.is_multicast or ip == _BROADCAST:

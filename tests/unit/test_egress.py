@@ -36,6 +36,12 @@ def test_parse_commas_whitespace_and_empty_items() -> None:
 
 def test_parse_brackets_and_normalisation() -> None:
     assert parse_addresses(["[2001:DB8:0:0::1]", "2001:db8::2"]) == ["2001:db8::1", "2001:db8::2"]
+    # An IPv4-mapped address was an IPv6 egress that reached IPv4 alone (a 502 for an
+    # IPv6 host, every second request to a dual-stack one): it is its IPv4.
+    assert parse_addresses(["::ffff:192.0.2.2", "192.0.2.2", "[::FFFF:c000:203]"]) == [
+        "192.0.2.2",
+        "192.0.2.3",
+    ]
 
 
 def test_parse_deduplicates_keeping_first_order() -> None:
