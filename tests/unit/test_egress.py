@@ -15,8 +15,8 @@ from demux_proxy.egress import (
     Egress,
     check_bindable,
     discover,
-    not_a_source,
     interface_of,
+    not_a_source,
     parse_addresses,
     resolve_egress,
 )
