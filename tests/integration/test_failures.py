@@ -733,6 +733,83 @@ def test_client_that_stops_reading_holds_proxy_memory_flat(
     assert "error" not in line["fields"], line
 
 
+class TinyChunksUpstream(RawServer):
+    """A chunked body in 1-byte chunks, sent as fast as it is taken: six bytes on the wire
+    for each byte of body, the framing a client can make the proxy pay for."""
+
+    CHUNKS = 2 * 1024 * 1024
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        if not read_head(sock):
+            return
+        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"1\r\nt\r\n" * 65536
+        for _ in range(self.CHUNKS // 65536):
+            sock.sendall(piece)
+        sock.sendall(b"0\r\n\r\n")
+
+
+def _dechunked(data: bytes) -> bytes | None:
+    """The body of a complete chunked `data`, or None while the last chunk is missing."""
+    body = bytearray()
+    at = 0
+    while (end := data.find(b"\r\n", at)) >= 0:
+        size = int(data[at:end].split(b";")[0], 16)
+        if size == 0:
+            return bytes(body)
+        if len(data) < end + 2 + size + 2:
+            return None
+        body += data[end + 2 : end + 2 + size]
+        assert data[end + 2 + size : end + 4 + size] == b"\r\n", "chunk without its CRLF"
+        at = end + 4 + size
+    return None
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_tiny_chunks_to_a_stalled_client_hold_proxy_memory_flat(
+    proxy: ProxyProcess, upstream: Upstream, scheme: str, version: str
+) -> None:
+    """A chunk of one byte per chunk line: the proxy re-frames what one read decoded as one
+    chunk (HTTP/1.1) or one write (HTTP/1.0, close-delimited), so a client that stops
+    reading holds one read's worth of bytes, not a Python object per chunk (it held
+    37 MB)."""
+    with plain_and_tls(TinyChunksUpstream, upstream.ca) as servers:
+        authority = f"127.0.0.1:{servers[scheme].port}"
+        path = f"/tiny?case={RUN}-tiny-{scheme}-{version}"
+        with contextlib.ExitStack() as stack:
+            sock, prefix = _client(stack, proxy, scheme, authority)
+            sock.sendall(f"GET {prefix}{path} HTTP/{version}\r\nHost: {authority}\r\n\r\n".encode())
+            got = read_head(sock)
+            assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+            before = _rss(proxy.proc.pid)
+            peak = before
+            for _ in range(15):  # the upstream sends its 12 MiB in well under a second
+                time.sleep(0.1)
+                peak = max(peak, _rss(proxy.proc.pid))
+            assert peak - before < 16 * 1024 * 1024, (
+                f"proxy memory grew {(peak - before) / 2**20:.1f} MiB for a stalled client"
+            )
+            head, _, rest = got.partition(b"\r\n\r\n")
+            data = bytearray(rest)
+            body = None
+            while body is None and (chunk := sock.recv(1 << 20)):
+                data += chunk
+                if version == "1.1" and data.endswith(b"0\r\n\r\n"):
+                    body = _dechunked(bytes(data))
+            if version == "1.0":
+                body = bytes(data)  # close-delimited: the end of the body is the close
+        if version == "1.1":
+            assert b"transfer-encoding: chunked" in head.lower(), head
+        else:
+            assert b"transfer-encoding" not in head.lower(), head
+        assert body == b"t" * TinyChunksUpstream.CHUNKS
+    line = _response_line(proxy, path)
+    assert line["fields"]["status_code"] == 200, line
+    assert line["fields"]["bytes"] == TinyChunksUpstream.CHUNKS, line
+    assert "error" not in line["fields"], line
+
+
 class FirehoseUpstream(RawServer):
     """Answers with a 1 GiB Content-Length body and sends it as fast as it is taken,
     until the proxy lets go (a raw server: resets are what this test causes)."""
