@@ -309,6 +309,27 @@ def test_chunked_decoder_rejects_malformed(data: bytes) -> None:
         _decode_all(d, data)
 
 
+def test_chunk_sizes_may_carry_leading_zeros() -> None:
+    """1*HEXDIG: "0000000000000000005" is five, however many zeros lead it."""
+    d = ChunkedDecoder(upstream=True)
+    assert _decode_all(d, b"%s5\r\nhello\r\n%s\r\n\r\n" % (b"0" * 20, b"0" * 20)) == b"hello"
+    assert d.done
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"%s\r\n" % (b"1" * (16 * 1024 + 1)), "chunk line too long"),
+        (b"0\r\nX-Big: %s\r\n" % (b"v" * (64 * 1024 + 1)), "trailer section too large"),
+        (b"0\r\n%s\r\n" % (b"X-Many: %s\r\n" % (b"v" * 1000) * 70), "trailer section too large"),
+    ],
+)
+def test_an_oversized_chunk_line_or_trailer_is_named(data: bytes, reason: str) -> None:
+    d = ChunkedDecoder(upstream=False)
+    with pytest.raises(ProtocolError, match=reason):
+        _decode_all(d, data)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.binary(min_size=1, max_size=300), max_size=8),

@@ -150,13 +150,15 @@ class ChunkedDecoder(BodyDecoder):
                     self._state = _DATA_END
                 return data
             if state == _SIZE:
-                line = self._line(buf, MAX_CHUNK_LINE)
+                line = self._line(buf, MAX_CHUNK_LINE, "chunk line too long")
                 if line is None:
                     return None
                 size, semicolon, _ = line.partition(b";")
                 if semicolon:  # BWS is allowed only before chunk extensions (7.1.1)
                     size = size.rstrip(b" \t")
-                if not size or len(size) > 16 or not _HEX.issuperset(size):
+                # Leading zeros say nothing (RFC 9112 7.1: 1*HEXDIG): 16 digits after them
+                # is the most a 64-bit size has.
+                if not size or not _HEX.issuperset(size) or len(size.lstrip(b"0")) > 16:
                     raise self._error("invalid chunk size")
                 self._remaining = int(size, 16)
                 self._state = _DATA if self._remaining else _TRAILER
@@ -168,7 +170,7 @@ class ChunkedDecoder(BodyDecoder):
                 del buf[:2]
                 self._state = _SIZE
             elif state == _TRAILER:
-                line = self._line(buf, MAX_TRAILER_BYTES)
+                line = self._line(buf, MAX_TRAILER_BYTES, "trailer section too large")
                 if line is None:
                     return None
                 if not line:
@@ -176,10 +178,11 @@ class ChunkedDecoder(BodyDecoder):
                     self.done = True
                     return None
                 self._trailer_bytes += len(line)
+                if self._trailer_bytes > MAX_TRAILER_BYTES:
+                    raise self._error("trailer section too large")
                 name, sep, value = line.partition(b":")
                 if (
                     not sep
-                    or self._trailer_bytes > MAX_TRAILER_BYTES
                     or _TOKEN.fullmatch(name) is None  # RFC 9110 5.1, as llhttp has it
                     or _CONTROL.search(value) is not None  # 5.5: no NUL, CR, LF, CTLs
                 ):
@@ -188,7 +191,7 @@ class ChunkedDecoder(BodyDecoder):
             else:
                 return None
 
-    def _line(self, buf: bytearray, limit: int) -> bytes | None:
+    def _line(self, buf: bytearray, limit: int, too_long: str) -> bytes | None:
         end = buf.find(b"\r\n", 0, limit + 2)
         if end < 0:
             if buf.find(b"\n", 0, limit + 2) >= 0:
@@ -196,7 +199,7 @@ class ChunkedDecoder(BodyDecoder):
                 # for a CRLF that a client reading LF as a line end will never send.
                 raise self._error("bare LF in chunked framing")
             if len(buf) > limit:
-                raise self._error("chunk line too long")
+                raise self._error(too_long)
             return None
         line = bytes(buf[:end])
         del buf[: end + 2]
