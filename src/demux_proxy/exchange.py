@@ -229,11 +229,17 @@ class Forwarder:
             kind = "client_lost"
             client.abort()
         except asyncio.CancelledError:
-            # Cut (the shutdown grace period ran out): a reset, not a clean close, so
-            # that a body cut short never looks complete (close-delimited, above all).
+            # Cut (the shutdown grace period ran out).
             error = "cut short: the proxy is stopping"
             kind = "cut"
-            client.abort()
+            if out.response_started:
+                # A reset, not a clean close, so that a body cut short never looks
+                # complete (close-delimited, above all).
+                client.abort()
+            else:  # nothing of the answer went: the client can be told why
+                out.status = 503
+                client.write(writer.plain_response(503, "the proxy is stopping", close=True))
+                client.close()
             raise
         except Exception as exc:
             # A bug of ours: the server logs it with its traceback and resets the client;

@@ -3,9 +3,11 @@ stops taking new clients and exits 0; SIGINT does the same when idle."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import signal
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ import websockets.exceptions
 import websockets.sync.client
 
 from tests.proxy_process import ProxyProcess, requests_session, running_proxy
+from tests.rawserver import RawServer, plain_and_tls, read_head
 from tests.upstream import Upstream, expected_sha256
 
 SLOW_BYTES = 1_000_000  # /slow sends it in 10 pieces
@@ -235,6 +238,55 @@ def test_a_download_cut_at_the_end_of_the_grace_period_is_reset_and_logged(
         line = p.wait_for_log("inbound response", lambda ln: "/slow/" in ln["fields"]["url"])
     assert line["level"] == "warning"
     assert "stopping" in line["fields"]["error"]
+
+
+class SilentUpstream(RawServer):
+    """Reads the request and never answers: the proxy waits for a head until it stops."""
+
+    def _respond(self, sock: socket.socket, raw: socket.socket) -> None:
+        if read_head(sock):
+            sock.settimeout(20)
+            sock.recv(1)  # until the proxy lets go
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_request_still_unanswered_at_the_end_of_the_grace_period_gets_a_503(
+    tmp_path: Path, upstream: Upstream, scheme: str
+) -> None:
+    """Nothing of the answer went yet, so nothing can look complete: the client is told
+    why (503, Connection: close, then a clean close) instead of getting a reset."""
+    with (
+        plain_and_tls(SilentUpstream, upstream.ca) as servers,
+        running_proxy(
+            tmp_path / "state", "--shutdown-grace", "1", upstream_ca=upstream.ca_pem_path
+        ) as p,
+        contextlib.ExitStack() as stack,
+    ):
+        raw = stack.enter_context(socket.create_connection(("127.0.0.1", p.port), timeout=20))
+        authority = f"127.0.0.1:{servers[scheme].port}"
+        if scheme == "http":
+            c, target = raw, f"http://{authority}/silent"
+        else:
+            raw.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            assert read_head(raw).startswith(b"HTTP/1.1 200 ")
+            ctx = ssl.create_default_context(cafile=str(p.ca_path))
+            c = stack.enter_context(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+            target = "/silent"
+        c.sendall(f"GET {target} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        p.wait_for_log("outbound request", lambda ln: "/silent" in ln["fields"]["url"])
+        p.proc.send_signal(signal.SIGTERM)
+        got = b""
+        while chunk := c.recv(65536):  # a reset raises here
+            got += chunk
+        assert p.proc.wait(timeout=15) == 0
+        line = p.wait_for_log("inbound response", lambda ln: "/silent" in ln["fields"]["url"])
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 "), got[:300]
+    assert b"\r\nconnection: close" in head.lower(), head
+    assert body == b"the proxy is stopping\n", body
+    assert line["fields"]["status_code"] == 503, line
+    assert line["level"] == "warning", line
+    assert line["fields"]["error"] == "cut short: the proxy is stopping", line
 
 
 def test_a_websocket_cut_at_the_end_of_the_grace_period_is_logged_as_cut(
