@@ -86,6 +86,7 @@ BACKLOG_BYTES: Final = 8 * 1024 * 1024
 # How long an exit waits for the reader to take the last lines.
 EXIT_WAIT_S: Final = 2.0
 # The sink is gone for good: no reader, no descriptor.
+_SLOW_READER: Final = "the log's reader did not keep up"
 _FATAL_ERRNOS: Final = frozenset({errno.EPIPE, errno.EBADF, errno.EINVAL, errno.ECONNRESET})
 
 
@@ -136,6 +137,8 @@ class _Sink:
         self._writer: threading.Thread | None = None
         self.dropped = 0  # lines dropped since the last notice
         self._drop_at = 0  # where in the queue the notice goes (a failed write: first)
+        self._drop_cause = _SLOW_READER  # why the first of them was dropped
+        self._carry = b""  # the rest of a line a failed write cut: it goes first
         self.broken = False
         self._failing = False  # said once on stderr, until a write succeeds again
         self.piece = 0  # > 0: write whole lines, at most this many bytes at once
@@ -159,6 +162,7 @@ class _Sink:
             if self._queued + len(data) > BACKLOG_BYTES:
                 if not self.dropped:  # the notice goes after what was queued before
                     self._drop_at = len(self._queue)
+                    self._drop_cause = _SLOW_READER
                 self.dropped += data.count(b"\n")
                 return
             self._queue.append(data)
@@ -195,11 +199,14 @@ class _Sink:
                 self._queued = 0
                 dropped, self.dropped = self.dropped, 0
                 at, self._drop_at = self._drop_at, 0
+                cause = self._drop_cause
                 self._busy = True
             try:
+                notice_at = -1  # where the notice starts in what is written
                 if dropped:  # in order: where the first line went missing
-                    batch[at:at] = [self._dropped_line(dropped)]
-                self._write(b"".join(batch))
+                    notice_at = sum(map(len, batch[:at]))
+                    batch[at:at] = [self._dropped_line(dropped, cause)]
+                self._write(b"".join(batch), notice_at, dropped)
             finally:
                 with self._cond:
                     self._busy = False
@@ -209,8 +216,8 @@ class _Sink:
             if self.broken:
                 return
 
-    def _dropped_line(self, dropped: int) -> bytes:
-        message = "log lines dropped: the log's reader did not keep up"
+    def _dropped_line(self, dropped: int, cause: str) -> bytes:
+        message = f"log lines dropped: {cause}"
         if not self._json:
             stamp = _Clock().stamp(time.time_ns())
             return f"{stamp} warning {message} dropped={dropped}\n".encode()
@@ -222,27 +229,53 @@ class _Sink:
         }
         return _dumps(record) + b"\n"
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, notice_at: int = -1, noticed: int = 0) -> None:
+        """Write `data`; the notice of `noticed` dropped lines starts at `notice_at`."""
+        carried = len(self._carry)
+        if carried:  # a line begun before a failure ends before anything else
+            data, self._carry = self._carry + data, b""
+            notice_at += carried if notice_at >= 0 else 0
+        done = 0  # of `data`, the bytes written
         for piece in self._pieces(data):
             while piece:
                 try:
-                    piece = piece[os.write(self.fd, piece) :]
+                    n = os.write(self.fd, piece)
                 except BlockingIOError:  # someone set O_NONBLOCK on the shared pipe
                     select.select([], [self.fd], [], 1.0)
+                    continue
                 except OSError as exc:
                     if exc.errno in _FATAL_ERRNOS:
                         self.broken = True  # stdout closed, its reader gone
                         _note(f"logging stopped: {exc}")
                         return
-                    # A full disk, an I/O error: this batch is lost, the next may pass.
-                    lost = data.count(b"\n")
-                    with self._cond:
-                        self.dropped += lost
-                    if not self._failing:
-                        self._failing = True
-                        _note(f"log write failed, lines dropped until it works again: {exc}")
+                    lost_from = self._failed(data, done, carried, exc)
+                    if notice_at >= 0 and lost_from <= notice_at:  # the notice is lost too:
+                        with self._cond:  # its count stands, not one line for it
+                            self.dropped += noticed - 1
                     return
+                piece = piece[n:]
+                done += n
         self._failing = False
+
+    def _failed(self, data: bytes, done: int, carried: int, exc: OSError) -> int:
+        """A full disk, an I/O error: the rest of this batch is lost, the next may pass;
+        where in `data` the lost lines start.
+
+        A line the kernel took part of is finished first thing next time: the file would
+        hold half of it glued to the next line otherwise, two lines that are not JSON.
+        """
+        rest = done
+        if done < carried or (done > 0 and data[done - 1 : done] != b"\n"):
+            rest = data.find(b"\n", done) + 1 or len(data)
+            self._carry = data[done:rest]
+        with self._cond:
+            if not self.dropped:
+                self._drop_cause = f"writing the log failed: {exc.strerror or exc}"
+            self.dropped += data.count(b"\n", rest)
+        if not self._failing:
+            self._failing = True
+            _note(f"log write failed, lines dropped until it works again: {exc}")
+        return rest
 
     def _pieces(self, data: bytes) -> list[bytes]:
         """`data` as one piece, or as whole lines of at most `piece` bytes each (a line

@@ -8,9 +8,12 @@ import asyncio
 import fcntl
 import multiprocessing
 import os
+import resource
 import select
+import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -267,6 +270,48 @@ def test_a_failed_write_drops_that_batch_only(capfd: pytest.CaptureFixture[str])
     err = capfd.readouterr().err
     assert err.count("log write failed") == 1, err  # said once, not per batch
     assert "No space left on device" in err
+
+
+def _log_past_a_file_size_limit(path: str, limit: int) -> None:
+    """In a child: log to `path` while the file may not grow past `limit` bytes (a full
+    disk, as the kernel says it: a short write, then EFBIG), then with room again."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not death by signal
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    events = log.EventLog(fd=fd)
+    for i in range(40):
+        events.emit(log.INFO, "before", {"i": i, "pad": "p" * 50}, in_order=True)
+    assert events.flush(2.0)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    events.info("after")
+    assert events.flush(2.0)
+    os._exit(0)
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_whole_lines(tmp_path: Path) -> None:
+    """The kernel took part of a line, then refused the rest: the file held that half
+    line glued to the next batch's first (neither was JSON), and the notice blamed the
+    reader. Now the cut line is finished first, and the notice names the write error."""
+    path = str(tmp_path / "log")
+    limit = 3000  # lines of about 130 bytes: the limit falls inside the 23rd or so
+    proc = multiprocessing.get_context("fork").Process(
+        target=_log_past_a_file_size_limit, args=(path, limit)
+    )
+    proc.start()
+    proc.join(10)
+    assert proc.exitcode == 0
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = [orjson.loads(line) for line in data.splitlines()]  # every one is JSON
+    befores = [line["fields"]["i"] for line in lines if line["message"] == "before"]
+    assert befores == list(range(len(befores))), befores
+    assert 0 < len(befores) < 40
+    notice, after = lines[len(befores) :]
+    assert notice["message"] == "log lines dropped: writing the log failed: File too large"
+    assert notice["fields"] == {"dropped": 40 - len(befores)}
+    assert after["message"] == "after"
+    assert sum(len(line) + 1 for line in data.splitlines()[: len(befores)]) > limit
 
 
 def test_a_reader_gone_stops_logging_with_one_word_on_stderr(
