@@ -71,7 +71,10 @@ class Route:
         self.tls_name = tls_name
         self.session = session
         self.pin = pin
-        self.url = f"{scheme}://{bracketed(host)}:{port}{target.decode('latin-1')}"
+        # The asterisk-form is the absolute form without a path (RFC 9112 3.2.4): the
+        # URL logged is that one, not "http://host:port*".
+        path = target.decode("latin-1") if target != b"*" else ""
+        self.url = f"{scheme}://{bracketed(host)}:{port}{path}"
 
 
 def bracketed(host: str) -> str:

@@ -1004,6 +1004,12 @@ def test_options_asterisk_form_both_ways(proxy: ProxyProcess, upstream: Upstream
             c.sendall(b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             assert read_head(c).startswith(b"HTTP/1.1 400 ")  # only OPTIONS has "*"
         assert tls.seen == ["OPTIONS * HTTP/1.1"]
+    # Logged as the absolute form without a path, not "http://host:port*".
+    for url in (f"http://127.0.0.1:{plain.port}", f"https://127.0.0.1:{tls.port}"):
+        line = proxy.wait_for_log(
+            "inbound response", lambda ln, url=url: ln["fields"]["url"] == url
+        )
+        assert line["fields"]["method"] == "OPTIONS", line
 
 
 def test_tunnel_targets_lose_their_fragment_and_keep_their_scheme(
