@@ -45,6 +45,15 @@ def _usable_cores() -> int:
         return max(1, min(256, os.cpu_count() or 1))
 
 
+def _listed(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
+    """A list option given with nothing in it (`--allow-dest ''`, `--allow-dest "$UNSET"`)
+    is an error: taken as not given, it would lift the restriction it was there to set
+    (every destination allowed) or silently mean something else (discovery for --egress)."""
+    if value and not any(v.replace(",", " ").split() for v in value):
+        raise click.BadParameter("empty: give at least one value, or leave the option out")
+    return value
+
+
 def env_name(name: str) -> str:
     return "DEMUX_PROXY_" + name.upper().replace("-", "_")
 
@@ -80,6 +89,7 @@ def egress_options(f: F) -> F:
         "--egress-interface",
         "egress_interfaces",
         multiple=True,
+        callback=_listed,
         metavar="NAME",
         envvar=_env("egress-interface"),
         show_envvar=True,
@@ -89,6 +99,7 @@ def egress_options(f: F) -> F:
         "--egress",
         "egress",
         multiple=True,
+        callback=_listed,
         envvar=_env("egress"),
         show_envvar=True,
         metavar="ADDR[,ADDR...]",
@@ -140,6 +151,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
     click.option(
         "--deny",
         multiple=True,
+        callback=_listed,
         envvar=_env("deny"),
         show_envvar=True,
         metavar="HOST|CIDR",
@@ -150,6 +162,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
         "--allow-dest",
         "allow_dest",
         multiple=True,
+        callback=_listed,
         envvar=_env("allow-dest"),
         show_envvar=True,
         metavar="HOST|CIDR",
@@ -179,6 +192,7 @@ START_OPTIONS: tuple[_Decorator, ...] = (
         "--allow-client",
         "allow_client",
         multiple=True,
+        callback=_listed,
         envvar=_env("allow-client"),
         show_envvar=True,
         metavar="CIDR",

@@ -196,6 +196,19 @@ def test_an_egress_address_nothing_leaves_from_is_exit_2() -> None:
         assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    "option", ["--egress", "--egress-interface", "--deny", "--allow-dest", "--allow-client"]
+)
+def test_a_list_option_given_empty_is_exit_2(option: str) -> None:
+    """`--allow-dest "$UNSET"` allowed every destination, `--egress ''` meant discovery:
+    an option given with nothing in it is refused, naming it, before anything starts."""
+    for command in ("start", "config"):
+        out = _run(command, option, " , ")
+        assert out.returncode == 2, (command, out.returncode, out.stdout, out.stderr)
+        assert f"Invalid value for '{option}': empty" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+
+
 def test_addresses_of_an_interface() -> None:
     out = _run("addresses", "--egress-interface", "lo")
     assert out.returncode == 0, out.stderr
