@@ -3,8 +3,9 @@
 Three parts, in three modules, so the judgement can be tested without a network:
 
 * `check_report.evaluate` (pure): per-address results in, a `Report` out: which
-  addresses failed, which share a public address with another, which leave by an
-  interface that does not own them, and the `ip rule` / `ip route` lines that fix those.
+  addresses failed, which could not be checked (the URL has no address of their family),
+  which share a public address with another, which leave by an interface that does not
+  own them, and the `ip rule` / `ip route` lines that fix those.
 * `check_probe.run_probes` (asyncio I/O): one HTTP/1.1 GET per egress address, on a
   socket bound to it; the response body (stripped) is the public address seen.
 * `check_routes.inspect_routes` (netlink through pyroute2): `ip route get DEST from SRC`
@@ -24,6 +25,7 @@ from demux_proxy.check_probe import Probe, Target, parse_target, probe, resolve_
 from demux_proxy.check_report import (
     DEFAULT_URL,
     FAILED,
+    NOT_CHECKED,
     SHARED,
     WRONG_ROUTE,
     AddressResult,
@@ -39,6 +41,7 @@ from demux_proxy.egress import Egress
 __all__ = [
     "DEFAULT_URL",
     "FAILED",
+    "NOT_CHECKED",
     "SHARED",
     "WRONG_ROUTE",
     "AddressResult",
@@ -99,6 +102,7 @@ def run_check(
                 latency_ms=p.latency_ms,
                 route_device=route.device,
                 route_note=route.note,
+                not_checked=p.not_checked,
             )
         )
     return evaluate(results, routes.interfaces, taken_tables=routes.taken_tables)

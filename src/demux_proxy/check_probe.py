@@ -17,7 +17,7 @@ from demux_proxy.errors import ConfigError, DemuxError, ProxyError
 from demux_proxy.http1.framing import response_decoder
 from demux_proxy.http1.parser import find_head_end, parse_response_head, response_has_body
 from demux_proxy.route import authority
-from demux_proxy.upstream import describe_connect_error
+from demux_proxy.upstream import FAMILY_NAME, NO_ADDRESS_ERRNOS, describe_connect_error
 
 MAX_BODY_BYTES = 4096  # a checkip answer is one address; anything larger is not one
 MAX_HEAD_BYTES = 64 * 1024
@@ -65,17 +65,63 @@ def parse_target(url: str) -> Target:
 
 
 def resolve_target(target: Target, families: Sequence[int]) -> dict[int, list[str] | str]:
-    """Addresses of the URL's host per address family, or why there are none (a string)."""
+    """Addresses of the URL's host per address family, or why there are none (a string).
+
+    An empty list: the host has no address of that family but has one of another (an IP
+    literal of the other family, a name with only A or only AAAA records), so addresses of
+    that family cannot be checked against it, which is not their fault. A name that
+    resolves in no family stays an error for every family.
+    """
+    wanted = list(dict.fromkeys(families))
+    literal = _literal(target.host)
+    if literal is not None:
+        family, address = literal
+        return {f: [address] if f == family else [] for f in wanted}
+    found: dict[int, list[str] | socket.gaierror] = {}
+
+    def lookup(family: int) -> list[str] | socket.gaierror:
+        if family not in found:
+            try:
+                infos = socket.getaddrinfo(target.host, target.port, family, socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                found[family] = exc
+            else:
+                found[family] = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        return found[family]
+
     out: dict[int, list[str] | str] = {}
-    for family in dict.fromkeys(families):
-        try:
-            infos = socket.getaddrinfo(target.host, target.port, family, socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            kind = "IPv6" if family == socket.AF_INET6 else "IPv4"
-            out[family] = f"cannot resolve {target.host} to an {kind} address: {exc.strerror}"
-            continue
-        out[family] = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for family in wanted:
+        got = lookup(family)
+        if isinstance(got, list):
+            out[family] = got
+        elif got.errno in NO_ADDRESS_ERRNOS and any(
+            isinstance(lookup(other), list) for other in FAMILY_NAME if other != family
+        ):
+            out[family] = []  # the name is fine: it has addresses, none of this family
+        else:
+            kind = FAMILY_NAME.get(family, "IPv4")
+            out[family] = f"cannot resolve {target.host} to an {kind} address: {got.strerror}"
     return out
+
+
+def _literal(host: str) -> tuple[int, str] | None:
+    """An IP literal's family and address; ::ffff:a.b.c.d is a.b.c.d, reached over IPv4."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return socket.AF_INET, str(ip.ipv4_mapped)
+    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), host
+
+
+def not_checked_reason(target: Target, family: int) -> str:
+    """Why an address of ``family`` is not probed when the URL's host has none of it."""
+    kind = FAMILY_NAME.get(family, "IPv4")
+    other = "IPv4" if family == socket.AF_INET6 else "IPv6"  # what resolve_target found
+    if _literal(target.host) is not None:
+        return f"the URL has no {kind} address ({target.host} is an {other} address)"
+    return f"the URL has no {kind} address ({target.host} has only {other} addresses)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +129,7 @@ class Probe:
     public: str | None = None
     error: str | None = None
     latency_ms: float | None = None
+    not_checked: str | None = None  # why it was not probed (not a failure)
 
 
 class _ProbeError(DemuxError):
@@ -184,6 +231,8 @@ async def probe(
     """One GET from ``egress``; the stripped body is the public address seen."""
     if isinstance(addresses, str):
         return Probe(error=addresses)
+    if not addresses:
+        return Probe(not_checked=not_checked_reason(target, egress.family))
     started = time.perf_counter()
     writer: asyncio.StreamWriter | None = None
     try:

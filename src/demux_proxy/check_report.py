@@ -15,6 +15,8 @@ DEFAULT_URL = "https://checkip.amazonaws.com"
 FAILED = "failed"  # the request did not produce a public address: the address is unusable
 SHARED = "shared"  # another egress address showed the same public address: it adds nothing
 WRONG_ROUTE = "wrong-route"  # the kernel sends it out of another interface: unusable on a VPC
+# Not probed: the URL's host has no address of its family. Not a failure, but not a pass.
+NOT_CHECKED = "not-checked"
 
 # Tables 100 + n for the n-th interface, as cloud-init numbers them on EC2 (100 + NIC index).
 TABLE_BASE = 100
@@ -36,6 +38,7 @@ class AddressResult:
     latency_ms: float | None = None  # connect to end of response
     route_device: str | None = None  # interface the kernel routes it out of; None: not checked
     route_note: str | None = None  # why the route was not checked
+    not_checked: str | None = None  # why it was not probed at all (not its fault)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +66,14 @@ class Row:
 
     @property
     def usable(self) -> bool:
-        """Failed and wrong-route addresses are unusable; a shared one works, adding nothing."""
-        return FAILED not in self.flags and WRONG_ROUTE not in self.flags
+        """Failed and wrong-route addresses are unusable; a shared one works, adding nothing.
+
+        A not-checked one is not known to be usable: False here, null in the JSON."""
+        return not any(flag in self.flags for flag in (FAILED, WRONG_ROUTE, NOT_CHECKED))
+
+    @property
+    def checked(self) -> bool:
+        return NOT_CHECKED not in self.flags
 
     @property
     def status(self) -> str:
@@ -72,6 +81,8 @@ class Row:
             return "ok"
         parts = []
         r = self.result
+        if NOT_CHECKED in self.flags:
+            parts.append(f"NOT CHECKED: {r.not_checked}")
         if FAILED in self.flags:
             parts.append(f"FAILED: {r.error or 'no public address'}")
         if SHARED in self.flags:
@@ -89,8 +100,18 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """Whether every address is usable (the exit status of `check`)."""
-        return all(row.usable for row in self.rows)
+        """Whether every address checked is usable, and one was (the exit status of `check`).
+
+        Addresses the URL has no address for (IPv6 ones, for an IPv4 URL) count neither way;
+        when that is all of them, nothing was shown to work: not ok.
+        """
+        checked = [row for row in self.rows if row.checked]
+        return all(row.usable for row in checked) and (bool(checked) or not self.rows)
+
+    @property
+    def nothing_checked(self) -> bool:
+        """Every address was left unchecked: the URL has no address of any of their families."""
+        return bool(self.rows) and not any(row.checked for row in self.rows)
 
     def count(self, flag: str) -> int:
         return sum(flag in row.flags for row in self.rows)
@@ -104,6 +125,7 @@ class Report:
             "failed": self.count(FAILED),
             "shared": self.count(SHARED),
             "wrong_route": self.count(WRONG_ROUTE),
+            "not_checked": self.count(NOT_CHECKED),
             "distinct_public_addresses": len(publics),
         }
 
@@ -120,13 +142,14 @@ class Report:
                     "latency_ms": (
                         None if row.result.latency_ms is None else round(row.result.latency_ms, 1)
                     ),
-                    "usable": row.usable,
+                    "usable": row.usable if row.checked else None,
                     "flags": list(row.flags),
                     "status": row.status,
                     "error": row.result.error,
                     "shared_with": list(row.shared_with),
                     "route_device": row.result.route_device,
                     "route_note": row.result.route_note,
+                    "not_checked": row.result.not_checked,
                 }
                 for row in self.rows
             ],
@@ -145,7 +168,9 @@ def evaluate(
 
     * failed: no public address came back (an error, or none recorded);
     * shared: its public address was also seen from another egress address;
-    * wrong-route: the kernel routes it out of an interface other than the one owning it.
+    * wrong-route: the kernel routes it out of an interface other than the one owning it;
+    * not-checked: not probed, as the URL's host has no address of its family (the only flag
+      such an address gets, whatever else is recorded).
 
     Each misrouted address gets ``ip rule add from ADDR lookup TABLE``; each interface with a
     misrouted address gets one ``ip route add default via GATEWAY dev IFACE table TABLE``,
@@ -157,13 +182,16 @@ def evaluate(
     interfaces = interfaces or {}
     by_public: dict[str, list[str]] = {}
     for r in results:
-        if r.public is not None and r.error is None:
+        if r.public is not None and r.error is None and r.not_checked is None:
             by_public.setdefault(r.public, []).append(r.egress.address)
 
     rows = []
     for r in results:
         flags = []
         shared: tuple[str, ...] = ()
+        if r.not_checked is not None:
+            rows.append(Row(r, (NOT_CHECKED,)))
+            continue
         if r.public is None or r.error is not None:
             flags.append(FAILED)
         else:
@@ -308,6 +336,8 @@ def render_text(report: Report, url: str) -> str:
         parts.append(f"{s['wrong_route']} with a wrong route")
     if s["shared"]:
         parts.append(f"{s['shared']} sharing a public address")
+    if s["not_checked"]:
+        parts.append(f"{s['not_checked']} not checked")
     out.append("")
     out.append(
         f"{s['addresses']} address(es) checked against {url}: {', '.join(parts)}; "

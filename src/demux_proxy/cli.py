@@ -500,7 +500,9 @@ def check(
     latency, and flags: FAILED (no answer: unusable), SHARED (another address shows the same
     public address, so it adds nothing), WRONG ROUTE (the kernel sends it out of an interface
     that does not own it: unusable on a cloud network; the `ip rule`/`ip route` lines that fix
-    it are printed). Exit status 1 when any address is unusable, 2 on a usage error.
+    it are printed), NOT CHECKED (the URL's host has no address of its family, e.g. an IPv6
+    address and an IPv4 URL: not a failure). Exit status 1 when any address is unusable or
+    none could be checked, 2 on a usage error.
     """
     import orjson
 
@@ -536,6 +538,12 @@ def check(
         click.echo(orjson.dumps(report.to_json(target.url), option=orjson.OPT_INDENT_2).decode())
     else:
         click.echo(render_text(report, target.url), nl=False)
+    if report.nothing_checked:
+        reasons = dict.fromkeys(row.result.not_checked for row in report.rows)
+        click.echo(
+            f"demux-proxy: error: no address could be checked: {'; '.join(map(str, reasons))}",
+            err=True,
+        )
     sys.exit(0 if report.ok else 1)
 
 

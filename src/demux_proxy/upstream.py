@@ -40,7 +40,7 @@ from demux_proxy.stream import Stream
 _IP_BIND_ADDRESS_NO_PORT: Final = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _ids: Final = count(1)
 # getaddrinfo's "no address (of this family)": the name is fine, the answer is empty.
-_NO_ADDRESS_ERRNOS: Final = frozenset(
+NO_ADDRESS_ERRNOS: Final = frozenset(
     {
         socket.EAI_NONAME,
         getattr(socket, "EAI_NODATA", -5),
@@ -166,7 +166,7 @@ class Resolver:
         except TimeoutError:
             raise UpstreamTimeout(f"resolving {host} took over {self._timeout:g} s") from None
         except socket.gaierror as exc:
-            if exc.errno in _NO_ADDRESS_ERRNOS:  # e.g. "2130706433" asked for IPv6
+            if exc.errno in NO_ADDRESS_ERRNOS:  # e.g. "2130706433" asked for IPv6
                 addrs: list[str] = []
                 if exc.errno == socket.EAI_NONAME:
                     self._unknown.add((host, family))

@@ -257,6 +257,71 @@ def test_concurrency_one_checks_every_address() -> None:
     assert [row["public_address"] for row in doc["addresses"]] == addresses
 
 
+def _ipv6_loopback_available() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(
+    not _ipv6_loopback_available(), reason="::1 cannot be bound here (no IPv6 on loopback)"
+)
+NO_IPV6 = "the URL has no IPv6 address (127.0.0.1 is an IPv4 address)"
+
+
+@needs_ipv6
+def test_an_ipv6_address_and_an_ipv4_url_is_not_checked_not_failed() -> None:
+    """::1 cannot reach 127.0.0.1: it used to be FAILED ("cannot resolve 127.0.0.1 to an
+    IPv6 address") and the exit status 1, though nothing is wrong with it."""
+    with checkip_server() as server:
+        proc = run_check("--url", url_of(server), "--egress", "127.0.0.2,::1", "--json")
+        text = run_check("--url", url_of(server), "--egress", "127.0.0.2,::1")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is True
+    rows = by_address(doc)
+    assert rows["127.0.0.2"]["flags"] == [] and rows["127.0.0.2"]["status"] == "ok"
+    assert rows["127.0.0.2"]["public_address"] == "127.0.0.2"
+    skipped = rows["::1"]
+    assert skipped["flags"] == ["not-checked"]
+    assert skipped["status"] == f"NOT CHECKED: {NO_IPV6}"
+    assert skipped["not_checked"] == NO_IPV6
+    assert skipped["error"] is None and skipped["usable"] is None
+    assert doc["summary"]["failed"] == 0 and doc["summary"]["not_checked"] == 1
+    assert server.seen == ["127.0.0.2", "127.0.0.2"]  # ::1 was never sent (nor in text mode)
+
+    assert text.returncode == 0, text.stderr
+    lines = {line.split()[1]: line for line in text.stdout.splitlines()[1:3]}
+    assert lines["127.0.0.2"].endswith("  ok")
+    assert lines["::1"].endswith(f"  NOT CHECKED: {NO_IPV6}")
+    assert "FAILED" not in text.stdout
+    assert "2 address(es) checked" in text.stdout and "1 ok, 1 not checked;" in text.stdout
+
+
+@needs_ipv6
+def test_nothing_to_check_is_not_success() -> None:
+    """Only IPv6 egress and an IPv4 URL: no address shown to work, so exit status 1, with
+    a message saying why (and no failure reported)."""
+    with checkip_server() as server:
+        proc = run_check("--url", url_of(server), "--egress", "::1", "--json")
+        text = run_check("--url", url_of(server), "--egress", "::1")
+    assert server.seen == []
+    assert proc.returncode == 1
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] is False
+    assert doc["summary"]["failed"] == 0 and doc["summary"]["not_checked"] == 1
+    assert doc["addresses"][0]["flags"] == ["not-checked"]
+    for run in (proc, text):
+        assert f"demux-proxy: error: no address could be checked: {NO_IPV6}" in run.stderr
+    assert text.returncode == 1
+    assert f"NOT CHECKED: {NO_IPV6}" in text.stdout
+
+
 @pytest.fixture(scope="module")
 def tls_ca() -> trustme.CA:
     return trustme.CA()

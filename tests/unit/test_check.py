@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from demux_proxy.check import (
     FAILED,
+    NOT_CHECKED,
     SHARED,
     WRONG_ROUTE,
     AddressResult,
@@ -15,7 +19,9 @@ from demux_proxy.check import (
     evaluate,
     parse_target,
     render_text,
+    resolve_target,
 )
+from demux_proxy.check_probe import probe
 from demux_proxy.egress import Egress
 from demux_proxy.errors import ConfigError
 
@@ -55,6 +61,7 @@ def test_all_good() -> None:
         "failed": 0,
         "shared": 0,
         "wrong_route": 0,
+        "not_checked": 0,
         "distinct_public_addresses": 2,
     }
 
@@ -280,6 +287,7 @@ def test_to_json() -> None:
         "shared_with": ["10.0.0.11"],
         "route_device": "eth0",
         "route_note": None,
+        "not_checked": None,
     }
     assert doc["fix"] == [] and doc["notes"] == []
 
@@ -307,3 +315,125 @@ def test_parse_target(
 def test_parse_target_rejects(url: str) -> None:
     with pytest.raises(ConfigError):
         parse_target(url)
+
+
+# ---------------------------------------------------------------------------------------------
+# Addresses of a family the URL's host has no address of: not checked, not failed.
+
+NO_V6 = "the URL has no IPv6 address (127.0.0.1 is an IPv4 address)"
+
+
+def test_not_checked_is_neither_ok_nor_failed() -> None:
+    report = evaluate(
+        [
+            ok("127.0.0.2", "lo", "127.0.0.2"),
+            AddressResult(eg("::1", "lo"), not_checked=NO_V6),
+        ]
+    )
+    good, skipped = report.rows
+    assert good.flags == () and good.status == "ok"
+    assert skipped.flags == (NOT_CHECKED,)
+    assert skipped.status == f"NOT CHECKED: {NO_V6}"
+    assert not skipped.usable and not skipped.checked
+    assert report.ok  # the one address checked works: exit status 0
+    assert not report.nothing_checked
+    summary = report.summary()
+    assert (summary["ok"], summary["failed"], summary["not_checked"]) == (1, 0, 1)
+    row = report.to_json("http://127.0.0.1:1/")["addresses"][1]
+    assert row["flags"] == ["not-checked"]
+    assert row["usable"] is None  # not known either way
+    assert row["error"] is None
+    assert row["not_checked"] == NO_V6
+    text = render_text(report, "http://127.0.0.1:1/")
+    lines = text.splitlines()
+    assert lines[1].endswith("  ok")
+    assert lines[2].split()[:4] == ["lo", "::1", "-", "-"]
+    assert lines[2].endswith(f"  NOT CHECKED: {NO_V6}")
+    assert "2 address(es) checked against http://127.0.0.1:1/: 1 ok, 1 not checked; " in text
+
+
+def test_not_checked_does_not_hide_a_failure() -> None:
+    report = evaluate(
+        [
+            AddressResult(eg("127.0.0.2", "lo"), error="connection refused by 127.0.0.1:1"),
+            AddressResult(eg("::1", "lo"), not_checked=NO_V6),
+        ]
+    )
+    assert [row.flags for row in report.rows] == [(FAILED,), (NOT_CHECKED,)]
+    assert not report.ok
+    assert not report.nothing_checked
+
+
+def test_nothing_checked_is_not_ok() -> None:
+    report = evaluate([AddressResult(eg("::1", "lo"), not_checked=NO_V6)])
+    assert report.nothing_checked
+    assert not report.ok
+    assert report.summary()["failed"] == 0
+    assert report.to_json("http://127.0.0.1:1/")["ok"] is False
+
+
+def _fake_getaddrinfo(
+    answers: dict[int, list[str] | int],
+) -> Callable[..., list[tuple[Any, ...]]]:
+    def getaddrinfo(host: str, port: int, family: int, kind: int) -> list[tuple[Any, ...]]:
+        answer = answers[family]
+        if isinstance(answer, int):
+            raise socket.gaierror(answer, f"error {answer}")
+        return [(family, kind, 6, "", (a, port)) for a in answer]
+
+    return getaddrinfo
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://127.0.0.1:8080/", {V4: ["127.0.0.1"], V6: []}),
+        ("http://[::1]:8080/", {V4: [], V6: ["::1"]}),
+        ("http://[::ffff:127.0.0.1]:8080/", {V4: ["127.0.0.1"], V6: []}),  # reached over IPv4
+    ],
+)
+def test_resolve_an_ip_literal(url: str, expected: dict[int, list[str]]) -> None:
+    assert resolve_target(parse_target(url), [V4, V6]) == expected
+
+
+@pytest.mark.parametrize("code", [socket.EAI_NONAME, socket.EAI_NODATA])
+def test_a_name_with_ipv4_only_has_no_ipv6_to_check(
+    monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", _fake_getaddrinfo({V4: ["192.0.2.7"], V6: code}))
+    target = parse_target("http://v4only.test/")
+    assert resolve_target(target, [V4, V6]) == {V4: ["192.0.2.7"], V6: []}
+    # With IPv6 egress alone, the IPv4 lookup still tells "no AAAA" from "no such name".
+    assert resolve_target(target, [V6]) == {V6: []}
+    assert probe_now(eg("::1", "lo"), target, []).not_checked == (
+        "the URL has no IPv6 address (v4only.test has only IPv4 addresses)"
+    )
+
+
+def test_an_unknown_name_still_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    no = socket.EAI_NONAME
+    monkeypatch.setattr(socket, "getaddrinfo", _fake_getaddrinfo({V4: no, V6: no}))
+    out = resolve_target(parse_target("http://nowhere.test/"), [V4, V6])
+    assert out == {
+        V4: f"cannot resolve nowhere.test to an IPv4 address: error {no}",
+        V6: f"cannot resolve nowhere.test to an IPv6 address: error {no}",
+    }
+
+
+def test_a_failed_lookup_is_not_a_missing_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    again = socket.EAI_AGAIN  # a resolver that did not answer: the AAAA may well exist
+    monkeypatch.setattr(socket, "getaddrinfo", _fake_getaddrinfo({V4: ["192.0.2.7"], V6: again}))
+    out = resolve_target(parse_target("http://flaky.test/"), [V4, V6])
+    assert out[V4] == ["192.0.2.7"]
+    assert out[V6] == f"cannot resolve flaky.test to an IPv6 address: error {again}"
+
+
+def probe_now(egress: Egress, target: Any, addresses: list[str] | str) -> Any:
+    return asyncio.run(probe(egress, target, addresses, None, 1.0))
+
+
+def test_probe_without_addresses_of_its_family_is_not_checked() -> None:
+    target = parse_target("http://127.0.0.1:1/")
+    result = probe_now(eg("::1", "lo"), target, [])
+    assert result.not_checked == NO_V6
+    assert result.error is None and result.public is None
