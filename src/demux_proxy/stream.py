@@ -138,7 +138,10 @@ class Stream(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if peer:
-            self.peer = (peer[0], peer[1])
+            host = peer[0]
+            if host.startswith("::ffff:") and "." in host:
+                host = host[7:]  # an IPv4 client of a [::] listener is known by its IPv4
+            self.peer = (host, peer[1])
         if self._on_connect is not None:
             self._on_connect(self)
 

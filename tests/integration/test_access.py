@@ -183,6 +183,29 @@ def test_a_client_that_reads_no_answers_stops_being_read(
     assert grown < 32 << 20, grown
 
 
+def test_an_ipv4_client_of_a_dual_stack_listener_is_known_by_its_ipv4(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """On [::], an IPv4 client's peer address is ::ffff:127.0.0.1: the log's `client`
+    said so, beside the 127.0.0.1 of the same client on a 127.0.0.1 listener."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python: no [::] listener")
+    with running_proxy(
+        tmp_path / "state",
+        "--listen",
+        "[::]:0",
+        "--allow-client",
+        "127.0.0.0/8",
+        "--workers",
+        "1",
+        upstream_ca=upstream.ca_pem_path,
+    ) as p:
+        url = upstream.http_url("/ip?dual-stack-client")
+        assert _get(p, url).status_code == 200
+        line = p.wait_for_log("inbound response", lambda ln: ln["fields"]["url"] == url)
+    assert line["fields"]["client"] == "127.0.0.1", line
+
+
 def test_allow_client_outside_the_networks_is_closed(tmp_path: Path, upstream: Upstream) -> None:
     with running_proxy(
         tmp_path / "state", "--allow-client", "10.0.0.0/8", upstream_ca=upstream.ca_pem_path
