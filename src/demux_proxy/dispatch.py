@@ -184,9 +184,9 @@ class Dispatcher:
         """(An egress with budget for the host, ms queued), after `acquire_now` found none:
         in the host's FIFO queue until one has.
 
-        A client that closed its connection meanwhile (a crawler's own timeout) gives up
-        its place when its turn comes (PeerGone): the budget goes to the next request
-        instead of to an answer nobody reads."""
+        A client that closes its connection meanwhile (a crawler's own timeout) gives up
+        its place at once (PeerGone): the budget goes to the next request instead of to
+        an answer nobody reads."""
         scheduler, host = self.scheduler, route.host
         loop = self._clock()
         key = (host, route.port, only)
@@ -199,28 +199,31 @@ class Dispatcher:
         label = rule.pattern if rule is not None else "cooldown"
         self._metrics.queued(label, 1)
         try:
-            async with asyncio.timeout(self._config.queue_timeout_s), queue.lock:
-                while True:
-                    if client.eof:
-                        raise PeerGone(
-                            "client connection lost: it closed while its request waited in "
-                            "the queue"
+            if client.gone:
+                raise _left_the_queue()
+            async with asyncio.timeout(self._config.queue_timeout_s) as limit:
+                # A client gone ends its wait then, also behind others (waiting for the
+                # lock), rather than at the queue timeout with a 503 logged for nobody.
+                client.on_end = lambda: limit.reschedule(loop.time())
+                async with queue.lock:
+                    while True:
+                        got = scheduler.acquire(
+                            host,
+                            _budget_now(),
+                            exclude=exclude,
+                            only=only,
+                            family=family,
+                            port=route.port,
                         )
-                    got = scheduler.acquire(
-                        host,
-                        _budget_now(),
-                        exclude=exclude,
-                        only=only,
-                        family=family,
-                        port=route.port,
-                    )
-                    if isinstance(got, Egress):
-                        return got, round((loop.time() - queued) * 1000, 1)
-                    if got is None:
-                        raise NoEgressLeft(f"no egress address left to try for {host}")
-                    queue.ready_at = loop.time() + got
-                    await asyncio.sleep(got)
+                        if isinstance(got, Egress):
+                            return got, round((loop.time() - queued) * 1000, 1)
+                        if got is None:
+                            raise NoEgressLeft(f"no egress address left to try for {host}")
+                        queue.ready_at = loop.time() + got
+                        await asyncio.sleep(got)
         except TimeoutError:
+            if client.gone:  # on_end cut the wait short
+                raise _left_the_queue() from None
             # What is left of the head's wait, also for those that never reached the head.
             raise Unavailable(
                 f"no egress address may send to {host} within "
@@ -228,6 +231,7 @@ class Dispatcher:
                 retry_after_s=max(1, math.ceil(queue.ready_at - loop.time())),
             ) from None
         finally:
+            client.on_end = None
             self._metrics.queued(label, -1)
             queue.waiting -= 1
             if not queue.waiting:  # the last one out takes the queue away
@@ -297,3 +301,7 @@ class Dispatcher:
         return bool(others) and not self.scheduler.cooldowns.soonest(
             others, route.host, now, route.port
         )
+
+
+def _left_the_queue() -> PeerGone:
+    return PeerGone("client connection lost: it closed while its request waited in the queue")

@@ -121,6 +121,9 @@ class Stream(asyncio.Protocol):
         self._source: Stream | None = None
         # While an upstream wait serves this (client) stream: its loss ends that wait.
         self.watcher: Stream | None = None
+        # Called once when the peer closes or is lost, for a wait that reads nothing from
+        # it (a request queued for budget): the wait learns of it then, not at its end.
+        self.on_end: Callable[[], None] | None = None
         self._peer_lost: PeerGone | None = None
 
     # --- asyncio.Protocol callbacks -------------------------------------------------
@@ -199,9 +202,17 @@ class Stream(asyncio.Protocol):
 
     # --- reading --------------------------------------------------------------------
 
+    @property
+    def gone(self) -> bool:
+        """The peer closed its side or was lost (its `on_end` was called or is due)."""
+        return self.eof or self._peer_lost is not None
+
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+        if self.on_end is not None and self.gone:
+            on_end, self.on_end = self.on_end, None
+            on_end()
 
     async def fill(self, timeout: float | None = None, have: int = -1) -> bool:
         """Wait until `buffer` holds more than `have` bytes (by default, as many as it holds

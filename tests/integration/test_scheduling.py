@@ -259,6 +259,40 @@ def test_a_client_gone_while_queued_gives_up_its_place(
     assert limited.ok["127.0.0.2"] == 2  # the first request and the last: not the quitter's
 
 
+def test_a_client_gone_behind_another_in_the_queue_is_let_go_at_once(
+    tmp_path: Path, limited: Limited
+) -> None:
+    """Behind the head of the queue (waiting for its turn, not for budget) a client that
+    closed was noticed only at --queue-timeout, and logged as a 503 nobody got."""
+    limited.rate = 1000.0
+    url = f"http://127.0.0.1:{limited.port}/item"
+    with running_proxy(
+        tmp_path / "state",
+        "--workers", "1",
+        "--host-rate", "127.0.0.1=1/min",  # after the first, a token a minute
+        "--queue-timeout", "20",
+        egress=["127.0.0.2"],
+    ) as p:  # fmt: skip
+        assert _get(p, url).status_code == 200
+        with contextlib.ExitStack() as stack:
+            for who in ("head", "behind"):
+                c = stack.enter_context(socket.create_connection(("127.0.0.1", p.port), 10))
+                c.sendall(f"GET {url}?{who} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                time.sleep(0.3)  # in this order in the queue
+            c.close()  # the one behind
+            closed = time.monotonic()
+            lost = p.wait_for_log(
+                "inbound response", lambda line: "behind" in line["fields"]["url"], timeout=5
+            )
+            waited = time.monotonic() - closed
+    assert lost["fields"]["error"] == (
+        "client connection lost: it closed while its request waited in the queue"
+    ), lost
+    assert lost["fields"]["status_code"] == 0, lost
+    assert waited < 5, waited  # not the 20 s of --queue-timeout
+    assert limited.ok["127.0.0.2"] == 1
+
+
 def test_a_request_waiting_for_its_own_address_holds_up_no_other(
     tmp_path: Path, limited: Limited
 ) -> None:
