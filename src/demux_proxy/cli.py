@@ -21,7 +21,7 @@ import click
 from click.core import ParameterSource
 
 from demux_proxy import __version__, config_file
-from demux_proxy.config import Config, default_state_dir, parse_listen
+from demux_proxy.config import Config, default_state_dir, env_note, parse_listen
 from demux_proxy.egress import parse_addresses, resolve_egress
 from demux_proxy.errors import ConfigError
 from demux_proxy.options import (
@@ -29,6 +29,7 @@ from demux_proxy.options import (
     Seconds,
     ca_cert_option,
     egress_options,
+    env_sources,
     insecure_upstream_option,
     state_dir_option,
     upstream_ca_option,
@@ -295,6 +296,7 @@ def start(
             retries=retries,
             shutdown_grace_s=shutdown_grace,
             workers=workers,
+            env_sources=env_sources(click.get_current_context()),
         )
         serve_fresh(config)
     except ConfigError as exc:
@@ -601,5 +603,7 @@ def _split(values: tuple[str, ...]) -> list[str]:
 
 
 def _fail(exc: ConfigError, status: int = 2) -> Any:
-    click.echo(f"demux-proxy: error: {exc}", err=True)
+    ctx = click.get_current_context(silent=True)
+    message = env_note(str(exc), env_sources(ctx)) if ctx is not None else str(exc)
+    click.echo(f"demux-proxy: error: {message}", err=True)
     sys.exit(status)

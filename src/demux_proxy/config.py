@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from demux_proxy.errors import ConfigError
 from demux_proxy.http1.parser import DEFAULT_MAX_HEAD_BYTES
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+EnvSource = tuple[str, str, tuple[str, ...]]  # (--option, its variable, values it gave)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,21 @@ class Config:
     retries: int = 2
     # --admin HOST:PORT: /metrics, /status, /status.json, /healthz; None when off.
     admin: tuple[str, int] | None = None
+    # The options the environment set (options.env_sources): errors at start name them.
+    env_sources: tuple[EnvSource, ...] = ()
+
+
+def env_note(message: str, sources: Iterable[EnvSource]) -> str:
+    """`message`, naming the variable that set the option it is about when that came from
+    the environment, as click does for its own errors: a unit file or container sets it,
+    far from any command line. An option is about it when the message names it or quotes
+    one of its values ("not an IP address: '10.0.0.300'")."""
+    for option, variable, values in sources:
+        if re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", message) or any(
+            repr(value) in message for value in values
+        ):
+            return f"{message} (env var: {variable!r})"
+    return message
 
 
 def parse_listen(value: str, option: str = "--listen") -> tuple[str, int]:

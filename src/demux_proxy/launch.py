@@ -18,7 +18,7 @@ import pickle
 import sys
 from typing import Final, NoReturn
 
-from demux_proxy.config import Config
+from demux_proxy.config import Config, env_note
 from demux_proxy.errors import ConfigError, ServeError
 
 MODULE = "demux_proxy.launch"
@@ -85,6 +85,9 @@ def _run(config: Config) -> None:
     except ServeError as exc:  # in both ways of serving: the fresh interpreter and here
         print(f"demux-proxy: error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except ConfigError as exc:
+        print(f"demux-proxy: error: {env_note(str(exc), config.env_sources)}", file=sys.stderr)
+        sys.exit(exc.exit_status)
 
 
 def _read_config(fd: int) -> Config:

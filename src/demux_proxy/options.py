@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
-from demux_proxy.config import DEFAULT_LISTEN
+from demux_proxy.config import DEFAULT_LISTEN, EnvSource
 
 _Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -52,6 +53,27 @@ def _listed(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
     if value and not any(v.replace(",", " ").split() for v in value):
         raise click.BadParameter("empty: give at least one value, or leave the option out")
     return value
+
+
+def env_sources(ctx: click.Context) -> tuple[EnvSource, ...]:
+    """The options of `ctx` that the environment set; no values of secret ones."""
+    found: list[EnvSource] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        if ctx.get_parameter_source(param.name) is not ParameterSource.ENVIRONMENT:
+            continue
+        value = ctx.params.get(param.name)
+        texts = [str(v) for v in (value if isinstance(value, tuple) else (value,))]
+        values = (
+            ()
+            if param.name == "auth"
+            else tuple(
+                dict.fromkeys(t for text in texts for t in (text, *text.replace(",", " ").split()))
+            )
+        )
+        found.append((param.opts[0], str(param.envvar), values))
+    return tuple(found)
 
 
 def env_name(name: str) -> str:

@@ -209,6 +209,36 @@ def test_a_list_option_given_empty_is_exit_2(option: str) -> None:
         assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("DEMUX_PROXY_LISTEN", "bad:x", "--listen wants HOST:PORT"),
+        ("DEMUX_PROXY_EGRESS", "127.0.0.2,10.0.0.300", "not an IP address: '10.0.0.300'"),
+        ("DEMUX_PROXY_EGRESS_INTERFACE", "nosuchif0", "no such interface: 'nosuchif0'"),
+        # Found by the serving process, after the exec: the Config carries the sources.
+        ("DEMUX_PROXY_UPSTREAM_CA", "/nonexistent/ca.pem", "cannot load --upstream-ca"),
+    ],
+)
+def test_an_error_at_start_names_the_variable_that_set_the_option(
+    tmp_path: Path, variable: str, value: str, said: str
+) -> None:
+    """A systemd unit or a container sets options in the environment: the error said
+    what was wrong but not where it was set (click's own errors do)."""
+    args = ["start", "--state-dir", str(tmp_path / "state")]
+    if variable != "DEMUX_PROXY_LISTEN":
+        args += ["--listen", "127.0.0.1:0"]
+    if variable != "DEMUX_PROXY_EGRESS" and variable != "DEMUX_PROXY_EGRESS_INTERFACE":
+        args += ["--egress", "127.0.0.2"]
+    out = _run(*args, env=_env(**{variable: value}))
+    assert out.returncode in (2, 75), (out.returncode, out.stderr)  # 75: it may appear yet
+    (line,) = out.stderr.strip().splitlines()
+    assert said in line and line.endswith(f"(env var: '{variable}')"), line
+    # The same mistake on the command line says nothing of the environment.
+    option = "--" + variable.removeprefix("DEMUX_PROXY_").lower().replace("_", "-")
+    out = _run(*args, option, value, env=_env())
+    assert out.returncode in (2, 75) and "env var" not in out.stderr, out.stderr
+
+
 def test_addresses_of_an_interface() -> None:
     out = _run("addresses", "--egress-interface", "lo")
     assert out.returncode == 0, out.stderr
