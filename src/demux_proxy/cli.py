@@ -8,6 +8,7 @@ from the flag, else the environment, else the file, else the option's default.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TextIO, TypeVar, cast
 
 import click
 from click.core import ParameterSource
@@ -152,6 +153,19 @@ class _Group(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         _standard_streams()
+        stdout = _Stdout(sys.stdout)
+        sys.stdout = cast(TextIO, stdout)
+        try:
+            try:
+                self._main(*args, **kwargs)
+            finally:
+                stdout.flush()  # what is still buffered fails here, not at interpreter exit
+        except OSError as exc:
+            if exc is not stdout.error:  # a bug, not a full disk: its traceback is wanted
+                raise
+            _stdout_failed(exc, stdout.fileno())
+
+    def _main(self, *args: Any, **kwargs: Any) -> NoReturn:
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)
@@ -178,6 +192,47 @@ class _Group(click.Group):
 
 
 _HELP_ERRORS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _Stdout:
+    """sys.stdout, keeping the error its last failed write or flush raised: that error,
+    and no other OSError (a state dir, a socket), is told as "cannot write to standard
+    output"."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.error: OSError | None = None
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _stdout_failed(exc: OSError, fd: int) -> NoReturn:
+    """Exit 1 (as click does for EPIPE) on a failed write to stdout (a full disk: ENOSPC)."""
+    # What is still buffered would fail again when the interpreter flushes at exit, with
+    # an "Exception ignored" traceback and exit status 120: it goes to /dev/null instead.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    sys.stdout.flush()
+    if exc.errno != errno.EPIPE:  # a reader that went away needs no word (click's way)
+        reason = exc.strerror or exc
+        click.echo(f"demux-proxy: error: cannot write to standard output: {reason}", err=True)
+    sys.exit(1)
 
 
 def _name_the_source(exc: click.UsageError) -> None:

@@ -49,12 +49,14 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30, stdout: Any = None
 ) -> subprocess.CompletedProcess[str]:
+    """`stdout`: where the command's stdout goes instead of a pipe the result captures."""
     try:
         return subprocess.run(
             proxy_command(args),
-            capture_output=True,
+            stdout=subprocess.PIPE if stdout is None else stdout,
+            stderr=subprocess.PIPE,
             text=True,
             timeout=timeout,
             env=env if env is not None else _env(),
@@ -485,6 +487,64 @@ def test_a_usage_error_is_one_line_with_status_2(args: list[str]) -> None:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("demux-proxy: error: "), out.stderr
     assert f" {args[0]} --help)" in lines[0]  # the help of the command that was used
+
+
+# --------------------------------------------------------------------------- a failing stdout
+
+DEV_FULL = Path("/dev/full")
+
+# Every command that answers on stdout, with what it needs to get as far as writing.
+STDOUT_COMMANDS = [
+    ["--help"],
+    ["--version"],
+    ["config"],
+    ["config", "--json"],
+    ["config", "--help"],
+    ["addresses", "--egress", "127.0.0.7"],
+    ["ca", "export", "--state-dir", "{state}"],
+    ["ca", "path", "--state-dir", "{state}"],
+    # Whatever the verdict on the address (/ip is no checkip answer), the table is printed.
+    ["check", "--url", "{url}", "--egress", "127.0.0.2", "--timeout", "5"],
+]
+
+
+def _stdout_run(
+    command: list[str], tmp_path: Path, upstream: Upstream, stdout: Any
+) -> subprocess.CompletedProcess[str]:
+    url = upstream.http_url("/ip")
+    return _run(*(a.format(state=tmp_path / "state", url=url) for a in command), stdout=stdout)
+
+
+@pytest.mark.skipif(not DEV_FULL.exists(), reason="no /dev/full to stand for a full disk")
+@pytest.mark.parametrize("command", STDOUT_COMMANDS, ids=" ".join)
+def test_a_full_stdout_is_one_line_on_stderr_and_status_1(
+    command: list[str], tmp_path: Path, upstream: Upstream
+) -> None:
+    """Writing to a full disk (ENOSPC) printed a traceback, and another one from the
+    interpreter's flush at exit: now one line naming the error, exit 1 as for EPIPE."""
+    with DEV_FULL.open("w") as full:
+        out = _stdout_run(command, tmp_path, upstream, full)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "Exception ignored" not in out.stderr, out.stderr
+    last = out.stderr.splitlines()[-1]  # check says its progress on stderr first
+    assert last == (
+        "demux-proxy: error: cannot write to standard output: No space left on device"
+    ), out.stderr
+
+
+@pytest.mark.parametrize("command", STDOUT_COMMANDS, ids=" ".join)
+def test_a_stdout_reader_gone_is_status_1_and_silent(
+    command: list[str], tmp_path: Path, upstream: Upstream
+) -> None:
+    """EPIPE (`demux-proxy config | head -0`) stays as click has it: nothing said, exit 1."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = _stdout_run(command, tmp_path, upstream, write_end)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr and "standard output" not in out.stderr, out.stderr
 
 
 def test_what_the_host_may_yet_provide_is_status_75_not_2(tmp_path: Path) -> None:
