@@ -1,12 +1,26 @@
-"""Small helpers for the tests that build their own network namespaces (iproute2)."""
+"""Small helpers for the tests that build their own network namespaces (iproute2), and
+for those that need to know what this host's own network offers."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 
 import pytest
+
+
+def ipv6_loopback_available() -> bool:
+    """Whether ::1 can be bound here (a container may have no IPv6 at all)."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def ip(*args: str) -> subprocess.CompletedProcess[str]:

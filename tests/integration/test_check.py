@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.netns import add_namespace_or_skip, ip, must, ns_sh
+from tests.netns import add_namespace_or_skip, ip, ipv6_loopback_available, must, ns_sh
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 RUN_TIMEOUT_S = 60
@@ -257,19 +257,8 @@ def test_concurrency_one_checks_every_address() -> None:
     assert [row["public_address"] for row in doc["addresses"]] == addresses
 
 
-def _ipv6_loopback_available() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 needs_ipv6 = pytest.mark.skipif(
-    not _ipv6_loopback_available(), reason="::1 cannot be bound here (no IPv6 on loopback)"
+    not ipv6_loopback_available(), reason="::1 cannot be bound here (no IPv6 on loopback)"
 )
 NO_IPV6 = "the URL has no IPv6 address (127.0.0.1 is an IPv4 address)"
 

@@ -26,6 +26,7 @@ from demux_proxy import ca as ca_module
 from demux_proxy.ca import CertificateAuthority
 from demux_proxy.errors import ConfigError
 from tests.cas import rsa_ca, write_ca
+from tests.netns import ipv6_loopback_available
 
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
 
@@ -442,17 +443,6 @@ def test_handshake_with_ipv4_literal(ca: CertificateAuthority) -> None:
     assert san.get_values_for_type(x509.DNSName) == []
 
 
-def _ipv6_loopback_available() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 def test_ipv6_literal_with_and_without_brackets(ca: CertificateAuthority) -> None:
     ctx = ca.server_context("[::1]")
     assert ca.server_context("::1") is ctx
@@ -460,7 +450,7 @@ def test_ipv6_literal_with_and_without_brackets(ca: CertificateAuthority) -> Non
     leaf = _leaf(ca, "::1")  # fetched over IPv4, so this part runs everywhere
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["::1"]
-    if _ipv6_loopback_available():
+    if ipv6_loopback_available():
         _, _, data = _handshake(ctx, _client_ctx(ca), "::1", family=socket.AF_INET6)
         assert data == b"hello"
 
