@@ -232,7 +232,7 @@ class Forwarder:
             # Cut (the shutdown grace period ran out).
             error = "cut short: the proxy is stopping"
             kind = "cut"
-            if out.response_started:
+            if out.response_started or client.closed or client.transport.is_closing():
                 # A reset, not a clean close, so that a body cut short never looks
                 # complete (close-delimited, above all).
                 client.abort()
