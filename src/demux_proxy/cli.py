@@ -36,6 +36,7 @@ from demux_proxy.options import (
     upstream_ca_option,
 )
 from demux_proxy.options import env_name as _env
+from demux_proxy.options import split_values as _split
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -651,10 +652,6 @@ def _load_ca(state_dir: Path | None) -> Any:
         _fail(exc)
     authority.close()
     return authority
-
-
-def _split(values: tuple[str, ...]) -> list[str]:
-    return [v for value in values for v in value.replace(",", " ").split()]
 
 
 def _fail(exc: ConfigError, status: int = 2) -> Any:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,11 +46,17 @@ def _usable_cores() -> int:
         return max(1, min(256, os.cpu_count() or 1))
 
 
+def split_values(values: Iterable[str]) -> list[str]:
+    """A list option's values as items: each value may hold several, comma- or
+    blank-separated (`--deny a.test,b.test`); empty items are dropped."""
+    return [v for value in values for v in value.replace(",", " ").split()]
+
+
 def _listed(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> Any:
     """A list option given with nothing in it (`--allow-dest ''`, `--allow-dest "$UNSET"`)
     is an error: taken as not given, it would lift the restriction it was there to set
     (every destination allowed) or silently mean something else (discovery for --egress)."""
-    if value and not any(v.replace(",", " ").split() for v in value):
+    if value and not split_values(value):
         raise click.BadParameter("empty: give at least one value, or leave the option out")
     return value
 
@@ -65,13 +71,7 @@ def env_sources(ctx: click.Context) -> tuple[EnvSource, ...]:
             continue
         value = ctx.params.get(param.name)
         texts = [str(v) for v in (value if isinstance(value, tuple) else (value,))]
-        values = (
-            ()
-            if param.name == "auth"
-            else tuple(
-                dict.fromkeys(t for text in texts for t in (text, *text.replace(",", " ").split()))
-            )
-        )
+        values = () if param.name == "auth" else tuple({*texts, *split_values(texts)})
         found.append((param.opts[0], str(param.envvar), values))
     return tuple(found)
 
